@@ -1,0 +1,177 @@
+"""The hw2 model (`inference`), `loss`, weight EMA, and the train/eval steps every script shares."""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import keras
+import tensorflow as tf
+
+from layers import ConvBNReLU, ConvStack, InceptionModule, spatial_dropout
+
+
+class HW2Net(keras.Model):
+    """The seed network: conv stack, strided conv, two inception modules, dense, logits.
+
+    At the default 100x100 input: 100x100x64 -> 50x50x128 -> pool 25x25x128 -> inception2
+    25x25x320 -> pool 13x13x320 -> inception3 13x13x192 -> pool 7x7x192 -> dense 256 -> logits.
+    """
+
+    def __init__(self, cfg: Mapping, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        impl, wd = cfg["conv_impl"], cfg["weight_decay"]
+        self.num_classes = num_classes
+        self.conv_stack1 = ConvStack(list(_as_tuple(cfg["conv_stack"])), 3, conv_impl=impl,
+                                     weight_decay=wd, name="conv_stack1")
+        self.conv2 = ConvBNReLU(cfg["conv2"], 3, stride=2, conv_impl=impl, weight_decay=wd, name="conv2")
+        # 3x3/2 SAME pooling as in the CIFAR-10 tutorial: 50 -> 25 -> 13 -> 7.
+        self.pool1 = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool1")
+        self.inception2 = InceptionModule(cfg["inception_version"], tuple(cfg["inception2"]),
+                                          cfg["inception2_bottleneck"], conv_impl=impl,
+                                          weight_decay=wd, name="inception2")
+        self.pool2 = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool2")
+        self.drop2 = spatial_dropout(cfg["keep_prob_1"])
+        self.inception3 = InceptionModule(cfg["inception_version"], tuple(cfg["inception3"]),
+                                          cfg["inception3_bottleneck"], conv_impl=impl,
+                                          weight_decay=wd, name="inception3")
+        self.pool3 = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool3")
+        self.drop3 = spatial_dropout(cfg["keep_prob_2"])
+        self.flatten = keras.layers.Flatten()
+        self.dense1 = keras.layers.Dense(cfg["dense_units"], use_bias=False, name="dense1",
+                                         kernel_initializer="he_normal",
+                                         kernel_regularizer=keras.regularizers.L2(wd) if wd else None)
+        self.dense1_bn = keras.layers.BatchNormalization(name="dense1_bn")
+        self.drop_dense = keras.layers.Dropout(1.0 - cfg["keep_prob_dense"])
+        self.logits = keras.layers.Dense(num_classes, name="softmax_linear", dtype="float32")
+
+    def call(self, images, training=False):
+        x = self.conv_stack1(images, training=training)
+        x = self.pool1(self.conv2(x, training=training))
+        x = self.drop2(self.pool2(self.inception2(x, training=training)), training=training)
+        x = self.drop3(self.pool3(self.inception3(x, training=training)), training=training)
+        x = self.dense1_bn(self.dense1(self.flatten(x)), training=training)
+        x = self.drop_dense(tf.nn.relu(x), training=training)
+        return self.logits(x)
+
+
+def _as_tuple(v) -> tuple:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def build_model(cfg: Mapping, num_classes: int) -> HW2Net:
+    """Create the network and its variables (variables exist before any checkpoint restore)."""
+    model = HW2Net(cfg, num_classes)
+    model(tf.zeros([1, cfg["image_size"], cfg["image_size"], 3]), training=False)
+    return model
+
+
+def inference(images: tf.Tensor, cfg: Mapping, num_classes: int, training: bool = False) -> tf.Tensor:
+    """Logits for a batch of images, in one call (builds a fresh model; scripts keep theirs)."""
+    return build_model(cfg, num_classes)(images, training=training)
+
+
+def loss(logits: tf.Tensor, labels: tf.Tensor, model: keras.Model,
+         global_batch_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Softmax cross-entropy averaged over the global batch + L2 shared out over replicas.
+
+    Returns (total, cross_entropy). Summing each replica's total across replicas gives the
+    true global loss, which is what tf.distribute's gradient all-reduce expects.
+    """
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
+                                                                 logits=tf.cast(logits, tf.float32))
+    ce = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+    l2 = tf.nn.scale_regularization_loss(tf.add_n(model.losses)) if model.losses else 0.0
+    return ce + l2, ce
+
+
+def count_correct(logits: tf.Tensor, labels: tf.Tensor, k: int) -> tf.Tensor:
+    """Number of examples whose label is among the top-k logits (ties counted as correct)."""
+    return tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, tf.cast(logits, tf.float32), k), tf.float32))
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, swapped in for validation.
+
+    A plain object on purpose: only `shadow` goes into checkpoints, so the model's own
+    variables are not saved twice.
+    """
+
+    def __init__(self, model: keras.Model, decay: float):
+        self.decay = decay
+        self._vars = list(model.trainable_variables)
+        self.shadow = [tf.Variable(v.value, trainable=False, name="ema") for v in self._vars]
+
+    def update(self, step: tf.Tensor) -> None:
+        # Warm-up as in tf.train.ExponentialMovingAverage(num_updates): early on the average
+        # follows the weights closely, so short runs are not judged on near-initial weights.
+        step = tf.cast(step, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + step) / (10.0 + step))
+        for s, v in zip(self.shadow, self._vars):
+            s.assign(decay * s + (1.0 - decay) * tf.cast(v.value, s.dtype))
+
+    def swap(self) -> None:
+        """Exchange live and averaged weights (call again to swap back)."""
+        for s, v in zip(self.shadow, self._vars):
+            tmp = tf.identity(v.value)
+            v.assign(s)
+            s.assign(tmp)
+
+
+def make_optimizer(cfg: Mapping, model: keras.Model) -> keras.optimizers.Optimizer:
+    if cfg["optimizer"] == "sgd":
+        opt = keras.optimizers.SGD(cfg["learning_rate"], momentum=cfg["momentum"])
+    else:
+        opt = keras.optimizers.Adam(cfg["learning_rate"])
+    # Slots must exist before a tf.distribute step runs (and before a restore fills them).
+    opt.build(model.trainable_variables)
+    return opt
+
+
+def make_train_step(model: keras.Model, optimizer, ema: EMA, strategy: tf.distribute.Strategy,
+                    global_batch_size: int) -> Callable:
+    """A compiled step: next batch from a distributed iterator -> (loss, ce, top-1 correct)."""
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            total, ce = loss(logits, labels, model, global_batch_size)
+        grads = tape.gradient(total, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return total, ce, count_correct(logits, labels, 1)
+
+    @tf.function
+    def train_step(iterator):
+        images, labels = next(iterator)
+        total, ce, correct = strategy.run(replica_step, args=(images, labels))
+        ema.update(optimizer.iterations)
+        return tuple(strategy.reduce("SUM", t, axis=None) for t in (total, ce, correct))
+
+    return train_step
+
+
+def make_eval_step(model: keras.Model, strategy: tf.distribute.Strategy, top_k: int) -> Callable:
+    """A compiled step: a batch -> global sums of (cross-entropy, top-1 correct, top-k correct, n)."""
+
+    def replica_step(images, labels):
+        logits = model(images, training=False)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=tf.cast(logits, tf.float32))
+        n = tf.cast(tf.shape(labels)[0], tf.float32)
+        return tf.reduce_sum(ce), count_correct(logits, labels, 1), count_correct(logits, labels, top_k), n
+
+    @tf.function
+    def eval_step(batch):
+        out = strategy.run(replica_step, args=batch)
+        return tuple(strategy.reduce("SUM", t, axis=None) for t in out)
+
+    return eval_step
+
+
+def evaluate(eval_step: Callable, dataset, strategy: tf.distribute.Strategy) -> dict:
+    """Run every batch once; returns loss, top1, topk, n over the whole set."""
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for batch in strategy.experimental_distribute_dataset(dataset):
+        for i, t in enumerate(eval_step(batch)):
+            sums[i] += float(t)
+    ce, c1, ck, n = sums
+    if n == 0:
+        return {"loss": float("nan"), "top1": float("nan"), "topk": float("nan"), "n": 0}
+    return {"loss": ce / n, "top1": c1 / n, "topk": ck / n, "n": int(n)}

@@ -1,0 +1,499 @@
+"""Find, check, split and decode class-folder image datasets laid out as DATA_DIR/<class>/<image>.
+
+Kept free of TensorFlow so that scanning and splitting are quick to import and test; the tf.data
+pipeline calls `read_image` through tf.numpy_function.
+
+    python hw2_dataset.py --make_demo demo_data
+    python hw2_dataset.py --data_dir demo_data --out split.json [--val_fraction 0.2 --seed 0]
+    python hw2_dataset.py --data_dir demo_data --check
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from utils import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # matched case-insensitively
+JUNK_FILES = ("thumbs.db", "desktop.ini")  # written by Windows Explorer into image folders
+SPLIT_VERSION = 1
+_REQUIRED_SPLIT_KEYS = ("data_dir", "class_names", "train", "val")
+
+Item = tuple[str, int]
+
+
+@dataclass
+class Scan:
+    data_dir: str  # absolute path
+    class_names: list[str]  # sorted
+    items: list[Item]  # (path relative to data_dir with '/' separators, label index), sorted
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+
+    def empty_classes(self) -> list[str]:
+        """Names of classes left without a single usable image."""
+        used = {label for _, label in self.items}
+        return [name for i, name in enumerate(self.class_names) if i not in used]
+
+
+# ----------------------------------------------------------------------------------------- scan
+
+def scan_dataset(data_dir: str, check_images: bool = True, min_size: int = 8, workers: int = 8) -> Scan:
+    """List the usable images under data_dir; with check_images, decode each one to catch bad files."""
+    scan = _scan(data_dir, check_images, min_size, workers)
+    for name in scan.empty_classes():
+        skipped = sum(1 for rel, _ in scan.bad if rel.startswith(name + "/"))
+        if skipped:
+            raise UserError(f"class '{name}' has no usable images ({skipped} skipped: see "
+                            f"python hw2_dataset.py --data_dir {scan.data_dir} --check)")
+        raise UserError(f"class '{name}' has no images: {os.path.join(scan.data_dir, name)} is empty")
+    return scan
+
+
+def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Scan:
+    """scan_dataset without the empty-class check, so --check can still list every bad file."""
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    if not os.path.exists(data_dir):
+        raise UserError(f"data_dir {data_dir} does not exist")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir} is not a folder")
+
+    class_names, stray = [], []
+    for entry in _list_dir(data_dir):
+        if entry.is_dir():
+            class_names.append(entry.name)
+        elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            stray.append(entry.name)
+    class_names.sort()
+    if not class_names:
+        found = f" (found {len(stray)} images directly inside it)" if stray else ""
+        raise UserError(f"data_dir {data_dir} has no class folders{found}: expected DATA_DIR/<class>/<image>")
+
+    # Images beside the class folders have no label; other loose files (README, LICENSE) are fine.
+    bad = [(name, "not inside a class folder") for name in stray]
+    candidates: list[Item] = []
+    for label, name in enumerate(class_names):
+        for rel, is_file in _walk(os.path.join(data_dir, name)):
+            rel = f"{name}/{rel}"
+            ext = os.path.splitext(rel)[1]
+            if not is_file:
+                bad.append((rel, "broken link or not a regular file"))
+            elif ext.lower() in IMAGE_EXTENSIONS:
+                candidates.append((rel, label))
+            else:
+                bad.append((rel, f"unsupported format ({ext or 'no extension'})"))
+
+    items = candidates
+    if check_images:
+        paths = [os.path.join(data_dir, rel) for rel, _ in candidates]
+        reasons = _map(lambda p: check_image(p, min_size), paths, workers)
+        items = [item for item, reason in zip(candidates, reasons) if reason is None]
+        bad += [(rel, reason) for (rel, _), reason in zip(candidates, reasons) if reason is not None]
+    return Scan(data_dir, class_names, sorted(items), sorted(bad))
+
+
+def _list_dir(path: str) -> list[os.DirEntry]:
+    """Non-hidden, non-junk entries of a folder."""
+    try:
+        with os.scandir(path) as it:
+            return [e for e in it if not e.name.startswith(".") and e.name.lower() not in JUNK_FILES]
+    except OSError as e:
+        raise UserError(f"cannot read folder {path}: {e.strerror}") from None
+
+
+def _walk(class_dir: str) -> Iterator[tuple[str, bool]]:
+    """Yield (path relative to class_dir, is a regular file) for everything below it, recursively."""
+    seen = set()
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        full = os.path.join(class_dir, rel)
+        st = os.stat(full)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop would otherwise recurse forever
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for entry in _list_dir(full):
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_dir():
+                pending.append(child)
+            else:
+                yield child, entry.is_file()
+
+
+def _map(fn, values: Sequence, workers: int) -> list:
+    """fn over values in a thread pool: PIL decoding and hashing release the GIL."""
+    if workers <= 1 or len(values) < 2:
+        return [fn(v) for v in values]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, values, chunksize=16))
+
+
+def check_image(path: str, min_size: int = 8) -> str | None:
+    """Why the image file at path cannot be used, or None when it decodes and is big enough."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as img:
+            w, h = img.size
+            if min(w, h) < min_size:
+                return f"too small ({w}x{h})"
+            if img.format == "JPEG":
+                # Decode at 1/8 DCT scale: libjpeg still entropy-decodes every block, so truncated and
+                # most corrupt files still fail, but it skips most of the IDCT and colour work, which
+                # is what makes checking a folder of 24-megapixel photos take seconds, not minutes.
+                # The trade-off: damage that only shows in the full-resolution pixels goes unnoticed.
+                img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+            img.load()
+    except UnidentifiedImageError:
+        return "not an image"
+    except Image.DecompressionBombError as e:
+        return f"too large: {_short(e)}"
+    except OSError as e:
+        if e.errno is not None:  # a real I/O error (permissions, disk), not a decoder complaint
+            return f"unreadable: {e.strerror}"
+        return f"corrupt: {_short(e)}"
+    except Exception as e:  # plugins raise SyntaxError, ValueError, struct.error on broken headers
+        return f"corrupt: {_short(e)}"
+    return None
+
+
+def _short(error: BaseException, limit: int = 80) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------- split
+
+def make_split(items: Iterable[Item], val_fraction: float = 0.2, seed: int = 0, folds: int = 0,
+               fold: int = 0) -> tuple[list[Item], list[Item]]:
+    """Stratified train/val split; with folds=K > 1, fold `fold` of a stratified K-fold split is val."""
+    by_class: dict[int, list[Item]] = defaultdict(list)
+    for path, label in items:
+        by_class[int(label)].append((path, int(label)))
+    if not by_class:
+        raise UserError("no images to split")
+    if folds == 0:
+        if not 0.0 < val_fraction < 1.0:
+            raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    elif folds < 2:
+        raise UserError(f"--folds must be 0 (no k-fold) or at least 2, got {folds}")
+    elif not 0 <= fold < folds:
+        raise UserError(f"--fold must be in 0..{folds - 1} for --folds {folds}, got {fold}")
+
+    train, val = [], []
+    dealt = 0
+    for label in sorted(by_class):
+        group = sorted(by_class[label])
+        # One generator per class, so adding images to one class does not reshuffle the others.
+        random.Random(f"{seed}/{label}").shuffle(group)
+        if folds:
+            # Continue the deal where the previous class stopped, so the remainders of all classes do
+            # not pile into fold 0 and the folds stay within one image of each other in size.
+            for i, item in enumerate(group):
+                (val if (dealt + i) % folds == fold else train).append(item)
+            dealt += len(group)
+        else:
+            n = len(group)
+            n_val = min(max(int(n * val_fraction + 0.5), 1), n - 1) if n >= 2 else 0
+            val += group[:n_val]
+            train += group[n_val:]
+    return sorted(train), sorted(val)
+
+
+def write_split(path: str, scan: Scan, train: Sequence[Item], val: Sequence[Item], seed: int,
+                val_fraction: float, folds: int = 0, fold: int = 0) -> None:
+    """Write the split as JSON, atomically, so a crash never leaves a half-written split behind."""
+    doc = {"version": SPLIT_VERSION, "data_dir": os.path.abspath(scan.data_dir),
+           "class_names": list(scan.class_names), "seed": seed, "val_fraction": val_fraction,
+           "folds": folds, "fold": fold, "train": train, "val": val, "bad": scan.bad}
+    lines = []
+    for key, value in doc.items():
+        if key in ("train", "val", "bad"):
+            # One entry per line keeps the file readable and makes two splits diffable.
+            value_text = "[" + ",".join("\n  " + json.dumps(list(e)) for e in value) + ("\n ]" if value else "]")
+        else:
+            value_text = json.dumps(value)
+        lines.append(f" {json.dumps(key)}: {value_text}")
+    text = "{\n" + ",\n".join(lines) + "\n}\n"
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".split-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_split(path: str, check_files: bool = True) -> dict:
+    """Read and validate a split file; train/val/bad come back as lists of tuples."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"split file {path} not found (write one with hw2_dataset.py --data_dir DIR --out {path})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"split file {path} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read split file {path}: {_short(e)}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"split file {path} must hold a JSON object")
+    missing = [k for k in _REQUIRED_SPLIT_KEYS if k not in doc]
+    if missing:
+        raise UserError(f"split file {path} is missing key(s): {', '.join(missing)}")
+    if doc.setdefault("version", SPLIT_VERSION) != SPLIT_VERSION:
+        raise UserError(f"split file {path} has version {doc['version']!r}; this code reads version {SPLIT_VERSION}")
+    for key, default in (("seed", 0), ("val_fraction", None), ("folds", 0), ("fold", 0), ("bad", [])):
+        doc.setdefault(key, default)
+
+    names = doc["class_names"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError(f"split file {path}: class_names must be a non-empty list of strings")
+    for key in ("train", "val"):
+        doc[key] = _parse_items(path, key, doc[key], len(names))
+    doc["bad"] = [tuple(e) for e in doc["bad"]] if isinstance(doc["bad"], list) else []
+
+    both = set(doc["train"]) & set(doc["val"])
+    if both:  # evaluating on training images would silently inflate every val metric
+        raise UserError(f"split file {path} lists {len(both)} files in both train and val, e.g. {min(both)[0]}")
+
+    # The file stores an absolute data_dir, but a hand-written one may be relative to the file.
+    data_dir = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(str(doc["data_dir"])))
+    doc["data_dir"] = os.path.normpath(data_dir)
+    if check_files:
+        if not os.path.isdir(doc["data_dir"]):
+            raise UserError(f"split file {path} points at data_dir {doc['data_dir']}, which is not a folder")
+        gone = [rel for rel, _ in doc["train"] + doc["val"] if not os.path.isfile(os.path.join(doc["data_dir"], rel))]
+        if gone:
+            raise UserError(f"split file {path} names {len(gone)} missing files, e.g. {sorted(gone)[0]}")
+    return doc
+
+
+def _parse_items(path: str, key: str, entries, n_classes: int) -> list[Item]:
+    if not isinstance(entries, list):
+        raise UserError(f"split file {path}: {key} must be a list of [path, label]")
+    items = []
+    for i, entry in enumerate(entries):
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], str)
+                or not isinstance(entry[1], int) or isinstance(entry[1], bool)):
+            raise UserError(f"split file {path}: {key} entry {i} is {entry!r}, expected [path, label]")
+        if not 0 <= entry[1] < n_classes:
+            raise UserError(f"split file {path}: {entry[0]} has label {entry[1]}, but there are only {n_classes} classes")
+        items.append((entry[0], entry[1]))
+    return items
+
+
+# ---------------------------------------------------------------------------------------- decode
+
+def read_image(path: str, short_side: int | None = None) -> np.ndarray:
+    """Decode any supported image to uint8 RGB [H, W, 3], upright, optionally resized so min(H, W) == short_side."""
+    path = os.fsdecode(path)  # tf.numpy_function hands strings over as bytes
+    if short_side is not None:
+        short_side = int(short_side)
+        if short_side < 1:
+            raise ValueError(f"short_side must be positive, got {short_side}")
+    try:
+        with Image.open(path) as img:
+            if short_side and img.format == "JPEG":
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below short_side: a 24-megapixel
+                # photo then costs a fraction of the time and memory of a full decode plus resize.
+                img.draft("RGB", (short_side, short_side))
+            img.load()
+            try:
+                ImageOps.exif_transpose(img, in_place=True)
+            except Exception:  # a malformed EXIF block should not cost us an otherwise good image
+                pass
+            rgb = _to_rgb(img)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image") from None
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt: {_short(e)}") from None
+
+    if short_side:
+        w, h = rgb.size
+        if min(w, h) != short_side:
+            if w <= h:
+                size = (short_side, max(1, int(h * short_side / w + 0.5)))
+            else:
+                size = (max(1, int(w * short_side / h + 0.5)), short_side)
+            if short_side < min(w, h):
+                # reducing_gap box-averages by an integer factor first: much faster than a plain
+                # antialiased resize of a big image and indistinguishable from it at 3.0.
+                rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+            else:
+                rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    out = np.array(rgb, dtype=np.uint8)  # a copy: the caller keeps it after PIL's buffer is freed
+    if out.ndim != 3 or out.shape[2] != 3:
+        raise ValueError(f"{path}: decoded to shape {out.shape}, expected [H, W, 3]")
+    return out
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img), mode)).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        # Composite over white: converting straight to RGB would keep whatever colour hides under
+        # alpha = 0, often black, and teach the model about invisible pixels.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16-bit (or 32-bit / float) grey levels to 0..255; PIL's own convert would clip at 255."""
+    a = a.astype(np.float64)
+    if mode.startswith("I;16") or (a.size and a.min() >= 0 and a.max() <= 65535 and mode == "I"):
+        a = a / 257.0  # 65535 -> 255 exactly; PNG stores 16-bit data in the full 0..65535 range
+    else:
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+def make_demo(out_dir: str) -> int:
+    """Write scikit-learn's 1,797 8x8 digits as out_dir/<digit>/<index>.png; returns the image count."""
+    from sklearn.datasets import load_digits  # ships its data with the package: no download
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--make_demo {out_dir} is a file, not a folder")
+    if os.path.isdir(out_dir):
+        foreign = [e.name for e in _list_dir(out_dir) if e.name not in {str(d) for d in range(10)}]
+        if foreign:  # refuse to mix digits into a real dataset that happens to live there
+            raise UserError(f"--make_demo {out_dir} already holds {foreign[0]!r}: pick an empty or demo folder")
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    for index, (pixels, digit) in enumerate(zip(images, digits.target)):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        data = buffer.getvalue()
+        path = os.path.join(out_dir, str(digit), f"{index:04d}.png")
+        try:
+            with open(path, "rb") as f:
+                if f.read() == data:  # re-running leaves identical files and their mtimes alone
+                    continue
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    return len(images)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def find_duplicates(scan: Scan, workers: int = 8) -> list[list[str]]:
+    """Groups (two or more relative paths) of usable images whose bytes are identical."""
+    paths = [rel for rel, _ in scan.items]
+
+    def sha1(rel: str) -> str:
+        h = hashlib.sha1()
+        with open(os.path.join(scan.data_dir, rel), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    for rel, digest in zip(paths, _map(sha1, paths, workers)):
+        groups[digest].append(rel)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def _check_command(args: argparse.Namespace) -> int:
+    scan = _scan(args.data_dir, True, args.min_size, args.workers)
+    for rel, reason in scan.bad:
+        print(f"bad: {rel}: {reason}")
+    empty = scan.empty_classes()
+    for name in empty:
+        print(f"bad: class '{name}' has no usable images")
+    n_dup = 0
+    if args.out is None:  # hashing reads every byte; skip it when the user only wants a split
+        groups = find_duplicates(scan, args.workers)
+        n_dup = len(groups)
+        labels = dict(scan.items)
+        for group in groups:
+            mixed = len({labels[rel] for rel in group}) > 1
+            print(f"duplicate: {' = '.join(group)}" + ("  (in different classes!)" if mixed else ""))
+    print(f"checked {scan.data_dir}: {len(scan.items)} usable images in {len(scan.class_names)} classes, "
+          f"{len(scan.bad)} bad files, {n_dup} groups of duplicates")
+    if args.out is not None and not empty:
+        _split_command(args, scan)
+    return 1 if scan.bad or empty else 0
+
+
+def _split_command(args: argparse.Namespace, scan: Scan | None = None) -> int:
+    scan = scan or scan_dataset(args.data_dir, True, args.min_size, args.workers)
+    out = args.out or "split.json"
+    train, val = make_split(scan.items, args.val_fraction, args.seed, args.folds, args.fold)
+    write_split(out, scan, train, val, args.seed, args.val_fraction, args.folds, args.fold)
+
+    counts = np.zeros((len(scan.class_names), 2), dtype=int)
+    for part, items in enumerate((train, val)):
+        for _, label in items:
+            counts[label, part] += 1
+    width = max(5, *(len(n) for n in scan.class_names))
+    print(f"{'class':<{width}}  {'train':>6}  {'val':>6}")
+    for name, (n_train, n_val) in zip(scan.class_names, counts):
+        print(f"{name:<{width}}  {n_train:>6}  {n_val:>6}")
+    print(f"{'total':<{width}}  {len(train):>6}  {len(val):>6}")
+    if args.folds:
+        print(f"fold {args.fold} of {args.folds} is val")
+    if scan.bad:
+        print(f"{len(scan.bad)} bad files left out (list them with --check)")
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--make_demo", metavar="DIR", help="write scikit-learn's digits as a class-folder dataset")
+    parser.add_argument("--data_dir", metavar="DIR", help="dataset laid out as DIR/<class>/<image>")
+    parser.add_argument("--out", metavar="SPLIT.json", help="where to write the split (default: ./split.json)")
+    parser.add_argument("--val_fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folds", type=int, default=0, help="K > 1: stratified K-fold; --fold picks the val fold")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--check", action="store_true", help="list bad and duplicate files; exit 1 if any are bad")
+    parser.add_argument("--min_size", type=int, default=8, help="images smaller than this on a side are bad")
+    parser.add_argument("--workers", type=int, default=8, help="threads that decode images while checking")
+    args = parser.parse_args(argv)
+    if not args.make_demo and not args.data_dir:
+        parser.error("give --make_demo DIR or --data_dir DIR")
+    try:
+        if args.fold and not args.folds:
+            raise UserError("--fold needs --folds K")
+        if args.make_demo:
+            n = make_demo(args.make_demo)
+            print(f"wrote {n} images in 10 classes to {args.make_demo}")
+        if args.data_dir:
+            return _check_command(args) if args.check else _split_command(args)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""config.cfg sections, command-line overrides and the one-line errors for bad ones."""
+import pytest
+
+import utils
+from utils import UserError, load_config, parse_overrides
+
+
+def write_cfg(tmp_path, text):
+    path = tmp_path / "c.cfg"
+    path.write_text(text)
+    return str(path)
+
+
+def test_default_types_come_from_the_file():
+    cfg = load_config()
+    assert cfg.batch_size == 128 and isinstance(cfg.batch_size, int)
+    assert cfg.learning_rate == pytest.approx(1e-3) and isinstance(cfg.learning_rate, float)
+    assert cfg.flip_lr is True
+    assert cfg.inception2 == (64, 96, 96, 64)
+    assert cfg.optimizer == "adam"
+    assert cfg.section == "default"
+
+
+def test_section_overrides_default_and_flags_override_section():
+    cfg = load_config("demo")
+    assert cfg.image_size == 32 and cfg.flip_lr is False
+    assert cfg.optimizer == "adam"  # untouched keys keep the default
+    cfg = load_config("demo", {"image_size": "24", "flip_lr": "true", "learning_rate": "2e-3"})
+    assert cfg.image_size == 24 and cfg.flip_lr is True and cfg.learning_rate == pytest.approx(2e-3)
+
+
+def test_every_shipped_section_loads():
+    import configparser
+    parser = configparser.ConfigParser()
+    parser.read(utils.DEFAULT_CONFIG)
+    for section in parser.sections():
+        assert load_config(section).section == section
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_sise": "3"}, "unknown config key 'batch_sise'"),
+    ({"batch_size": "big"}, "'batch_size' must be an integer, got 'big'"),
+    ({"learning_rate": "fast"}, "'learning_rate' must be a number"),
+    ({"flip_lr": "maybe"}, "'flip_lr' must be true or false"),
+    ({"inception2": "1,x"}, "'inception2' must be a comma-separated list"),
+    ({"batch_size": "0"}, "'batch_size' must be > 0"),
+    ({"max_steps": "-5"}, "'max_steps' must be > 0"),
+    ({"optimizer": "lbfgs"}, "'optimizer' must be one of adam|sgd"),
+    ({"keep_prob_dense": "1.5"}, "'keep_prob_dense' must be in (0, 1]"),
+    ({"inception3": "1,2,3"}, "'inception3' must list 4 tower widths"),
+])
+def test_bad_override_names_the_key(overrides, message):
+    with pytest.raises(UserError, match=None) as e:
+        load_config("default", overrides)
+    assert message in str(e.value)
+
+
+def test_unknown_section_lists_the_known_ones():
+    with pytest.raises(UserError) as e:
+        load_config("nope")
+    assert "unknown section 'nope'" in str(e.value) and "demo" in str(e.value)
+
+
+def test_unknown_key_in_a_section_names_section_and_key(tmp_path):
+    path = write_cfg(tmp_path, "[default]\nbatch_size = 4\n[mine]\nbatchsize = 8\n")
+    with pytest.raises(UserError) as e:
+        load_config("mine", path=path)
+    assert "[mine]" in str(e.value) and "'batchsize'" in str(e.value)
+
+
+def test_int_is_accepted_where_a_float_is_expected(tmp_path):
+    path = write_cfg(tmp_path, "[default]\nlearning_rate = 0.1\n")
+    assert load_config("default", {"learning_rate": "1"}, path).learning_rate == 1.0
+
+
+def test_missing_config_file():
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(path="/nonexistent/x.cfg")
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--a", "1", "--b=2", "--c-d", "x"]) == {"a": "1", "b": "2", "c_d": "x"}
+    with pytest.raises(UserError, match="needs a value"):
+        parse_overrides(["--a"])
+    with pytest.raises(UserError, match="unexpected argument 'stray'"):
+        parse_overrides(["stray"])
+
+
+def test_run_cli_turns_user_errors_into_one_line(capsys):
+    def bad(argv):
+        raise UserError("something the user can fix")
+    assert utils.run_cli(bad, []) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: something the user can fix"
+    with pytest.raises(UserError):
+        utils.run_cli(bad, ["--debug"])
+
+
+def test_save_json_replaces_atomically(tmp_path):
+    path = str(tmp_path / "x.json")
+    utils.save_json(path, {"a": (1, 2)})
+    utils.save_json(path, {"a": [3]})
+    assert utils.load_json(path, "x") == {"a": [3]}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind

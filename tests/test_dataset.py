@@ -1,0 +1,319 @@
+"""hw2_dataset on real image files written with PIL into tmp_path."""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hw2_dataset as ds  # noqa: E402
+from utils import UserError  # noqa: E402
+
+
+def save(path: Path, size=(16, 12), color=(200, 30, 30), mode="RGB", **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, **kwargs)
+    return path
+
+
+def jpeg_bytes(size=(64, 48)) -> bytes:
+    # Noise, so the entropy-coded data is long enough that cutting it truncates the scan.
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def messy(tmp_path: Path) -> Path:
+    """Two classes with every kind of good and bad file the scanner must sort out."""
+    root = tmp_path / "data"
+    save(root / "cats" / "a.JPG", format="JPEG")
+    save(root / "cats" / "b.Png", color=(0, 0, 0))
+    save(root / "cats" / "nested" / "deeper" / "c.bmp")
+    save(root / "cats" / ".hidden.png")
+    save(root / ".hidden_class" / "x.png")
+    (root / "cats" / "Thumbs.db").write_bytes(b"junk")
+    (root / "cats" / "empty.jpg").write_bytes(b"")
+    (root / "cats" / "notes.jpg").write_text("this is text, not a JPEG")
+    (root / "cats" / "truncated.jpg").write_bytes(jpeg_bytes()[:600])
+    save(root / "dogs" / "d.jpeg", color=(30, 200, 30), format="JPEG")
+    save(root / "dogs" / "tiny.png", size=(4, 20))
+    (root / "dogs" / "readme.txt").write_text("hello")
+    return root
+
+
+# ----------------------------------------------------------------------------------------- scan
+
+def test_scan_finds_usable_images_and_explains_bad_ones(messy: Path):
+    scan = ds.scan_dataset(str(messy), workers=2)
+    assert scan.data_dir == str(messy.resolve())
+    assert scan.class_names == ["cats", "dogs"]
+    assert scan.items == [("cats/a.JPG", 0), ("cats/b.Png", 0), ("cats/nested/deeper/c.bmp", 0), ("dogs/d.jpeg", 1)]
+    bad = dict(scan.bad)
+    assert set(bad) == {"cats/empty.jpg", "cats/notes.jpg", "cats/truncated.jpg", "dogs/tiny.png", "dogs/readme.txt"}
+    assert bad["cats/empty.jpg"] == "empty file"
+    assert bad["cats/notes.jpg"] == "not an image"
+    assert bad["cats/truncated.jpg"].startswith("corrupt: ")
+    assert bad["dogs/tiny.png"] == "too small (4x20)"
+    assert bad["dogs/readme.txt"] == "unsupported format (.txt)"
+
+
+def test_scan_without_checking_only_looks_at_extensions(messy: Path):
+    scan = ds.scan_dataset(str(messy), check_images=False)
+    assert ("cats/truncated.jpg", 0) in scan.items
+    assert scan.bad == [("dogs/readme.txt", "unsupported format (.txt)")]
+
+
+def test_scan_of_a_missing_folder_is_a_user_error(tmp_path: Path):
+    with pytest.raises(UserError, match="does not exist"):
+        ds.scan_dataset(str(tmp_path / "nope"))
+
+
+def test_scan_of_a_folder_without_class_folders_is_a_user_error(tmp_path: Path):
+    save(tmp_path / "loose.png")
+    with pytest.raises(UserError, match=r"has no class folders.*DATA_DIR/<class>/<image>"):
+        ds.scan_dataset(str(tmp_path))
+
+
+def test_scan_names_a_class_with_only_bad_images(tmp_path: Path):
+    save(tmp_path / "good" / "a.png")
+    (tmp_path / "broken" / "b.jpg").parent.mkdir()
+    (tmp_path / "broken" / "b.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"class 'broken' has no usable images \(1 skipped"):
+        ds.scan_dataset(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------- split
+
+def synthetic_items(sizes=(50, 30, 10, 2, 1)) -> list[tuple[str, int]]:
+    return [(f"c{label}/{i:03d}.png", label) for label, n in enumerate(sizes) for i in range(n)]
+
+
+def by_label(items):
+    out = {}
+    for path, label in items:
+        out.setdefault(label, set()).add(path)
+    return out
+
+
+def test_split_is_stratified_disjoint_complete_and_sorted():
+    items = synthetic_items()
+    train, val = ds.make_split(items, val_fraction=0.2, seed=0)
+    assert train == sorted(train) and val == sorted(val)
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(items)
+    train_by, val_by = by_label(train), by_label(val)
+    for label, n in enumerate((50, 30, 10)):
+        assert abs(len(val_by[label]) / n - 0.2) < 0.05
+    assert len(train_by[3]) == 1 and len(val_by[3]) == 1  # 2 images: one each side
+    assert 4 not in val_by and len(train_by[4]) == 1  # a single image can only train
+
+
+def test_split_is_reproducible_per_seed():
+    items = synthetic_items()
+    assert ds.make_split(items, seed=1) == ds.make_split(list(reversed(items)), seed=1)
+    assert ds.make_split(items, seed=1) != ds.make_split(items, seed=2)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_split_rejects_a_val_fraction_outside_0_1(fraction):
+    with pytest.raises(UserError, match="val_fraction"):
+        ds.make_split(synthetic_items(), val_fraction=fraction)
+
+
+def test_kfold_val_folds_are_disjoint_and_cover_everything():
+    items, k = synthetic_items(), 5
+    vals = []
+    for fold in range(k):
+        train, val = ds.make_split(items, seed=3, folds=k, fold=fold)
+        assert sorted(train + val) == sorted(items) and not set(train) & set(val)
+        vals.append(set(val))
+    assert sum(len(v) for v in vals) == len(items) == len(set().union(*vals))
+    assert max(map(len, vals)) - min(map(len, vals)) <= 1
+    for label, n in enumerate((50, 30, 10)):  # stratified: each fold holds 1/k of every class
+        assert all(len(by_label(v)[label]) == n // k for v in vals)
+
+
+@pytest.mark.parametrize("folds, fold", [(5, 5), (5, -1), (1, 0)])
+def test_kfold_rejects_a_bad_fold(folds, fold):
+    with pytest.raises(UserError, match="fold"):
+        ds.make_split(synthetic_items(), folds=folds, fold=fold)
+
+
+# ----------------------------------------------------------------------------------- split file
+
+def test_split_file_round_trip_and_missing_file(messy: Path, tmp_path: Path):
+    scan = ds.scan_dataset(str(messy))
+    train, val = ds.make_split(scan.items, val_fraction=0.5, seed=4)
+    path = str(tmp_path / "runs" / "split.json")
+    ds.write_split(path, scan, train, val, seed=4, val_fraction=0.5)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["split.json"]  # no temp file left
+
+    doc = ds.load_split(path)
+    assert doc["version"] == 1 and doc["data_dir"] == scan.data_dir
+    assert doc["class_names"] == ["cats", "dogs"]
+    assert (doc["train"], doc["val"]) == (train, val)
+    assert doc["bad"] == scan.bad and (doc["seed"], doc["val_fraction"], doc["folds"]) == (4, 0.5, 0)
+
+    os.remove(messy / train[0][0])
+    with pytest.raises(UserError, match=f"names 1 missing files, e.g. {train[0][0]}"):
+        ds.load_split(path)
+    assert ds.load_split(path, check_files=False)["train"] == train
+
+
+def test_load_split_rejects_broken_files(tmp_path: Path):
+    path = tmp_path / "split.json"
+    with pytest.raises(UserError, match="not found"):
+        ds.load_split(str(path))
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        ds.load_split(str(path))
+    path.write_text(json.dumps({"data_dir": str(tmp_path), "train": []}))
+    with pytest.raises(UserError, match="missing key.*class_names"):
+        ds.load_split(str(path))
+    doc = {"data_dir": str(tmp_path), "class_names": ["a"], "train": [["a/x.png", 1]], "val": []}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="label 1"):
+        ds.load_split(str(path), check_files=False)
+
+
+# ------------------------------------------------------------------------------------ read_image
+
+def test_read_image_converts_every_mode_to_rgb_uint8(tmp_path: Path):
+    gray = ds.read_image(str(save(tmp_path / "g.png", mode="L", color=77)))
+    assert gray.shape == (12, 16, 3) and gray.dtype == np.uint8 and (gray == 77).all()
+
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 5, 10))  # left half fully transparent black
+    rgba.save(tmp_path / "rgba.png")
+    out = ds.read_image(str(tmp_path / "rgba.png"))
+    assert (out[:, :5] == 255).all() and (out[:, 5:] == [255, 0, 0]).all()  # composited over white
+
+    palette = Image.new("RGB", (10, 10), (0, 0, 255)).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.save(tmp_path / "p.png")
+    assert (ds.read_image(str(tmp_path / "p.png")) == [0, 0, 255]).all()
+    palette.save(tmp_path / "p_clear.png", transparency=palette.getpixel((0, 0)))
+    assert (ds.read_image(str(tmp_path / "p_clear.png")) == 255).all()  # transparent -> white
+
+    save(tmp_path / "cmyk.jpg", mode="CMYK", color=(0, 255, 255, 0), format="JPEG")  # pure red
+    cmyk = ds.read_image(str(tmp_path / "cmyk.jpg")).astype(int)
+    assert cmyk.shape == (12, 16, 3) and (cmyk[..., 0] > 200).all() and (cmyk[..., 1:] < 60).all()
+
+    assert (ds.read_image(str(save(tmp_path / "b.bmp", color=(1, 2, 3)))) == [1, 2, 3]).all()
+    assert ds.read_image(str(save(tmp_path / "one.png", mode="1", color=1))).min() == 255
+
+
+def test_read_image_scales_16_bit_png_instead_of_clipping(tmp_path: Path):
+    Image.fromarray(np.array([[65535, 32768, 0]], dtype=np.uint16)).save(tmp_path / "deep.png")
+    out = ds.read_image(str(tmp_path / "deep.png"))
+    assert out.shape == (1, 3, 3) and list(out[0, :, 0]) == [255, 128, 0]
+
+
+def test_read_image_takes_the_first_gif_frame(tmp_path: Path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    out = ds.read_image(str(tmp_path / "anim.gif"))
+    assert out.shape == (8, 8, 3) and (out == [255, 0, 0]).all()
+
+
+def test_read_image_honours_exif_orientation(tmp_path: Path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": how phones store portrait shots
+    save(tmp_path / "phone.jpg", size=(40, 20), format="JPEG", exif=exif)
+    assert ds.read_image(str(tmp_path / "phone.jpg")).shape == (40, 20, 3)
+    assert ds.read_image(str(tmp_path / "phone.jpg"), short_side=10).shape == (20, 10, 3)
+
+
+def test_read_image_resizes_the_short_side_and_keeps_aspect(tmp_path: Path):
+    path = str(save(tmp_path / "wide.png", size=(30, 20)))
+    assert ds.read_image(path, short_side=10).shape == (10, 15, 3)
+    assert ds.read_image(path, short_side=40).shape == (40, 60, 3)
+    assert ds.read_image(os.fsencode(path), short_side=np.int64(20)).shape == (20, 30, 3)  # as from tf
+
+
+def test_read_image_of_a_large_jpeg_at_a_small_size(tmp_path: Path):
+    ramp = np.linspace(0, 255, 3000, dtype=np.float32)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:2000, None], 128), -1).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=80)
+    out = ds.read_image(str(tmp_path / "big.jpg"), short_side=64)
+    assert out.shape == (64, 96, 3)
+    assert abs(int(out[32, 0, 0]) - 0) < 20 and abs(int(out[32, -1, 0]) - 255) < 20  # not garbled
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "not an image"), (b"hello", "not an image"),
+                                            (jpeg_bytes()[:600], "corrupt")])
+def test_read_image_raises_value_error_with_a_reason(tmp_path: Path, content, reason):
+    (tmp_path / "bad.jpg").write_bytes(content)
+    with pytest.raises(ValueError, match=reason):
+        ds.read_image(str(tmp_path / "bad.jpg"))
+    with pytest.raises(ValueError, match="not found"):
+        ds.read_image(str(tmp_path / "missing.jpg"))
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+def test_make_demo_writes_the_digits_once(tmp_path: Path):
+    out = tmp_path / "demo"
+    assert ds.make_demo(str(out)) == 1797
+    assert sorted(p.name for p in out.iterdir()) == [str(d) for d in range(10)]
+    files = sorted(out.glob("*/*.png"))
+    assert len(files) == 1797
+    with Image.open(files[0]) as img:
+        assert img.size == (8, 8)
+    before = files[0].stat().st_mtime_ns
+    assert ds.make_demo(str(out)) == 1797 and files[0].stat().st_mtime_ns == before
+
+    scan = ds.scan_dataset(str(out), workers=2)  # 8x8 is exactly the default min_size
+    assert len(scan.items) == 1797 and not scan.bad
+    assert ds.read_image(str(files[0])).shape == (8, 8, 3)
+
+
+def test_make_demo_refuses_a_folder_holding_other_data(tmp_path: Path):
+    save(tmp_path / "cats" / "a.png")
+    with pytest.raises(UserError, match="cats"):
+        ds.make_demo(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def test_cli_check_lists_bad_files_and_duplicates(messy: Path, capsys):
+    (messy / "dogs" / "copy.JPG").write_bytes((messy / "cats" / "a.JPG").read_bytes())
+    assert ds.main(["--data_dir", str(messy), "--check", "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "cats/truncated.jpg: corrupt" in out and "dogs/readme.txt" in out
+    assert "duplicate: cats/a.JPG = dogs/copy.JPG  (in different classes!)" in out
+
+
+def test_cli_check_of_a_clean_folder_exits_0(tmp_path: Path):
+    save(tmp_path / "a" / "1.png")
+    save(tmp_path / "b" / "1.png", color=(1, 1, 1))
+    assert ds.main(["--data_dir", str(tmp_path), "--check"]) == 0
+
+
+def test_cli_writes_a_split(messy: Path, tmp_path: Path, capsys):
+    out = tmp_path / "split.json"
+    assert ds.main(["--data_dir", str(messy), "--out", str(out), "--val_fraction", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "cats" in printed and "5 bad files" in printed
+    doc = ds.load_split(str(out))
+    assert len(doc["train"]) + len(doc["val"]) == 4
+
+
+def test_cli_user_errors_print_one_line_and_return_2(tmp_path: Path, capsys):
+    assert ds.main(["--data_dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope" in err and err.count("\n") == 1
+
+
+def test_script_exit_status():
+    result = subprocess.run([sys.executable, str(ROOT / "hw2_dataset.py"), "--data_dir", "/no/such/dir"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.startswith("error: ")

@@ -1,0 +1,120 @@
+"""A real train -> checkpoint -> resume -> eval on a tiny generated folder with the [tiny] section."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import hw2_eval
+import hw2_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_folder(root, per_class=10, classes=("cat", "dog")):
+    """Two visually distinct classes (dark vs bright), mixed formats and sizes."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        os.makedirs(root / name)
+        for i in range(per_class):
+            base = 60 if c == 0 else 190
+            h, w = 20 + i % 3 * 7, 24 + i % 4 * 5
+            pixels = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+            ext = (".png", ".jpg", ".JPEG")[i % 3]
+            Image.fromarray(pixels).save(root / name / f"{i}{ext}")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    data = make_folder(tmp / "data")
+    run_dir = str(tmp / "run")
+    rc = hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny", "--max_steps", "4"])
+    assert rc == 0
+    return data, run_dir
+
+
+def test_run_dir_holds_config_split_checkpoints_and_summaries(trained):
+    data, run_dir = trained
+    saved = json.load(open(os.path.join(run_dir, "config.json")))
+    assert saved["section"] == "tiny" and saved["config"]["max_steps"] == 4
+    assert saved["class_names"] == ["cat", "dog"]
+    split = json.load(open(os.path.join(run_dir, "split.json")))
+    assert len(split["train"]) + len(split["val"]) == 20
+    import tensorflow as tf
+    assert tf.train.latest_checkpoint(run_dir).endswith("ckpt-4")
+    assert tf.train.latest_checkpoint(os.path.join(run_dir, "best")) is not None
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(run_dir, "train")))
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(run_dir, "val")))
+
+
+def test_rerun_resumes_and_continues(trained, capsys):
+    data, run_dir = trained
+    assert hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny", "--max_steps", "6"]) == 0
+    assert "resuming from step 4" in capsys.readouterr().err
+    import tensorflow as tf
+    assert tf.train.latest_checkpoint(run_dir).endswith("ckpt-6")
+
+
+def test_eval_prints_and_records_top_k(trained, capsys):
+    data, run_dir = trained
+    eval_dir = os.path.join(run_dir, "my_eval")
+    assert hw2_eval.main(["--checkpoint_dir", run_dir, "--eval_dir", eval_dir]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "top-2 1.0000 n=4" in out  # 2 classes: top-2 is always right
+    rows = open(os.path.join(eval_dir, "results.csv")).read().splitlines()
+    assert len(rows) == 2 and rows[1].split(",")[3] == "ema"
+
+
+def test_eval_on_a_test_folder_and_the_best_checkpoint(trained, tmp_path, capsys):
+    data, run_dir = trained
+    test = make_folder(tmp_path / "test", per_class=3)
+    assert hw2_eval.main(["--checkpoint_dir", os.path.join(run_dir, "best"), "--test_data_path", test,
+                          "--raw", "--num_examples", "5"]) == 0
+    assert "n=5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top_k", "3"], "--top_k 3 must be between 1 and the number of classes (2)"),
+    (["--test_data_path", "{other}"], "test classes not seen in training: bird"),
+    (["--checkpoint", "{run}/ckpt-999"], "checkpoint not found"),
+])
+def test_eval_user_errors(trained, tmp_path, capsys, argv, message):
+    data, run_dir = trained
+    other = make_folder(tmp_path / "other", per_class=2, classes=("bird", "cat"))
+    argv = [a.format(other=other, run=run_dir) for a in argv]
+    assert hw2_eval.main(["--checkpoint_dir", run_dir] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_of_a_run_without_checkpoints(trained, tmp_path, capsys):
+    import shutil
+    data, run_dir = trained
+    for name in ("config.json", "split.json"):
+        shutil.copy(os.path.join(run_dir, name), tmp_path / name)
+    assert hw2_eval.main(["--checkpoint_dir", str(tmp_path)]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+
+
+def test_changed_network_on_resume_is_refused(trained, capsys):
+    data, run_dir = trained
+    assert hw2_train.main(["--train_dir", run_dir, "--section", "tiny", "--dense_units", "16"]) == 2
+    assert "was trained with dense_units=8, now dense_units=16" in capsys.readouterr().err
+
+
+def test_cli_mistakes_are_one_line_without_traceback(tmp_path):
+    cases = [
+        (["hw2_train.py", "--data_dir", str(tmp_path / "missing"), "--train_dir", str(tmp_path / "r")], "missing"),
+        (["hw2_train.py", "--train_dir", str(tmp_path / "r2"), "--section", "nope"], "unknown section 'nope'"),
+        (["hw2_eval.py", "--checkpoint_dir", str(tmp_path)], "not a hw2 run directory"),
+    ]
+    for argv, needle in cases:
+        p = subprocess.run([sys.executable] + argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        assert lines[-1].startswith("error:") and needle in lines[-1], p.stderr
+        assert "Traceback" not in p.stderr
