@@ -64,6 +64,23 @@ def build_model(cfg: Mapping, num_classes: int) -> HW2Net:
     return model
 
 
+def variables_by_path(model: keras.Model) -> dict:
+    """Every model variable keyed by its layer path, for tf.train.Checkpoint.
+
+    tf.train.Checkpoint(model=keras_model) silently skips Keras 3 layers held in Python lists
+    (our conv stack and inception towers): their weights and batch-norm statistics were missing
+    from checkpoints. Keying variables by path saves all of them, and a checkpoint of another
+    network fails to match loudly. The model's own name (hw2_net, hw2_net_1, ...) is dropped.
+    """
+    out = {}
+    for v in model.variables:
+        key = v.path.split("/", 1)[-1]
+        while key in out:  # e.g. each dropout layer's seed_generator_state
+            key += "+"
+        out[key] = v
+    return out
+
+
 def inference(images: tf.Tensor, cfg: Mapping, num_classes: int, training: bool = False) -> tf.Tensor:
     """Logits for a batch of images, in one call (builds a fresh model; scripts keep theirs)."""
     return build_model(cfg, num_classes)(images, training=training)

@@ -74,7 +74,7 @@ class Evaluator:
         self.strategy = tf.distribute.get_strategy()
         self.model = hw2.build_model(cfg, len(class_names))
         self.ema = hw2.EMA(self.model, cfg.ema_decay)
-        self.ckpt = tf.train.Checkpoint(model=self.model, ema=self.ema.shadow)
+        self.ckpt = tf.train.Checkpoint(model=hw2.variables_by_path(self.model), ema=self.ema.shadow)
         self.eval_step = hw2.make_eval_step(self.model, self.strategy, top_k)
 
     def restore(self, path: str) -> int:
@@ -85,7 +85,7 @@ class Evaluator:
             first = str(e).strip().splitlines()[0][:200]
             raise UserError(f"checkpoint {path} does not match the network in config.json: {first}") from None
         reader = self.tf.train.load_checkpoint(path)
-        key = "optimizer/iteration/.ATTRIBUTES/VARIABLE_VALUE"
+        key = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
         return int(reader.get_tensor(key)) if reader.has_tensor(key) else -1
 
     def evaluate(self, path: str, dataset, raw: bool) -> dict:

@@ -153,7 +153,7 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None) -> dict
         ema = hw2.EMA(model, cfg.ema_decay)
         policy_vars = tf.Variable([-math.inf, -1, -math.inf, 0, 0], dtype=tf.float64, trainable=False)
     policy = PlateauPolicy(cfg.lr_patience, cfg.stop_patience, cfg.min_delta)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, ema=ema.shadow, policy=policy_vars)
+    ckpt = tf.train.Checkpoint(model=hw2.variables_by_path(model), optimizer=optimizer, ema=ema.shadow, policy=policy_vars)
     manager = tf.train.CheckpointManager(ckpt, train_dir, max_to_keep=cfg.keep_checkpoints,
                                          checkpoint_name="ckpt")
     best_manager = tf.train.CheckpointManager(ckpt, os.path.join(train_dir, "best"), max_to_keep=1,

@@ -1,4 +1,6 @@
 """A real train -> checkpoint -> resume -> eval on a tiny generated folder with the [tiny] section."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -33,13 +35,17 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     data = make_folder(tmp / "data")
     run_dir = str(tmp / "run")
-    rc = hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny", "--max_steps", "4"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny", "--max_steps", "4"])
     assert rc == 0
-    return data, run_dir
+    best_line = out.getvalue().strip().splitlines()[-1]
+    assert best_line.startswith("best val top-1"), best_line
+    return data, run_dir, float(best_line.split()[3])
 
 
 def test_run_dir_holds_config_split_checkpoints_and_summaries(trained):
-    data, run_dir = trained
+    data, run_dir, best_top1 = trained
     saved = json.load(open(os.path.join(run_dir, "config.json")))
     assert saved["section"] == "tiny" and saved["config"]["max_steps"] == 4
     assert saved["class_names"] == ["cat", "dog"]
@@ -52,8 +58,15 @@ def test_run_dir_holds_config_split_checkpoints_and_summaries(trained):
     assert any(f.startswith("events") for f in os.listdir(os.path.join(run_dir, "val")))
 
 
+def test_eval_of_best_reproduces_the_training_measurement(trained, capsys):
+    data, run_dir, best_top1 = trained
+    assert hw2_eval.main(["--checkpoint_dir", os.path.join(run_dir, "best"), "--eval_dir", str(run_dir) + "/e2"]) == 0
+    out = capsys.readouterr().out
+    assert f"top-1 {best_top1:.4f}" in out, out
+
+
 def test_rerun_resumes_and_continues(trained, capsys):
-    data, run_dir = trained
+    data, run_dir, best_top1 = trained
     assert hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny", "--max_steps", "6"]) == 0
     assert "resuming from step 4" in capsys.readouterr().err
     import tensorflow as tf
@@ -61,7 +74,7 @@ def test_rerun_resumes_and_continues(trained, capsys):
 
 
 def test_eval_prints_and_records_top_k(trained, capsys):
-    data, run_dir = trained
+    data, run_dir, best_top1 = trained
     eval_dir = os.path.join(run_dir, "my_eval")
     assert hw2_eval.main(["--checkpoint_dir", run_dir, "--eval_dir", eval_dir]) == 0
     out = capsys.readouterr().out
@@ -70,8 +83,27 @@ def test_eval_prints_and_records_top_k(trained, capsys):
     assert len(rows) == 2 and rows[1].split(",")[3] == "ema"
 
 
+def test_checkpoint_holds_every_model_variable(tmp_path):
+    """Keras 3 layers kept in lists are skipped by tf.train.Checkpoint(model=...): guard against it."""
+    import numpy as np
+    import tensorflow as tf
+
+    import hw2
+    from utils import load_config
+    cfg = load_config("tiny")
+    a, b = hw2.build_model(cfg, 3), hw2.build_model(cfg, 3)
+    rng = np.random.default_rng(0)
+    for v in a.variables:
+        v.assign(rng.normal(size=v.shape).astype(v.dtype) if "float" in str(v.dtype) else v.numpy() + 7)
+    path = tf.train.Checkpoint(model=hw2.variables_by_path(a)).write(str(tmp_path / "ck"))
+    tf.train.Checkpoint(model=hw2.variables_by_path(b)).read(path).assert_existing_objects_matched()
+    assert len(a.variables) == len(b.variables) > 50
+    for va, vb in zip(a.variables, b.variables):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
+
+
 def test_eval_on_a_test_folder_and_the_best_checkpoint(trained, tmp_path, capsys):
-    data, run_dir = trained
+    data, run_dir, best_top1 = trained
     test = make_folder(tmp_path / "test", per_class=3)
     assert hw2_eval.main(["--checkpoint_dir", os.path.join(run_dir, "best"), "--test_data_path", test,
                           "--raw", "--num_examples", "5"]) == 0
@@ -84,7 +116,7 @@ def test_eval_on_a_test_folder_and_the_best_checkpoint(trained, tmp_path, capsys
     (["--checkpoint", "{run}/ckpt-999"], "checkpoint not found"),
 ])
 def test_eval_user_errors(trained, tmp_path, capsys, argv, message):
-    data, run_dir = trained
+    data, run_dir, best_top1 = trained
     other = make_folder(tmp_path / "other", per_class=2, classes=("bird", "cat"))
     argv = [a.format(other=other, run=run_dir) for a in argv]
     assert hw2_eval.main(["--checkpoint_dir", run_dir] + argv) == 2
@@ -93,7 +125,7 @@ def test_eval_user_errors(trained, tmp_path, capsys, argv, message):
 
 def test_eval_of_a_run_without_checkpoints(trained, tmp_path, capsys):
     import shutil
-    data, run_dir = trained
+    data, run_dir, best_top1 = trained
     for name in ("config.json", "split.json"):
         shutil.copy(os.path.join(run_dir, name), tmp_path / name)
     assert hw2_eval.main(["--checkpoint_dir", str(tmp_path)]) == 2
@@ -101,7 +133,7 @@ def test_eval_of_a_run_without_checkpoints(trained, tmp_path, capsys):
 
 
 def test_changed_network_on_resume_is_refused(trained, capsys):
-    data, run_dir = trained
+    data, run_dir, best_top1 = trained
     assert hw2_train.main(["--train_dir", run_dir, "--section", "tiny", "--dense_units", "16"]) == 2
     assert "was trained with dense_units=8, now dense_units=16" in capsys.readouterr().err
 

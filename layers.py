@@ -1,0 +1,472 @@
+"""Our own convolution (im2col + one matmul) and the conv blocks hw2's networks are built from.
+
+Every convolution in these layers goes through `conv2d_func`, so `conv_impl="native"` runs the
+same weights through `tf.nn.conv2d` as a reference.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+CONV_IMPLS = ("im2col", "native")
+GATHER_MIN_CHANNELS = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d_func
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalize_strides(strides: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(strides, int):
+        pair = (strides, strides)
+    elif len(strides) == 2:
+        pair = (int(strides[0]), int(strides[1]))
+    elif len(strides) == 4 and strides[0] == 1 and strides[3] == 1:
+        pair = (int(strides[1]), int(strides[2]))
+    else:
+        raise ValueError(f"strides must be an int, [s, s] or [1, s, s, 1], got {strides!r}")
+    if min(pair) < 1:
+        raise ValueError(f"strides must be positive, got {strides!r}")
+    return pair
+
+
+def _normalize_padding(padding: str) -> str:
+    if not isinstance(padding, str) or padding.upper() not in ("SAME", "VALID"):
+        raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+    return padding.upper()
+
+
+def _axis_plan(size: int, k: int, s: int, same: bool) -> tuple[int, int, int]:
+    """(out, pad_before, padded_length) for one spatial axis.
+
+    SAME pads like TF (extra pixel after). The padded length is rounded up to a multiple of the
+    stride so the input can be reshaped into stride phases; rows past what the taps read are
+    never used, so the extra zeros (or the VALID rows left over) do not change the result.
+    """
+    if same:
+        out = -(-size // s)
+        total = max((out - 1) * s + k - size, 0)
+    else:
+        out = (size - k) // s + 1
+        total = 0
+    if out < 1:
+        raise ValueError(f"kernel {k} does not fit an input of size {size} with VALID padding")
+    needed = s * ((k - 1) // s + out)
+    length = -(-max(size + total, needed) // s) * s
+    return out, total // 2, length
+
+
+def _taps(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> list[tf.Tensor]:
+    """The kh*kw shifted views of the padded input, one [N, ho, wo, C] tensor per tap."""
+    if sh == sw == 1:
+        return [xp[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)]
+    # A stride-2 strided_slice is very slow on CPU (and so is its gradient); splitting the input
+    # into stride phases makes every tap a unit-stride slice of one phase.
+    lh, lw, c = xp.shape[1], xp.shape[2], xp.shape[3]
+    xr = tf.reshape(xp, [-1, lh // sh, sh, lw // sw, sw, c])
+    return [
+        xr[:, i // sh : i // sh + ho, i % sh, j // sw : j // sw + wo, j % sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def _gather_index(lw: int, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> tf.Tensor:
+    """Flat positions in the padded [Lh*Lw] grid read by each (output pixel, tap), tap-minor."""
+    oh, ow, i, j = np.meshgrid(np.arange(ho), np.arange(wo), np.arange(kh), np.arange(kw), indexing="ij")
+    return tf.constant(((oh * sh + i) * lw + ow * sw + j).reshape(-1), tf.int32)
+
+
+def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> tf.Tensor:
+    """im2col as a [M, kh*kw*C] matrix; column order (i, j, c) matches w.reshape([-1, Cout])."""
+    lh, lw, c = xp.shape[1], xp.shape[2], xp.shape[3]
+    if kh == kw == sh == sw == 1 and lh == ho and lw == wo:
+        cols = xp
+    elif c >= GATHER_MIN_CHANNELS:
+        # One gather of C-long rows beats kh*kw slices + concat (measured ~2x faster for C=64).
+        index = _gather_index(lw, kh, kw, sh, sw, ho, wo)
+        cols = tf.gather(tf.reshape(xp, [-1, lh * lw, c]), index, axis=1)
+    else:
+        taps = _taps(xp, kh, kw, sh, sw, ho, wo)
+        cols = taps[0] if len(taps) == 1 else tf.concat(taps, axis=-1)
+    return tf.reshape(cols, [-1, kh * kw * c])
+
+
+def _im2col_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf.Tensor:
+    _, h, wd, cin = x.shape
+    kh, kw, _, cout = w.shape
+    if h is None or wd is None or cin is None:
+        raise ValueError(f"im2col needs static height, width and channels, got shape {x.shape}")
+    ho, pt, lh = _axis_plan(h, kh, sh, same)
+    wo, pl, lw = _axis_plan(wd, kw, sw, same)
+
+    @tf.custom_gradient
+    def conv(x, w):
+        xp = tf.pad(x, [[0, 0], [pt, lh - pt - h], [pl, lw - pl - wd], [0, 0]])
+        cols = _cols(xp, kh, kw, sh, sw, ho, wo)
+        y = tf.reshape(tf.matmul(cols, tf.reshape(w, [-1, cout])), [-1, ho, wo, cout])
+
+        def grad(dy):
+            dy2 = tf.reshape(dy, [-1, cout])
+            # Reusing the forward cols makes dW a single matmul.
+            dw = tf.reshape(tf.matmul(cols, dy2, transpose_a=True), [kh, kw, cin, cout])
+            return _conv_input_grad(dy, w, h, wd, sh, sw, pt, pl), dw
+
+        return y, grad
+
+    return conv(x, w)
+
+
+def _input_grad_plan(
+    h: int, wd: int, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int, ho: int, wo: int
+) -> tuple[list[tuple[int, int, np.ndarray]], np.ndarray, int]:
+    """Static gather indices for dL/dx, one group per stride phase.
+
+    Input pixel (r, c) is only touched by the taps i = (r+pt) mod sh (+ multiples of sh) and
+    likewise for columns, so each phase (a, b) of the input is a stride-1 transposed convolution
+    of dy with the sub-kernel w[a::sh, b::sw]: same FLOPs as a col2im scatter-add, but each piece
+    is one dense matmul. Returns [(a, b, dy index per (pixel, tap))], the index that puts the
+    phases' rows back in image order, and the number of phase rows (the zero row's index).
+    """
+    zero_dy = ho * wo
+    phases, offset, order = [], 0, np.full((h, wd), -1)
+    for a in range(sh):
+        rows = np.array([r for r in range(h) if (r + pt) % sh == a])
+        taps_i = np.arange(a, kh, sh)
+        for b in range(sw):
+            cols = np.array([c for c in range(wd) if (c + pl) % sw == b])
+            taps_j = np.arange(b, kw, sw)
+            if not (rows.size and cols.size and taps_i.size and taps_j.size):
+                continue
+            oh = ((rows + pt) // sh)[:, None, None, None] - (taps_i // sh)[None, None, :, None]
+            ow = ((cols + pl) // sw)[None, :, None, None] - (taps_j // sw)[None, None, None, :]
+            inside = (oh >= 0) & (oh < ho) & (ow >= 0) & (ow < wo)
+            phases.append((a, b, np.where(inside, oh * wo + ow, zero_dy).reshape(-1)))
+            order[np.ix_(rows, cols)] = offset + np.arange(rows.size * cols.size).reshape(rows.size, cols.size)
+            offset += rows.size * cols.size
+    order[order < 0] = offset  # pixels no tap reads (e.g. 1x1 stride 2) get the zero row
+    return phases, order.reshape(-1), offset
+
+
+def _conv_input_grad(dy: tf.Tensor, w: tf.Tensor, h: int, wd: int, sh: int, sw: int, pt: int, pl: int) -> tf.Tensor:
+    """dL/dx of the im2col convolution, as gathers of dy and one matmul per stride phase."""
+    kh, kw, cin, cout = w.shape
+    ho, wo = dy.shape[1], dy.shape[2]
+    if kh == kw == sh == sw == 1:
+        return tf.reshape(tf.matmul(tf.reshape(dy, [-1, cout]), w[0, 0], transpose_b=True), [-1, h, wd, cin])
+    n = tf.shape(dy)[0]
+    phases, order, n_rows = _input_grad_plan(h, wd, kh, kw, sh, sw, pt, pl, ho, wo)
+    # A zero row after each image's pixels stands in for the padding: taps that fall outside dy
+    # gather it, which is cheaper than padding dy once per phase.
+    dy_rows = tf.pad(tf.reshape(dy, [-1, ho * wo, cout]), [[0, 0], [0, 1], [0, 0]])
+    pieces = []
+    for a, b, index in phases:
+        sub = tf.transpose(w[a::sh, b::sw], [0, 1, 3, 2])
+        k = sub.shape[0] * sub.shape[1] * cout
+        cols = tf.reshape(tf.gather(dy_rows, tf.constant(index, tf.int32), axis=1), [-1, k])
+        pieces.append(tf.reshape(tf.matmul(cols, tf.reshape(sub, [k, cin])), [n, -1, cin]))
+    if len(pieces) == 1 and n_rows == h * wd:
+        return tf.reshape(pieces[0], [-1, h, wd, cin])
+    # Interleaving the phases (and zeroing untouched pixels) is one more gather.
+    pieces.append(tf.zeros([n, 1, cin], dy.dtype))
+    dx = tf.gather(tf.concat(pieces, axis=1), tf.constant(order, tf.int32), axis=1)
+    return tf.reshape(dx, [-1, h, wd, cin])
+
+
+def conv2d_func(
+    x: tf.Tensor,
+    w: tf.Tensor,
+    strides: int | Sequence[int] = 1,
+    padding: str = "SAME",
+    impl: str = "im2col",
+) -> tf.Tensor:
+    """2-D convolution of x [N,H,W,Cin] with w [kh,kw,Cin,Cout], computed in x's dtype.
+
+    impl="im2col" is ours (patches + one matmul, hand-written gradient); impl="native" is
+    tf.nn.conv2d. Both give the same values and gradients.
+    """
+    sh, sw = _normalize_strides(strides)
+    padding = _normalize_padding(padding)
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    x = tf.convert_to_tensor(x)
+    w = tf.cast(tf.convert_to_tensor(w), x.dtype)
+    if impl == "native":
+        return tf.nn.conv2d(x, w, strides=[1, sh, sw, 1], padding=padding)
+    return _im2col_conv(x, w, sh, sw, padding == "SAME")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv_output_size(size: int | None, k: int, s: int, padding: str) -> int | None:
+    if size is None:
+        return None
+    return -(-size // s) if padding == "SAME" else (size - k) // s + 1
+
+
+class ConvBNReLU(keras.layers.Layer):
+    """Convolution (through conv2d_func) -> BatchNorm -> ReLU.
+
+    `conv_impl` is read at call time, so the same weights can run through either
+    implementation; change it before the layer is traced (see `set_conv_impl`).
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: str = "SAME",
+        conv_impl: str = "im2col",
+        weight_decay: float = 0.0,
+        batch_norm: bool = True,
+        activation: bool = True,
+        name: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+        self.filters = int(filters)
+        self.kernel_size = int(kernel_size)
+        self.stride = int(stride)
+        self.padding = _normalize_padding(padding)
+        self.conv_impl = conv_impl
+        self.weight_decay = float(weight_decay)
+        self.batch_norm = bool(batch_norm)
+        self.activation = bool(activation)
+        self.bn = (
+            keras.layers.BatchNormalization(momentum=0.99, epsilon=1e-3, name="bn")
+            if batch_norm
+            else None
+        )
+
+    def build(self, input_shape):
+        k = self.kernel_size
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(k, k, int(input_shape[-1]), self.filters),
+            initializer=keras.initializers.HeNormal(),
+            regularizer=keras.regularizers.L2(self.weight_decay) if self.weight_decay > 0 else None,
+        )
+        if self.bn is None:
+            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+        else:
+            self.bn.build(tuple(input_shape[:-1]) + (self.filters,))
+
+    def call(self, x, training=False):
+        y = conv2d_func(x, self.kernel, self.stride, self.padding, impl=self.conv_impl)
+        if self.bn is None:
+            y = y + tf.cast(self.bias, y.dtype)
+        else:
+            y = self.bn(y, training=training)
+        return tf.nn.relu(y) if self.activation else y
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = input_shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return (n, _conv_output_size(h, k, s, p), _conv_output_size(w, k, s, p), self.filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "conv_impl": self.conv_impl,
+            "weight_decay": self.weight_decay,
+            "batch_norm": self.batch_norm,
+            "activation": self.activation,
+        }
+
+
+class ConvStack(keras.layers.Layer):
+    """A sequence of ConvBNReLU, one per entry of `filters`."""
+
+    def __init__(
+        self,
+        filters: list[int],
+        kernel_size: int = 3,
+        strides: list[int] | None = None,
+        conv_impl: str = "im2col",
+        weight_decay: float = 0.0,
+        name: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        strides = [1] * len(filters) if strides is None else list(strides)
+        if len(strides) != len(filters):
+            raise ValueError(f"got {len(filters)} filters but {len(strides)} strides")
+        self.filters = list(filters)
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.weight_decay = weight_decay
+        self.convs = [
+            ConvBNReLU(f, kernel_size, s, conv_impl=conv_impl, weight_decay=weight_decay, name=f"conv{i}")
+            for i, (f, s) in enumerate(zip(filters, strides))
+        ]
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for conv in self.convs:
+            conv.build(shape)
+            shape = conv.compute_output_shape(shape)
+
+    def call(self, x, training=False):
+        for conv in self.convs:
+            x = conv(x, training=training)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        for conv in self.convs:
+            input_shape = conv.compute_output_shape(input_shape)
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "conv_impl": _first_conv_impl(self),
+            "weight_decay": self.weight_decay,
+        }
+
+
+class InceptionModule(keras.layers.Layer):
+    """GoogLeNet Inception module: four towers concatenated on channels (stride 1, SAME).
+
+    towers = (t1x1, t3x3, t5x5, tpool). Version 2 replaces the 5x5 by two 3x3 convs
+    (Szegedy et al. 2015, "Rethinking the Inception Architecture"): same receptive field, fewer
+    weights.
+    """
+
+    def __init__(
+        self,
+        version: int,
+        towers: tuple[int, int, int, int],
+        bottleneck: int,
+        conv_impl: str = "im2col",
+        weight_decay: float = 0.0,
+        name: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        if version not in (1, 2):
+            raise ValueError(f"inception version must be 1 or 2, got {version!r}")
+        if len(towers) != 4:
+            raise ValueError(f"towers must be 4 ints (t1x1, t3x3, t5x5, tpool), got {towers!r}")
+        self.version = version
+        self.towers = tuple(int(t) for t in towers)
+        self.bottleneck = int(bottleneck)
+        self.weight_decay = weight_decay
+        t1, t3, t5, tp = self.towers
+
+        def conv(filters: int, k: int, name: str) -> ConvBNReLU:
+            return ConvBNReLU(filters, k, conv_impl=conv_impl, weight_decay=weight_decay, name=name)
+
+        self.tower_1x1 = [conv(t1, 1, "a_1x1")]
+        self.tower_3x3 = [conv(self.bottleneck, 1, "b_1x1"), conv(t3, 3, "b_3x3")]
+        if version == 1:
+            self.tower_5x5 = [conv(self.bottleneck, 1, "c_1x1"), conv(t5, 5, "c_5x5")]
+        else:
+            self.tower_5x5 = [
+                conv(self.bottleneck, 1, "c_1x1"),
+                conv(self.bottleneck, 3, "c_3x3a"),
+                conv(t5, 3, "c_3x3b"),
+            ]
+        self.pool = keras.layers.MaxPooling2D(3, strides=1, padding="same", name="d_pool")
+        self.tower_pool = [conv(tp, 1, "d_1x1")]
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for tower in (self.tower_1x1, self.tower_3x3, self.tower_5x5, self.tower_pool):
+            tower_shape = shape
+            for layer in tower:
+                layer.build(tower_shape)
+                tower_shape = layer.compute_output_shape(tower_shape)
+
+    def call(self, x, training=False):
+        outputs = []
+        for tower, tower_in in (
+            (self.tower_1x1, x),
+            (self.tower_3x3, x),
+            (self.tower_5x5, x),
+            (self.tower_pool, self.pool(x)),
+        ):
+            y = tower_in
+            for layer in tower:
+                y = layer(y, training=training)
+            outputs.append(y)
+        return tf.concat(outputs, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (sum(self.towers),)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "version": self.version,
+            "towers": self.towers,
+            "bottleneck": self.bottleneck,
+            "conv_impl": _first_conv_impl(self),
+            "weight_decay": self.weight_decay,
+        }
+
+
+def inception_v1_module(
+    towers: tuple[int, int, int, int],
+    bottleneck: int,
+    conv_impl: str = "im2col",
+    weight_decay: float = 0.0,
+    name: str | None = None,
+) -> InceptionModule:
+    return InceptionModule(1, towers, bottleneck, conv_impl, weight_decay, name=name)
+
+
+def inception_v2_module(
+    towers: tuple[int, int, int, int],
+    bottleneck: int,
+    conv_impl: str = "im2col",
+    weight_decay: float = 0.0,
+    name: str | None = None,
+) -> InceptionModule:
+    return InceptionModule(2, towers, bottleneck, conv_impl, weight_decay, name=name)
+
+
+def spatial_dropout(keep_prob: float) -> keras.layers.SpatialDropout2D:
+    """Dropout of whole channels; neighbouring pixels are too correlated for per-pixel dropout."""
+    if not 0.0 < keep_prob <= 1.0:
+        raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob!r}")
+    return keras.layers.SpatialDropout2D(rate=1.0 - keep_prob)
+
+
+def _conv_layers(layer: keras.layers.Layer) -> list[ConvBNReLU]:
+    return [l for l in layer._flatten_layers(include_self=True, recursive=True) if isinstance(l, ConvBNReLU)]
+
+
+def _first_conv_impl(layer: keras.layers.Layer) -> str:
+    convs = _conv_layers(layer)
+    return convs[0].conv_impl if convs else "im2col"
+
+
+def set_conv_impl(model_or_layer: keras.layers.Layer, impl: str) -> int:
+    """Sets conv_impl on every ConvBNReLU inside; returns how many were changed.
+
+    Takes effect at the next trace: call it before building a tf.function / model.compile.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    convs = _conv_layers(model_or_layer)
+    for conv in convs:
+        conv.conv_impl = impl
+    return len(convs)

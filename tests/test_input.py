@@ -1,0 +1,212 @@
+"""The tf.data pipelines and augmentations, on small real image files written into tmp_path."""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import augmentation
+import hw2_input
+from utils import UserError
+
+S = 16  # network input size for these tests: small keeps the whole file fast on 2 cores
+CFG = {"image_size": S, "scale_min": 1.0, "scale_max": 1.25, "eval_scale": 1.14, "seed": 0}
+ALL_OFF = {
+    "image_size": S, "scale_min": 1.0, "scale_max": 1.0, "eval_scale": 1.0, "flip_lr": False,
+    "brightness": 0.0, "contrast": 0.0, "rotate_deg": 0.0, "shift_frac": 0.0, "noise_std": 0.0,
+}
+
+
+def write_images(root, n: int, classes: int = 2,
+                 sizes=((20, 30), (30, 20), (24, 24))) -> list[tuple[str, int]]:
+    """n random PNG/JPEG files under root/<class>/, returned as (relative path, label) items."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        label = i % classes
+        h, w = sizes[i % len(sizes)]
+        ext = ".png" if i % 2 else ".jpg"
+        rel = f"c{label}/img{i:03d}{ext}"
+        (root / f"c{label}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / rel)
+        items.append((rel, label))
+    return items
+
+
+def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def batches(ds: tf.data.Dataset, n: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    ds = ds if n is None else ds.take(n)
+    return [(x.numpy(), y.numpy()) for x, y in ds]
+
+
+def assert_standardized(images: np.ndarray) -> None:
+    flat = images.reshape(len(images), -1)
+    np.testing.assert_allclose(flat.mean(axis=1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(flat.std(axis=1), 1.0, atol=1e-3)
+
+
+# -------------------------------------------------------------------------------------- eval
+
+def test_eval_yields_each_example_once_in_order(tmp_path):
+    items = write_images(tmp_path, 13)
+    out = batches(hw2_input.eval_dataset(str(tmp_path), items, CFG, batch_size=4))
+    assert [len(y) for _, y in out] == [4, 4, 4, 1]
+    labels = np.concatenate([y for _, y in out])
+    assert labels.tolist() == [label for _, label in items]
+    for x, y in out:
+        assert x.dtype == np.float32 and x.shape[1:] == (S, S, 3) and y.dtype == np.int32
+        assert_standardized(x)
+
+
+def test_eval_num_examples_caps_and_is_repeatable(tmp_path):
+    items = write_images(tmp_path, 13)
+    ds = hw2_input.eval_dataset(str(tmp_path), items, CFG, batch_size=4, num_examples=6)
+    first, second = batches(ds), batches(ds)  # second pass reads the cache
+    assert [len(y) for _, y in first] == [4, 2]
+    for (x1, y1), (x2, y2) in zip(first, second):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+
+
+def test_no_items_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no images"):
+        hw2_input.eval_dataset(str(tmp_path), [], CFG, batch_size=4)
+    with pytest.raises(UserError, match="no images"):
+        hw2_input.train_dataset(str(tmp_path), [], CFG, batch_size=4)
+
+
+@pytest.mark.parametrize("cache_mb", [1024, 0])
+def test_unreadable_file_is_skipped_with_a_warning(tmp_path, caplog, cache_mb):
+    items = write_images(tmp_path, 5)
+    (tmp_path / "c0" / "bad.png").write_bytes(b"this is not a png")
+    items.insert(2, ("c0/bad.png", 0))
+    cfg = {**CFG, "cache_images_mb": cache_mb}
+    with caplog.at_level(logging.WARNING):
+        labels = np.concatenate([y for _, y in batches(hw2_input.eval_dataset(str(tmp_path), items, cfg, 4))])
+        train = batches(hw2_input.train_dataset(str(tmp_path), items, cfg, batch_size=4), n=3)
+    assert labels.tolist() == [label for rel, label in items if rel != "c0/bad.png"]
+    assert len(train) == 3
+    warnings = [r.getMessage() for r in caplog.records if "bad.png" in r.getMessage()]
+    assert warnings and "skipping unreadable image" in warnings[0]
+    assert len(warnings) == 1  # once per file, not once per epoch or per pipeline
+
+
+def test_decode_dataset_gives_uint8_at_base_short_side(tmp_path):
+    items = write_images(tmp_path, 3)
+    side = augmentation.base_short_side(CFG)
+    for (image, label), (_, want) in zip(hw2_input.decode_dataset(str(tmp_path), items, CFG), items):
+        assert image.dtype == tf.uint8 and min(image.shape[:2]) == side and image.shape[2] == 3
+        assert label.numpy() == want
+
+
+# ------------------------------------------------------------------------------------- train
+
+def test_train_batches_are_static_and_repeat(tmp_path):
+    items = write_images(tmp_path, 5, classes=3)  # fewer items than one batch: repeat must fill it
+    ds = hw2_input.train_dataset(str(tmp_path), items, CFG, batch_size=8)
+    assert ds.element_spec[0].shape.as_list() == [8, S, S, 3]
+    assert ds.element_spec[1].shape.as_list() == [8] and ds.element_spec[1].dtype == tf.int32
+    out = batches(ds, n=4)  # 32 examples from 5 files: several epochs
+    for x, y in out:
+        assert x.shape == (8, S, S, 3) and np.isfinite(x).all()
+        assert set(y.tolist()) <= {0, 1, 2}
+        assert_standardized(x)
+
+
+def test_train_same_seed_reproduces_and_other_seed_differs(tmp_path):
+    items = write_images(tmp_path, 12)
+    cfg = {**CFG, "deterministic": True}
+
+    def first_batch(seed):
+        return batches(hw2_input.train_dataset(str(tmp_path), items, {**cfg, "seed": seed}, 4), n=1)[0]
+
+    a, b, c = first_batch(0), first_batch(0), first_batch(1)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_input_context_pipelines_read_disjoint_shards(tmp_path):
+    items = write_images(tmp_path, 10)
+    items = [(rel, i) for i, (rel, _) in enumerate(items)]  # label = file index identifies the file
+    seen = []
+    for pipeline_id in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
+                                         num_replicas_in_sync=2)
+        ds = hw2_input.train_dataset(str(tmp_path), items, CFG, batch_size=4, input_context=ctx)
+        assert ds.element_spec[0].shape[0] == 2  # the global batch of 4, split over 2 replicas
+        seen.append({int(v) for _, y in batches(ds, n=10) for v in y})
+    assert seen[0].isdisjoint(seen[1])
+    assert seen[0] | seen[1] == set(range(10))
+
+
+# ------------------------------------------------------------------------------ augmentation
+
+def seed(i: int) -> tf.Tensor:
+    return tf.constant([i, 7], tf.int64)
+
+
+def test_all_augmentation_off_is_plain_standardization():
+    image = random_image(S, S)
+    want = tf.image.per_image_standardization(image.astype(np.float32) / 255).numpy()
+    got = augmentation.train_preprocess(image, ALL_OFF, seed(0)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(augmentation.eval_preprocess(image, ALL_OFF).numpy(), want, atol=1e-5)
+
+
+def test_colour_jitter_survives_standardization():
+    image = random_image(S, S)
+    off = augmentation.train_preprocess(image, ALL_OFF, seed(0)).numpy()
+    for key, value in [("brightness", 0.25), ("contrast", 0.3)]:
+        cfg = {**ALL_OFF, key: value}
+        raw = [augmentation.train_preprocess(image, cfg, seed(i), standardize=False).numpy()
+               for i in range(4)]
+        assert all(not np.allclose(r, image / 255, atol=1e-3) for r in raw), key
+        assert all(r.min() >= 0 and r.max() <= 1 for r in raw)
+        # Standardization removes a pure shift or scale; what survives it is the clipping of
+        # saturated pixels (and, for contrast, the per-channel means), far above float noise.
+        final = [augmentation.train_preprocess(image, cfg, seed(i)).numpy() for i in range(4)]
+        assert max(np.abs(f - off).max() for f in final) > 0.01, key
+
+
+def test_flip_flips():
+    image = random_image(S, S)
+    plain = augmentation.train_preprocess(image, ALL_OFF, seed(0)).numpy()
+    cfg = {**ALL_OFF, "flip_lr": True}
+    outs = [augmentation.train_preprocess(image, cfg, seed(i)).numpy() for i in range(16)]
+    flipped = [np.allclose(o, plain[:, ::-1], atol=1e-5) for o in outs]
+    unflipped = [np.allclose(o, plain, atol=1e-5) for o in outs]
+    assert all(f or u for f, u in zip(flipped, unflipped))
+    assert any(flipped) and any(unflipped)
+
+
+def test_rotation_matches_rot90_and_shift_moves_pixels():
+    image = tf.constant(random_image(6, 6), tf.float32)
+    rotated = augmentation.affine_transform(image, np.pi / 2, 0.0, 0.0).numpy()
+    np.testing.assert_allclose(rotated, np.rot90(image.numpy()), atol=1e-3)
+    shifted = augmentation.affine_transform(image, 0.0, 2.0, 1.0).numpy()
+    np.testing.assert_allclose(shifted[1:, 2:], image.numpy()[:-1, :-2], atol=1e-3)
+
+
+@pytest.mark.parametrize("hw", [(40, 90), (300, 120), (S, S), (17, 16)])
+def test_output_shape_for_any_input_size_in_graph_mode(hw):
+    cfg = {**CFG, "rotate_deg": 10.0, "shift_frac": 0.1, "noise_std": 0.05}
+    ds = tf.data.Dataset.from_generator(lambda: iter([random_image(*hw)]),
+                                        output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+    train = ds.map(lambda x: augmentation.train_preprocess(x, cfg, seed(0)))
+    evaluated = ds.map(lambda x: augmentation.eval_preprocess(x, cfg))
+    for out in (train, evaluated):
+        assert out.element_spec.shape.as_list() == [S, S, 3]
+        (x,) = list(out)
+        assert x.shape == (S, S, 3) and np.isfinite(x.numpy()).all()
+
+
+def test_base_short_side():
+    assert augmentation.base_short_side({"image_size": 100}) == 125
+    assert augmentation.base_short_side({"image_size": 100, "scale_max": 1.1, "eval_scale": 1.1}) == 110
+    assert augmentation.base_short_side({"image_size": 100, "scale_max": 1.0, "eval_scale": 1.14}) == 114

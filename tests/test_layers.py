@@ -1,0 +1,316 @@
+"""layers.py: our im2col convolution against tf.nn.conv2d, and the conv blocks built on it."""
+
+import itertools
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from layers import (  # noqa: E402
+    ConvBNReLU,
+    ConvStack,
+    InceptionModule,
+    conv2d_func,
+    inception_v1_module,
+    inception_v2_module,
+    set_conv_impl,
+    spatial_dropout,
+)
+
+
+def conv_and_grads(x, w, strides, padding, impl, upstream=None, seed=0):
+    """Output, dL/dx and dL/dw for L = sum(y * upstream); a random upstream if none is given."""
+    with tf.GradientTape() as tape:
+        tape.watch([x, w])
+        y = conv2d_func(x, w, strides, padding, impl=impl)
+    if upstream is None:
+        upstream = tf.cast(tf.random.stateless_normal(tf.shape(y), [seed, 1]), y.dtype)
+    dx, dw = tape.gradient(y, [x, w], output_gradients=upstream)
+    return y, dx, dw, upstream
+
+
+def assert_close(actual, expected, rtol):
+    """Elementwise, relative to the largest magnitude: sums of many terms cancel to near zero."""
+    actual = np.asarray(tf.cast(actual, tf.float32))
+    expected = np.asarray(tf.cast(expected, tf.float32))
+    assert actual.shape == expected.shape
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def random_inputs(n, h, w, cin, k, cout, seed=0, dtype=tf.float32):
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.standard_normal((n, h, w, cin)), dtype)
+    kernel = tf.constant(rng.standard_normal((k, k, cin, cout)), tf.float32)
+    return x, kernel
+
+
+GRID = list(itertools.product([1, 3, 5, 7], [1, 2], ["SAME", "VALID"], [(7, 9), (8, 8)]))
+
+
+@pytest.mark.parametrize("k,stride,padding,hw", GRID, ids=[f"k{k}-s{s}-{p}-{h}x{w}" for k, s, p, (h, w) in GRID])
+def test_im2col_matches_native_values_and_gradients(k, stride, padding, hw):
+    x, w = random_inputs(2, *hw, 3, k, 4, seed=k * 10 + stride)
+    y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
+    y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream)
+    assert_close(y, y_ref, 1e-4)
+    assert_close(dx, dx_ref, 1e-4)
+    assert_close(dw, dw_ref, 1e-4)
+
+
+@pytest.mark.parametrize("k,stride,padding", [(2, 2, "SAME"), (4, 1, "SAME"), (3, 3, "VALID"), (2, 3, "SAME")])
+def test_im2col_matches_native_even_kernels_and_stride_3(k, stride, padding):
+    # Even kernels put the extra SAME pad on one side only; stride 3 leaves VALID rows unread.
+    x, w = random_inputs(2, 10, 11, 5, k, 3, seed=7)
+    y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
+    y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream)
+    assert_close(y, y_ref, 1e-4)
+    assert_close(dx, dx_ref, 1e-4)
+    assert_close(dw, dw_ref, 1e-4)
+
+
+def test_im2col_with_many_channels_matches_native():
+    # Wide inputs take the gather path of im2col; the grid above uses Cin=3 (slice+concat path).
+    for stride in (1, 2):
+        x, w = random_inputs(2, 9, 8, 16, 3, 12, seed=stride)
+        y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, "SAME", "native")
+        y, dx, dw, _ = conv_and_grads(x, w, stride, "SAME", "im2col", upstream)
+        assert_close(y, y_ref, 1e-4)
+        assert_close(dx, dx_ref, 1e-4)
+        assert_close(dw, dw_ref, 1e-4)
+
+
+@pytest.mark.parametrize("strides", [2, [2, 2], (1, 2, 2, 1)])
+def test_stride_forms_and_lowercase_padding_are_accepted(strides):
+    x, w = random_inputs(1, 8, 8, 3, 3, 2)
+    expected = tf.nn.conv2d(x, w, strides=2, padding="SAME")
+    assert_close(conv2d_func(x, w, strides, "same"), expected, 1e-4)
+
+
+def test_im2col_in_tf_function_with_unknown_batch():
+    x, w = random_inputs(3, 9, 8, 3, 3, 4, seed=3)
+    w = tf.Variable(w)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 9, 8, 3], tf.float32)])
+    def step(x):
+        out = {}
+        for impl in ("native", "im2col"):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = conv2d_func(x, w, 2, "SAME", impl=impl)
+                loss = tf.reduce_sum(y * tf.cos(y))
+            out[impl] = (y, *tape.gradient(loss, [x, w]))
+        return out
+
+    out = step(x)
+    assert out["im2col"][0].shape == (3, 5, 4, 4)
+    for got, ref in zip(out["im2col"], out["native"]):
+        assert_close(got, ref, 1e-4)
+
+
+def test_bfloat16_im2col_matches_float32_native_loosely():
+    x, w = random_inputs(2, 8, 8, 3, 3, 4, seed=5, dtype=tf.bfloat16)
+    y, dx, dw, upstream = conv_and_grads(x, w, 1, "SAME", "im2col")
+    assert y.dtype == tf.bfloat16 and dx.dtype == tf.bfloat16
+    assert dw.dtype == tf.float32  # the cast hands the gradient back in the variable's dtype
+    y_ref, dx_ref, dw_ref, _ = conv_and_grads(
+        tf.cast(x, tf.float32), w, 1, "SAME", "native", tf.cast(upstream, tf.float32)
+    )
+    assert_close(y, y_ref, 3e-2)
+    assert_close(dx, dx_ref, 3e-2)
+    assert_close(dw, dw_ref, 3e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"padding": "FULL"}, "FULL"),
+        ({"padding": "SAME "}, "SAME "),
+        ({"impl": "fft"}, "fft"),
+        ({"strides": [1, 2, 2, 2]}, "strides"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    x, w = random_inputs(1, 5, 5, 2, 3, 2)
+    with pytest.raises(ValueError, match=match):
+        conv2d_func(x, w, **kwargs)
+
+
+def test_conv_bn_relu_shapes_and_parameter_count():
+    layer = ConvBNReLU(8, 3, name="c")
+    y = layer(tf.random.normal([2, 9, 9, 4]))
+    assert y.shape == (2, 9, 9, 8)
+    assert float(tf.reduce_min(y)) >= 0.0
+    # 3*3*4*8 kernel, no bias; BN: gamma+beta trainable, moving mean+variance not.
+    assert layer.count_params() == 3 * 3 * 4 * 8 + 4 * 8
+    assert sum(int(np.prod(v.shape)) for v in layer.trainable_weights) == 3 * 3 * 4 * 8 + 2 * 8
+
+    plain = ConvBNReLU(8, 3, stride=2, batch_norm=False, activation=False)
+    y = plain(tf.random.normal([2, 9, 9, 4]))
+    assert y.shape == (2, 5, 5, 8)
+    assert plain.count_params() == 3 * 3 * 4 * 8 + 8
+    assert float(tf.reduce_min(y)) < 0.0
+
+
+def test_conv_stack_shapes():
+    stack = ConvStack([8, 16, 16], kernel_size=3, strides=[1, 2, 2])
+    assert stack(tf.random.normal([2, 17, 17, 3])).shape == (2, 5, 5, 16)
+    with pytest.raises(ValueError):
+        ConvStack([8, 16], strides=[1])
+
+
+@pytest.mark.parametrize(
+    "version,shape,towers,bottleneck,expected,n_convs",
+    [
+        (2, [2, 25, 25, 128], (64, 96, 96, 64), 64, (2, 25, 25, 320), 7),
+        (2, [2, 13, 13, 320], (32, 64, 64, 32), 96, (2, 13, 13, 192), 7),
+        (1, [2, 13, 13, 320], (32, 64, 64, 32), 96, (2, 13, 13, 192), 6),
+    ],
+)
+def test_inception_module_shapes(version, shape, towers, bottleneck, expected, n_convs):
+    module = InceptionModule(version, towers, bottleneck)
+    assert module(tf.random.normal(shape)).shape == expected
+    assert module.compute_output_shape(tuple(shape)) == expected
+    assert set_conv_impl(module, "im2col") == n_convs
+
+
+def test_inception_constructors_fix_the_version():
+    v1 = inception_v1_module((4, 4, 4, 4), 2)
+    v2 = inception_v2_module((4, 4, 4, 4), 2)
+    assert (v1.version, v2.version) == (1, 2)
+    x = tf.random.normal([1, 6, 6, 3])
+    assert v1(x).shape == v2(x).shape == (1, 6, 6, 16)
+    # v2's two 3x3 (2*9 taps) replace v1's 5x5 (25 taps).
+    assert len(v2.trainable_weights) == len(v1.trainable_weights) + 3
+
+
+def small_model(conv_impl="im2col", weight_decay=0.0):
+    inputs = keras.Input((12, 12, 3))
+    x = ConvStack([8, 16], strides=[1, 2], conv_impl=conv_impl, weight_decay=weight_decay)(inputs)
+    x = InceptionModule(2, (4, 8, 8, 4), 6, conv_impl=conv_impl, weight_decay=weight_decay)(x)
+    x = spatial_dropout(0.8)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(2)(x))
+
+
+def test_set_conv_impl_on_a_model_keeps_the_outputs():
+    model = small_model()
+    x = tf.random.normal([3, 12, 12, 3], seed=1)
+    # 2 ConvStack convs + 7 inception convs, all reached through the functional model.
+    assert set_conv_impl(model, "im2col") == 9
+    y_ours = model(x, training=False)
+    assert set_conv_impl(model, "native") == 9
+    convs = [layer for layer in model._flatten_layers() if isinstance(layer, ConvBNReLU)]
+    assert len(convs) == 9 and all(conv.conv_impl == "native" for conv in convs)
+    y_ref = model(x, training=False)
+    assert y_ours.shape == (3, 2)
+    assert_close(y_ours, y_ref, 1e-4)
+    with pytest.raises(ValueError):
+        set_conv_impl(model, "winograd")
+
+
+def test_set_conv_impl_gives_same_gradients_without_dropout():
+    layer = InceptionModule(1, (4, 6, 6, 4), 5)
+    x = tf.random.normal([2, 7, 7, 3], seed=2)
+    results = []
+    for impl in ("im2col", "native"):
+        set_conv_impl(layer, impl)
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        results.append((y, tape.gradient(loss, layer.trainable_weights)))
+    (y_ours, g_ours), (y_ref, g_ref) = results
+    assert_close(y_ours, y_ref, 1e-4)
+    for a, b in zip(g_ours, g_ref):
+        assert_close(a, b, 1e-3)
+
+
+def test_small_model_trains_a_step_in_keras_fit():
+    model = small_model(weight_decay=1e-4)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).standard_normal((8, 12, 12, 3)).astype("float32")
+    y = np.arange(8) % 2
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_l2_weight_decay_shows_up_in_losses():
+    wd = 1e-3
+    layer = ConvBNReLU(4, 3, weight_decay=wd)
+    layer(tf.zeros([1, 5, 5, 2]))
+    assert len(layer.losses) == 1
+    expected = wd * float(tf.reduce_sum(tf.square(layer.kernel)))
+    assert float(layer.losses[0]) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+
+    assert ConvBNReLU(4, 3)(tf.zeros([1, 5, 5, 2])) is not None
+    no_decay = ConvBNReLU(4, 3)
+    no_decay(tf.zeros([1, 5, 5, 2]))
+    assert no_decay.losses == []
+    # Every conv of a model contributes one term.
+    assert len(small_model(weight_decay=wd).losses) == 9
+
+
+def test_spatial_dropout_drops_whole_channels():
+    layer = spatial_dropout(0.5)
+    assert layer.rate == pytest.approx(0.5)
+    y = np.asarray(layer(tf.ones([4, 6, 6, 32]), training=True))
+    per_channel = y.reshape(4, 36, 32)
+    assert np.all(per_channel.min(axis=1) == per_channel.max(axis=1))  # all-or-nothing per channel
+    assert set(np.unique(y)) <= {0.0, 2.0} and 0.0 in y and 2.0 in y
+    with pytest.raises(ValueError):
+        spatial_dropout(0.0)
+
+
+@pytest.fixture
+def mixed_bfloat16():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_layers_run_under_mixed_bfloat16(mixed_bfloat16):
+    module = InceptionModule(2, (4, 6, 6, 4), 5)
+    x = tf.random.normal([2, 7, 7, 3])
+    with tf.GradientTape() as tape:
+        y = module(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32))
+    grads = tape.gradient(loss, module.trainable_weights)
+    assert y.dtype == tf.bfloat16 and y.shape == (2, 7, 7, 20)
+    assert all(v.dtype == "float32" for v in module.weights)
+    assert all(g is not None and g.dtype == tf.float32 for g in grads)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_layer_under_distribution_strategy():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        layer = ConvBNReLU(4, 3, stride=2)
+        layer.build((None, 6, 6, 3))
+
+    @tf.function
+    def step(x):
+        def replica_fn(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(x, training=True))
+            return tape.gradient(loss, layer.trainable_weights)
+
+        return strategy.run(replica_fn, args=(x,))
+
+    grads = step(tf.random.normal([2, 6, 6, 3]))
+    assert grads[0].shape == (3, 3, 3, 4)
+
+
+def test_config_round_trip():
+    layer = ConvBNReLU(6, 5, stride=2, conv_impl="native", weight_decay=1e-4, name="c1")
+    clone = ConvBNReLU.from_config(layer.get_config())
+    assert (clone.filters, clone.kernel_size, clone.stride, clone.conv_impl, clone.weight_decay) == (
+        6, 5, 2, "native", 1e-4,
+    )
+    module = InceptionModule(2, (4, 6, 6, 4), 5, conv_impl="native")
+    assert InceptionModule.from_config(module.get_config()).towers == (4, 6, 6, 4)
