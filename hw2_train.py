@@ -131,8 +131,12 @@ def prepare_split(args, cfg) -> dict:
     return split
 
 
-def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None) -> dict:
-    """The training loop. Returns the best validation result {'top1', 'topk', 'step'}."""
+def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=()) -> dict:
+    """The training loop. Returns the best validation result {'top1', 'topk', 'step'}.
+
+    `hooks` observe the run without changing it: each may define on_start(info),
+    on_validation(row) and on_end(best), all taking and returning plain dicts/None.
+    """
     import tensorflow as tf
 
     import hw2
@@ -198,11 +202,15 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None) -> dict
                 tf.summary.histogram(v.path, v.value)
         return result
 
+    _call(hooks, "on_start", {"cfg": cfg, "split": split, "train_dir": train_dir, "model": model,
+                              "replicas": replicas, "global_batch": global_batch, "start_step": start,
+                              "steps_per_epoch": steps_per_epoch, "params": params})
     bar = _progress_bar(start, cfg.max_steps)
     log = bar.write if bar else logging.info
     iterator = iter(train_ds)
     step, nan_retries = start, 0
     window = {"loss": 0.0, "correct": 0.0, "steps": 0, "t": time.time()}
+    since_val = {"loss": 0.0, "correct": 0.0, "steps": 0, "t": time.time()}
     stop_reason = f"reached max_steps={cfg.max_steps}"
     while step < cfg.max_steps:
         total, ce, correct = (float(t) for t in train_step(iterator))
@@ -218,9 +226,10 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None) -> dict
             optimizer.learning_rate.assign(lr)
             log(f"loss became {total} at step {step + 1}: restored step {step}, lr lowered to {lr:g}")
             continue
-        window["loss"] += total
-        window["correct"] += correct
-        window["steps"] += 1
+        for acc in (window, since_val):
+            acc["loss"] += total
+            acc["correct"] += correct
+            acc["steps"] += 1
         if step == start + 1:  # the first step traces the graph: keep it out of img/s
             window["t"], window["untimed"] = time.time(), 1
         if bar:
@@ -228,6 +237,7 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None) -> dict
         if step % cfg.log_every_steps == 0 or step == cfg.max_steps:
             _log_window(window, step, steps_per_epoch, global_batch, optimizer, writers["train"], log, bar)
         if step % cfg.save_checkpoint_steps == 0 or step == cfg.max_steps:
+            lr_used = float(optimizer.learning_rate.numpy())
             val = validate(step)
             is_best, action = policy.update(val["top1"], step)
             if action == "lower_lr":
@@ -242,6 +252,13 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None) -> dict
                     "stop": f" (no gain for {policy.stale}: stopping)"}[action]
             log(f"step {step}: val loss {val['loss']:.4f} top-1 {val['top1']:.4f} top-{top_k} "
                 f"{val['topk']:.4f} n={val['n']} (EMA){' best' if is_best else ''}{note}")
+            n = max(since_val["steps"], 1)
+            _call(hooks, "on_validation", {
+                "step": step, "epoch": step / steps_per_epoch, "lr": lr_used,
+                "train_loss": since_val["loss"] / n, "train_top1": since_val["correct"] / (n * global_batch),
+                "val_loss": val["loss"], "val_top1": val["top1"], "val_topk": val["topk"], "top_k": top_k,
+                "is_best": is_best, "seconds": time.time() - since_val["t"]})
+            since_val.update(loss=0.0, correct=0.0, steps=0, t=time.time())
             if action == "stop":
                 stop_reason = f"no val top-1 gain for {policy.stale} validations"
                 break
@@ -254,9 +271,18 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None) -> dict
         return {"top1": float("nan"), "topk": float("nan"), "step": -1}
     best = _best_result(best_manager, policy, val_ds, eval_step, ckpt, ema, strategy)
     logging.info("stopped: %s", stop_reason)
+    best["checkpoint"] = best_manager.latest_checkpoint
+    _call(hooks, "on_end", best)
     print(f"best val top-1 {best['top1']:.4f} top-{top_k} {best['topk']:.4f} at step {best['step']} "
           f"({best_manager.latest_checkpoint})", flush=True)
     return best
+
+
+def _call(hooks, event: str, payload) -> None:
+    for hook in hooks:
+        fn = getattr(hook, event, None)
+        if fn is not None:
+            fn(payload)
 
 
 def _best_result(best_manager, policy, val_ds, eval_step, ckpt, ema, strategy) -> dict:

@@ -74,8 +74,7 @@ def test_im2col_matches_native_even_kernels_and_stride_3(k, stride, padding):
     assert_close(dw, dw_ref, 1e-4)
 
 
-def test_im2col_with_many_channels_matches_native():
-    # Wide inputs take the gather path of im2col; the grid above uses Cin=3 (slice+concat path).
+def test_im2col_with_more_channels_matches_native():
     for stride in (1, 2):
         x, w = random_inputs(2, 9, 8, 16, 3, 12, seed=stride)
         y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, "SAME", "native")
