@@ -21,8 +21,8 @@ CONV_IMPLS = ("im2col", "native")
 
 
 def _normalize_strides(strides: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(strides, int):
-        pair = (strides, strides)
+    if isinstance(strides, (int, np.integer)):
+        pair = (int(strides), int(strides))
     elif len(strides) == 2:
         pair = (int(strides[0]), int(strides[1]))
     elif len(strides) == 4 and strides[0] == 1 and strides[3] == 1:
@@ -63,7 +63,7 @@ def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -
     lh, lw, c = xp.shape[1], xp.shape[2], xp.shape[3]
     if kh == kw == sh == sw == 1 and lh == ho and lw == wo:
         return tf.reshape(xp, [-1, c])
-    oh, ow, i, j = np.meshgrid(np.arange(ho), np.arange(wo), np.arange(kh), np.arange(kw), indexing="ij")
+    oh, ow, i, j = np.meshgrid(*map(np.arange, (ho, wo, kh, kw)), indexing="ij")
     index = tf.constant(((oh * sh + i) * lw + ow * sw + j).reshape(-1), tf.int32)
     cols = tf.gather(tf.reshape(xp, [-1, lh * lw, c]), index, axis=1)
     return tf.reshape(cols, [-1, kh * kw * c])
@@ -79,7 +79,7 @@ def _im2col_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf
 
     @tf.custom_gradient
     def conv(x, w):
-        xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
+        xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]]) if pt + pb + pl + pr else x
         cols = _cols(xp, kh, kw, sh, sw, ho, wo)
         y = tf.reshape(tf.matmul(cols, tf.reshape(w, [-1, cout])), [-1, ho, wo, cout])
 
@@ -111,7 +111,7 @@ def _input_grad_plan(
         rows = np.array([r for r in range(h) if (r + pt) % sh == a])
         taps_i = np.arange(a, kh, sh)
         for b in range(sw):
-            cols = np.array([c for c in range(wd) if (c + pl) % sw == b])
+            cols = np.array([c for c in range(wd) if (c + pl) % sw == b])  # image columns
             taps_j = np.arange(b, kw, sw)
             if not (rows.size and cols.size and taps_i.size and taps_j.size):
                 continue
@@ -119,18 +119,22 @@ def _input_grad_plan(
             ow = ((cols + pl) // sw)[None, :, None, None] - (taps_j // sw)[None, None, None, :]
             inside = (oh >= 0) & (oh < ho) & (ow >= 0) & (ow < wo)
             phases.append((a, b, np.where(inside, oh * wo + ow, zero_dy).reshape(-1)))
-            order[np.ix_(rows, cols)] = offset + np.arange(rows.size * cols.size).reshape(rows.size, cols.size)
-            offset += rows.size * cols.size
+            n_pixels = rows.size * cols.size
+            order[np.ix_(rows, cols)] = offset + np.arange(n_pixels).reshape(rows.size, cols.size)
+            offset += n_pixels
     order[order < 0] = offset  # pixels no tap reads (e.g. 1x1 stride 2) get the zero row
     return phases, order.reshape(-1), offset
 
 
-def _conv_input_grad(dy: tf.Tensor, w: tf.Tensor, h: int, wd: int, sh: int, sw: int, pt: int, pl: int) -> tf.Tensor:
+def _conv_input_grad(
+    dy: tf.Tensor, w: tf.Tensor, h: int, wd: int, sh: int, sw: int, pt: int, pl: int
+) -> tf.Tensor:
     """dL/dx of the im2col convolution, as gathers of dy and one matmul per stride phase."""
     kh, kw, cin, cout = w.shape
     ho, wo = dy.shape[1], dy.shape[2]
     if kh == kw == sh == sw == 1:
-        return tf.reshape(tf.matmul(tf.reshape(dy, [-1, cout]), w[0, 0], transpose_b=True), [-1, h, wd, cin])
+        dx = tf.matmul(tf.reshape(dy, [-1, cout]), w[0, 0], transpose_b=True)
+        return tf.reshape(dx, [-1, h, wd, cin])
     n = tf.shape(dy)[0]
     phases, order, n_rows = _input_grad_plan(h, wd, kh, kw, sh, sw, pt, pl, ho, wo)
     # A zero row after each image's pixels stands in for the padding: taps that fall outside dy
@@ -283,7 +287,8 @@ class ConvStack(keras.layers.Layer):
         self.strides = strides
         self.weight_decay = weight_decay
         self.convs = [
-            ConvBNReLU(f, kernel_size, s, conv_impl=conv_impl, weight_decay=weight_decay, name=f"conv{i}")
+            ConvBNReLU(f, kernel_size, s, conv_impl=conv_impl, weight_decay=weight_decay,
+                       name=f"conv{i}")
             for i, (f, s) in enumerate(zip(filters, strides))
         ]
 
@@ -317,9 +322,8 @@ class ConvStack(keras.layers.Layer):
 class InceptionModule(keras.layers.Layer):
     """GoogLeNet Inception module: four towers concatenated on channels (stride 1, SAME).
 
-    towers = (t1x1, t3x3, t5x5, tpool). Version 2 replaces the 5x5 by two 3x3 convs
-    (Szegedy et al. 2015, "Rethinking the Inception Architecture"): same receptive field, fewer
-    weights.
+    towers = (t1x1, t3x3, t5x5, tpool). Version 2 replaces the 5x5 by two 3x3 convs, as in
+    BN-Inception (Ioffe & Szegedy 2015): same receptive field, fewer weights and FLOPs.
     """
 
     def __init__(
@@ -423,7 +427,8 @@ def spatial_dropout(keep_prob: float) -> keras.layers.SpatialDropout2D:
 
 
 def _conv_layers(layer: keras.layers.Layer) -> list[ConvBNReLU]:
-    return [l for l in layer._flatten_layers(include_self=True, recursive=True) if isinstance(l, ConvBNReLU)]
+    every = layer._flatten_layers(include_self=True, recursive=True)
+    return [sub for sub in every if isinstance(sub, ConvBNReLU)]
 
 
 def _first_conv_impl(layer: keras.layers.Layer) -> str:
