@@ -1,16 +1,21 @@
-"""Train hw2 on several devices of one machine: the same loop as hw2_train.py under MirroredStrategy.
+"""Train hw2 on several devices or machines: the same loop as hw2_train.py under tf.distribute.
 
-    python hw2_multi_gpu_train.py --data_dir DIR --train_dir RUN --num_gpus N [same flags as hw2_train.py]
+One machine, N GPUs (MirroredStrategy):
+    python hw2_multi_gpu_train.py --data_dir DIR --train_dir RUN --num_gpus N [flags of hw2_train.py]
+Several machines (MultiWorkerMirroredStrategy), one command per machine:
+    python hw2_multi_gpu_train.py --data_dir DIR --train_dir RUN --worker_hosts h1:port,h2:port --task_index I
+(or with TF_CONFIG already set). Worker 0 is the chief: only it writes RUN.
 
-batch_size is per replica; the global batch is batch_size x N. With fewer GPUs than asked (or
-none), N logical CPU devices are used so the multi-device path still runs, and the log says so.
-Several machines (MultiWorkerMirroredStrategy, --worker_hosts/--task_index), LR scaling and
-synchronized batch norm are not built yet: they arrive with the multi-device issue.
+batch_size is per replica: the global batch is batch_size x replicas, and `lr_scaling` says how the
+learning rate follows it. With fewer GPUs than asked (or none), N logical CPU devices are used so
+the multi-device path still runs, and the log says so.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 
 import hw2_train
@@ -18,33 +23,68 @@ import utils
 from utils import UserError
 
 
-def mirrored_strategy(num_gpus: int):
-    """MirroredStrategy over num_gpus GPUs, or over as many logical CPU devices when GPUs are missing."""
+def _local_devices(num_gpus: int) -> list[str]:
+    """num_gpus GPUs, or as many logical CPU devices when the GPUs are missing."""
     import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
     if len(gpus) >= num_gpus:
-        devices = [f"/gpu:{i}" for i in range(num_gpus)]
-    else:
+        return [f"/gpu:{i}" for i in range(num_gpus)]
+    if num_gpus > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num_gpus)
-        devices = [f"/cpu:{i}" for i in range(num_gpus)]
-        logging.info("%d GPU(s) found, %d asked: running %d logical CPU devices instead (for testing the "
-                     "multi-device path; no faster than one device)", len(gpus), num_gpus, num_gpus)
-    strategy = tf.distribute.MirroredStrategy(devices)
-    logging.info("MirroredStrategy over %s", ", ".join(devices))
+    logging.info("%d GPU(s) found, %d asked: running %d logical CPU device(s) instead (this exercises "
+                 "the multi-device path; it is not faster than one device)", len(gpus), num_gpus, num_gpus)
+    return [f"/cpu:{i}" for i in range(num_gpus)]
+
+
+def make_strategy(num_gpus: int, multi_worker: bool):
+    import tensorflow as tf
+    if multi_worker:
+        spec = json.loads(os.environ["TF_CONFIG"])
+        gpus = tf.config.list_physical_devices("GPU")
+        if not gpus and num_gpus > 1:
+            _local_devices(num_gpus)
+        # RING all-reduce works everywhere; NCCL is picked automatically for GPUs.
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        task = spec.get("task", {})
+        logging.info("MultiWorkerMirroredStrategy: %s %s of %s, %d replica(s) in all",
+                     task.get("type"), task.get("index"), spec.get("cluster"), strategy.num_replicas_in_sync)
+        return strategy
+    devices = _local_devices(num_gpus)
+    strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.OneDeviceStrategy(devices[0])
+    logging.info("%s over %s", type(strategy).__name__, ", ".join(devices))
     return strategy
 
 
 def run(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--num_gpus", type=int, default=1)
+    pre.add_argument("--worker_hosts", help="host:port,host:port,... of every worker (same order on each)")
+    pre.add_argument("--task_index", type=int, help="this machine's index in --worker_hosts (0 = chief)")
     args, rest = pre.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        print(__doc__)
     if args.num_gpus < 1:
         raise UserError(f"--num_gpus must be >= 1, got {args.num_gpus}")
-    if any(a.startswith(("--worker_hosts", "--task_index")) for a in rest):
-        raise UserError("training across machines (--worker_hosts/--task_index) is not built yet; "
-                        "use --num_gpus on one machine")
-    return hw2_train.run(rest, strategy_fn=lambda: mirrored_strategy(args.num_gpus),
+    if args.worker_hosts:
+        hosts = [h.strip() for h in args.worker_hosts.split(",") if h.strip()]
+        if any(":" not in h for h in hosts):
+            raise UserError(f"--worker_hosts must list host:port entries, got '{args.worker_hosts}'")
+        if args.task_index is None or not 0 <= args.task_index < len(hosts):
+            raise UserError(f"--task_index must be between 0 and {len(hosts) - 1} with {len(hosts)} worker hosts")
+        os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": hosts},
+                                              "task": {"type": "worker", "index": args.task_index}})
+    elif args.task_index is not None:
+        raise UserError("--task_index needs --worker_hosts")
+    multi_worker = "TF_CONFIG" in os.environ
+    if multi_worker:
+        try:
+            json.loads(os.environ["TF_CONFIG"])["cluster"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError("TF_CONFIG is set but is not JSON with a 'cluster' entry") from None
+    return hw2_train.run(rest, strategy_fn=lambda: make_strategy(args.num_gpus, multi_worker),
                          prog="hw2_multi_gpu_train.py")
 
 

@@ -20,7 +20,8 @@ from utils import UserError
 
 # Keys that define the network's variables: changing one makes old checkpoints unusable.
 MODEL_KEYS = ("model", "image_size", "conv_stack", "conv2", "inception_version", "inception2",
-              "inception2_bottleneck", "inception3", "inception3_bottleneck", "dense_units")
+              "inception2_bottleneck", "inception3", "inception3_bottleneck", "dense_units",
+              "channels", "norm", "residual", "stem", "stem_pool", "width", "fc_units")
 
 
 class PlateauPolicy:
@@ -141,6 +142,7 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
 
     import hw2
     import hw2_input
+    import schedules
 
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
@@ -149,30 +151,52 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
     top_k = min(cfg.top_k, num_classes)
     data_dir, train_items = split["data_dir"], split["train"]
     steps_per_epoch = max(1, len(train_items) // global_batch)
+    if cfg.get("max_epochs", 0) > 0:  # epochs of the global batch: the same data on any replica count
+        cfg = utils.Config({**cfg, "max_steps": cfg.max_epochs * steps_per_epoch})
     tf.random.set_seed(cfg.seed)
 
+    chief, write_dir = _chief_and_write_dir(strategy, train_dir)
+    hooks = hooks if chief else ()  # hooks write files: one writer per run
+    lr_scale = {"none": 1.0, "linear": float(replicas), "sqrt": math.sqrt(replicas)}[cfg.lr_scaling]
     with strategy.scope():
         model = hw2.build_model(cfg, num_classes)
+        if cfg.sync_bn:
+            for layer in model._flatten_layers():
+                if isinstance(layer, tf.keras.layers.BatchNormalization):
+                    layer.synchronized = True  # read at call time: moments over the global batch
         optimizer = hw2.make_optimizer(cfg, model)
+        optimizer.learning_rate.assign(cfg.learning_rate * lr_scale)
         ema = hw2.EMA(model, cfg.ema_decay)
-        policy_vars = tf.Variable([-math.inf, -1, -math.inf, 0, 0], dtype=tf.float64, trainable=False)
+        # best, best_step, ref, stale, lowered (PlateauPolicy.state) and the LR scale in force
+        policy_vars = tf.Variable([-math.inf, -1, -math.inf, 0, 0, lr_scale], dtype=tf.float64, trainable=False)
     policy = PlateauPolicy(cfg.lr_patience, cfg.stop_patience, cfg.min_delta)
-    ckpt = tf.train.Checkpoint(model=hw2.variables_by_path(model), optimizer=optimizer, ema=ema.shadow, policy=policy_vars)
-    manager = tf.train.CheckpointManager(ckpt, train_dir, max_to_keep=cfg.keep_checkpoints,
+    ckpt = tf.train.Checkpoint(model=hw2.variables_by_path(model), optimizer=optimizer, ema=ema.shadow,
+                               policy=policy_vars)
+    # Every worker must take part in a save (it is a collective); only the chief's lands in RUN.
+    manager = tf.train.CheckpointManager(ckpt, write_dir, max_to_keep=cfg.keep_checkpoints,
                                          checkpoint_name="ckpt")
-    best_manager = tf.train.CheckpointManager(ckpt, os.path.join(train_dir, "best"), max_to_keep=1,
+    best_manager = tf.train.CheckpointManager(ckpt, os.path.join(write_dir, "best"), max_to_keep=1,
                                               checkpoint_name="best")
+    latest = tf.train.latest_checkpoint(train_dir)  # workers resume from the chief's checkpoint
 
-    def restore_latest() -> int:
-        if manager.latest_checkpoint:
-            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            policy.load(policy_vars.numpy())
+    def restore(path) -> int:
+        if path:
+            ckpt.restore(path).assert_existing_objects_matched()
+            state = policy_vars.numpy()
+            policy.load(state[:5])
+            if state[5] != lr_scale:  # resumed on another number of replicas
+                optimizer.learning_rate.assign(float(optimizer.learning_rate.numpy()) / state[5] * lr_scale)
+                policy_vars.assign(list(state[:5]) + [lr_scale])
         return int(optimizer.iterations.numpy())
 
-    start = restore_latest()
+    start = restore(latest)
     params = sum(int(tf.size(v)) for v in model.trainable_variables)
     if start:
-        logging.info("resuming from step %d (%s)", start, manager.latest_checkpoint)
+        logging.info("resuming from step %d (%s)", start, latest)
+    if replicas > 1 or cfg.lr_scaling != "none":
+        logging.info("%d replicas x batch %d = global batch %d; lr_scaling=%s: lr %g x %.3g = %g; sync_bn=%s",
+                     replicas, cfg.batch_size, global_batch, cfg.lr_scaling, cfg.learning_rate, lr_scale,
+                     float(optimizer.learning_rate.numpy()), cfg.sync_bn)
     logging.info("model %s: %d classes, %s parameters, input %dx%d, conv_impl=%s, %d replica(s), "
                  "batch %d, %d train / %d val images", cfg.model, num_classes, f"{params:,}",
                  cfg.image_size, cfg.image_size, cfg.conv_impl, replicas, global_batch,
@@ -181,10 +205,12 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
     train_ds = strategy.distribute_datasets_from_function(
         lambda ctx: hw2_input.train_dataset(data_dir, train_items, cfg, global_batch, ctx))
     val_ds = hw2_input.eval_dataset(data_dir, split["val"], cfg, cfg.eval_batch_size)
-    train_step = hw2.make_train_step(model, optimizer, ema, strategy, global_batch)
+    train_step = hw2.make_train_step(model, optimizer, ema, strategy, global_batch,
+                                     cfg.get("label_smoothing", 0.0))
     eval_step = hw2.make_eval_step(model, strategy, top_k)
-    writers = {name: tf.summary.create_file_writer(os.path.join(train_dir, name)) for name in ("train", "val")}
-    if start == 0:
+    writers = {name: tf.summary.create_file_writer(os.path.join(train_dir, name)) if chief
+               else tf.summary.create_noop_writer() for name in ("train", "val")}
+    if start == 0 and chief:
         _write_sample_images(writers["train"], data_dir, train_items, cfg)
 
     def validate(step: int) -> dict:
@@ -213,6 +239,8 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
     since_val = {"loss": 0.0, "correct": 0.0, "steps": 0, "t": time.time()}
     stop_reason = f"reached max_steps={cfg.max_steps}"
     while step < cfg.max_steps:
+        if cfg.get("lr_schedule", "plateau") != "plateau":  # a function of the step; plateau: the policy
+            optimizer.learning_rate.assign(schedules.lr_at(cfg, step, steps_per_epoch) * lr_scale)
         total, ce, correct = (float(t) for t in train_step(iterator))
         step += 1
         if not math.isfinite(total):
@@ -221,7 +249,7 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
                 raise UserError(f"loss became {total} at step {step}"
                                 f"{' again' if nan_retries > 1 else ''}: lower --learning_rate "
                                 f"(now {float(optimizer.learning_rate.numpy()):g}); saved checkpoints are intact")
-            step = restore_latest()
+            step = restore(manager.latest_checkpoint)
             lr = float(optimizer.learning_rate.numpy()) * cfg.lr_factor
             optimizer.learning_rate.assign(lr)
             log(f"loss became {total} at step {step + 1}: restored step {step}, lr lowered to {lr:g}")
@@ -240,10 +268,10 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
             lr_used = float(optimizer.learning_rate.numpy())
             val = validate(step)
             is_best, action = policy.update(val["top1"], step)
-            if action == "lower_lr":
+            if action == "lower_lr" and cfg.get("lr_schedule", "plateau") == "plateau":
                 lr = float(optimizer.learning_rate.numpy()) * cfg.lr_factor
                 optimizer.learning_rate.assign(lr)
-            policy_vars.assign(policy.state())
+            policy_vars.assign(policy.state() + [lr_scale])
             manager.save(checkpoint_number=step)
             if is_best:
                 best_manager.save(checkpoint_number=step)
@@ -268,14 +296,34 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
         w.flush()
     if policy.best_step < 0:
         logging.info("no validation ran (max_steps=%d already reached)", cfg.max_steps)
+        if not chief:
+            import shutil
+            shutil.rmtree(write_dir, ignore_errors=True)
         return {"top1": float("nan"), "topk": float("nan"), "step": -1}
     best = _best_result(best_manager, policy, val_ds, eval_step, ckpt, ema, strategy)
+    if not chief:
+        import shutil
+        shutil.rmtree(write_dir, ignore_errors=True)
     logging.info("stopped: %s", stop_reason)
     best["checkpoint"] = best_manager.latest_checkpoint
     _call(hooks, "on_end", best)
     print(f"best val top-1 {best['top1']:.4f} top-{top_k} {best['topk']:.4f} at step {best['step']} "
           f"({best_manager.latest_checkpoint})", flush=True)
     return best
+
+
+def _chief_and_write_dir(strategy, train_dir: str) -> tuple[bool, str]:
+    """(is this the chief worker, where this worker's checkpoints go): non-chiefs write to a temp dir."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True, train_dir
+    task_type, task_id = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    chief = task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
+    if chief:
+        return True, train_dir
+    import tempfile
+    return False, tempfile.mkdtemp(prefix=f"hw2-{task_type}{task_id}-")
 
 
 def _call(hooks, event: str, payload) -> None:
@@ -350,7 +398,8 @@ def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
     utils.save_json(os.path.join(args.train_dir, "config.json"),
                     {"section": args.section, "config": cfg, "class_names": split["class_names"]})
     strategy = strategy_fn() if strategy_fn else None
-    train(cfg, split, args.train_dir, strategy)
+    import report  # run.json, summary.csv, curves.png
+    train(cfg, split, args.train_dir, strategy, hooks=[report.RunRecord(args.train_dir)])
     return 0
 
 

@@ -40,14 +40,22 @@ class Config(dict):
 POSITIVE = {"image_size", "batch_size", "eval_batch_size", "max_steps", "save_checkpoint_steps",
             "keep_checkpoints", "lr_patience", "stop_patience", "log_every_steps", "top_k",
             "dense_units", "conv2", "inception2_bottleneck", "inception3_bottleneck",
-            "learning_rate", "shuffle_buffer", "eval_timeout_secs"}
+            "learning_rate", "shuffle_buffer", "eval_timeout_secs", "width", "fc_units", "lr_step_epochs"}
 NON_NEGATIVE = {"brightness", "contrast", "rotate_deg", "shift_frac", "noise_std", "weight_decay",
                 "min_delta", "momentum", "cache_images_mb", "seed", "nan_retries",
-                "summary_every_steps"}
+                "summary_every_steps", "max_epochs"}
 UNIT_INTERVAL = {"keep_prob_1", "keep_prob_2", "keep_prob_dense", "lr_factor", "ema_decay",
-                 "val_fraction"}
+                 "val_fraction", "lr_gamma"}
+# Probabilities and rates where 1 would leave nothing (every input dropped, every label uniform).
+HALF_OPEN_UNIT = {"dropout", "label_smoothing"}
+PROBABILITY = {"flip_ud"}
 CHOICES = {"optimizer": ("adam", "sgd"), "conv_impl": ("im2col", "native"),
-           "model": ("hw2_inception",), "inception_version": (1, 2), "precision": ("fp32",)}
+           "lr_scaling": ("none", "linear", "sqrt"),
+           "model": ("hw2_inception", "cifar10_tutorial", "simple_cnn", "resnet14", "resnet18", "resnet34",
+                     "vgg10", "vgg12", "vgg15", "vgg18"),
+           "norm": ("batch", "instance", "none"), "stem": ("7x7", "3x3"), "channels": (1, 3),
+           "lr_schedule": ("plateau", "step", "exponential", "cosine", "constant"),
+           "inception_version": (1, 2), "precision": ("fp32",)}
 
 
 def _infer(text: str) -> Any:
@@ -97,6 +105,10 @@ def _check_ranges(cfg: Config) -> None:
             raise UserError(f"'{key}' must be >= 0, got {value}")
         if key in UNIT_INTERVAL and not 0 < value <= 1:
             raise UserError(f"'{key}' must be in (0, 1], got {value}")
+        if key in HALF_OPEN_UNIT and not 0 <= value < 1:
+            raise UserError(f"'{key}' must be in [0, 1), got {value}")
+        if key in PROBABILITY and not 0 <= value <= 1:
+            raise UserError(f"'{key}' must be in [0, 1], got {value}")
         if key in CHOICES and value not in CHOICES[key]:
             options = "|".join(str(c) for c in CHOICES[key])
             raise UserError(f"'{key}' must be one of {options}, got '{value}'")
@@ -195,6 +207,8 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     # absl (pulled in by TensorFlow) otherwise duplicates warnings.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    # tf.distribute logs every all-reduce plan at INFO.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
 def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:

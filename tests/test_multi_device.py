@@ -1,0 +1,71 @@
+"""The multi-device path on CPU: logical devices in one process, and two worker processes."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from test_train_eval import make_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def one_step(tmp_path, devices, sync_bn):
+    out = tmp_path / f"d{devices}-s{sync_bn}.npz"
+    p = subprocess.run([sys.executable, os.path.join(HERE, "distributed_step.py"), "--devices", str(devices),
+                        "--sync_bn", str(sync_bn), "--init", str(tmp_path / "init.npz"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"replicas {devices}" in p.stdout
+    return np.load(out)
+
+
+def test_two_devices_take_the_same_step_as_one(tmp_path):
+    one = one_step(tmp_path, 1, 0)
+    synced = one_step(tmp_path, 2, 1)
+    unsynced = one_step(tmp_path, 2, 0)
+    # Global batch 8 split 4+4: with synchronized batch norm the step is the one-device step.
+    assert synced["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    weights = [k for k in one.files if k.startswith("v")]
+    assert len(weights) > 20
+    for k in weights:
+        np.testing.assert_allclose(synced[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    # Without it each replica normalizes by its own 4 examples: a valid step, measurably different.
+    assert np.isfinite(unsynced["loss"]) and unsynced["loss"] != pytest.approx(one["loss"], rel=1e-5)
+    assert unsynced["loss"] == pytest.approx(one["loss"], rel=0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_train_one_run_that_eval_restores(tmp_path):
+    data = make_folder(tmp_path / "data")
+    run_dir = str(tmp_path / "run")
+    hosts = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    procs = [subprocess.Popen([sys.executable, "hw2_multi_gpu_train.py", "--data_dir", data, "--train_dir", run_dir,
+                               "--section", "tiny", "--max_steps", "4", "--worker_hosts", hosts,
+                               "--task_index", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "2 replica(s) in all" in outs[0]
+    import tensorflow as tf
+    assert tf.train.latest_checkpoint(run_dir).endswith("ckpt-4")
+    assert tf.train.latest_checkpoint(os.path.join(run_dir, "best"))
+    p = subprocess.run([sys.executable, "hw2_eval.py", "--checkpoint_dir", run_dir], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and "top-1" in p.stdout and "step 4" in p.stdout, p.stderr[-2000:]
