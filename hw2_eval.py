@@ -1,7 +1,7 @@
 """Evaluate the latest (or every new) checkpoint of a hw2 run.
 
     python hw2_eval.py --checkpoint_dir RUN [--test_data_path DIR] [--num_examples N] [--top_k K]
-                       [--run_once 1] [--eval_dir E] [--raw]
+                       [--run_once 1] [--eval_dir E] [--raw] [--all_checkpoints] [--no_report]
 
 The network is rebuilt from RUN/config.json, so no training flag has to be repeated.
 """
@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_dir", help="where results.csv and summaries go (default: RUN/eval)")
     p.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of their moving average")
     p.add_argument("--batch_size", type=int, help="eval batch size (default: the run's eval_batch_size)")
+    p.add_argument("--all_checkpoints", action="store_true",
+                   help="evaluate every kept checkpoint and best/, raw and EMA weights: a table and all_checkpoints.csv")
+    p.add_argument("--no_report", action="store_true",
+                   help="skip the per-class report (confusion.csv, per_class.csv, confusion.png) of a single evaluation")
     return p
 
 
@@ -139,6 +143,10 @@ def run(argv: list[str]) -> int:
                                      args.num_examples)
     evaluator = Evaluator(cfg, class_names, top_k)
     weights = "raw" if args.raw else "ema"
+    import report as class_report  # per-class report and the --all_checkpoints table
+    if args.all_checkpoints:
+        class_report.all_checkpoints(evaluator, run_dir, dataset, top_k, eval_dir, class_names, not args.no_report)
+        return 0
     if args.run_once:
         path = args.checkpoint or tf.train.latest_checkpoint(args.checkpoint_dir)
         if not path:
@@ -146,6 +154,8 @@ def run(argv: list[str]) -> int:
         if not tf.io.gfile.glob(path + ".index"):
             raise UserError(f"checkpoint not found: {path}")
         report(evaluator.evaluate(path, dataset, args.raw), top_k, path, eval_dir, weights, what)
+        if not args.no_report:
+            class_report.class_report_for_checkpoint(evaluator, path, dataset, args.raw, class_names, eval_dir)
         return 0
     logging.info("waiting for checkpoints in %s (gives up after %ds without a new one)",
                  args.checkpoint_dir, cfg.eval_timeout_secs)

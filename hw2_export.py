@@ -1,0 +1,185 @@
+"""Export a trained hw2 run as a TensorFlow SavedModel that takes encoded images.
+
+    python hw2_export.py --checkpoint_dir RUN --export_dir saved_model/NAME [--checkpoint P] [--raw] [--top_k K]
+
+The SavedModel's `serving_default` signature takes a batch of encoded image files (tf.string:
+JPEG, PNG, BMP or GIF bytes) and returns `probabilities` [N, classes], `top_k_indices`,
+`top_k_classes` and `top_k_probabilities` [N, K]. The eval preprocessing runs inside, so a user
+needs only TensorFlow:
+
+    m = tf.saved_model.load("saved_model/NAME")
+    out = m.serve(tf.constant([open("a.png", "rb").read()]))   # or m.signatures["serving_default"]
+
+By default the weights are the best checkpoint's exponential moving average, the ones that
+validation judged. Preprocessing differs from hw2's PIL decoding in small ways (see
+`preprocess_bytes`); outputs match hw2_eval.py's to a small tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+
+import utils
+from utils import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hw2_export.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint_dir", required=True, help="a training run (RUN) or RUN/best")
+    p.add_argument("--export_dir", required=True, help="where the SavedModel goes, e.g. saved_model/NAME")
+    p.add_argument("--checkpoint", help="one checkpoint prefix (default: RUN/best's, else the newest)")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of their moving average")
+    p.add_argument("--top_k", type=int, help="how many classes to return (default: the run's top_k)")
+    p.add_argument("--force", action="store_true", help="replace an existing export_dir")
+    return p
+
+
+def pick_checkpoint(checkpoint_dir: str, run_dir: str, checkpoint: str | None = None) -> str:
+    """--checkpoint, else the best checkpoint, else the newest one in checkpoint_dir."""
+    import tensorflow as tf
+    path = checkpoint or tf.train.latest_checkpoint(os.path.join(run_dir, "best")) \
+        or tf.train.latest_checkpoint(checkpoint_dir)
+    if not path:
+        raise UserError(f"no checkpoint in {checkpoint_dir} (train first)")
+    if not tf.io.gfile.glob(path + ".index"):
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def preprocess_bytes(encoded, cfg):
+    """Encoded image bytes -> float32 [S, S, C], as hw2_input.eval_dataset prepares images.
+
+    hw2 decodes with PIL, resizes the short side to augmentation.base_short_side(cfg) (bicubic up,
+    bilinear down) and rounds to uint8, then applies augmentation.eval_preprocess. Here TensorFlow
+    does the same steps, so pixel values differ by a few levels of rounding and filter detail;
+    also, unlike hw2's reader, EXIF orientation is not applied, transparency is dropped rather
+    than composited over white, and a GIF gives its first frame.
+    """
+    import tensorflow as tf
+
+    import augmentation
+    # PIL's libjpeg decodes with the accurate integer DCT; TensorFlow's default is the fast one.
+    image = tf.cond(tf.io.is_jpeg(encoded),
+                    lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+                    lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+    image.set_shape([None, None, 3])
+    short = augmentation.base_short_side(cfg)
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    scale = tf.cast(short, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+    # Same rounding as hw2_dataset.read_image: the long side is int(x + 0.5).
+    size = tf.where(h <= w,
+                    tf.stack([short, tf.cast(tf.cast(w, tf.float32) * scale + 0.5, tf.int32)]),
+                    tf.stack([tf.cast(tf.cast(h, tf.float32) * scale + 0.5, tf.int32), short]))
+    size = tf.maximum(size, 1)
+
+    def resized():
+        up = tf.image.resize(image, size, method="bicubic")
+        down = tf.image.resize(image, size, method="bilinear", antialias=True)
+        out = tf.where(tf.minimum(h, w) < short, up, down)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+    image = tf.cond(tf.equal(tf.minimum(h, w), short), lambda: image, resized)
+    return augmentation.eval_preprocess(image, cfg)
+
+
+def build_serving_module(run_dir: str, checkpoint: str, raw: bool = False, top_k: int | None = None):
+    """A tf.Module whose `serve(images: [N] tf.string)` returns probabilities and the top-k classes."""
+    import tensorflow as tf
+
+    import hw2
+    import layers
+    saved = utils.load_json(os.path.join(run_dir, "config.json"), "run config")
+    cfg, class_names = utils.config_from_json(saved["config"]), saved["class_names"]
+    k = top_k or min(cfg.top_k, len(class_names))
+    if not 1 <= k <= len(class_names):
+        raise UserError(f"--top_k {k} must be between 1 and the number of classes ({len(class_names)})")
+    model = hw2.build_model(cfg, len(class_names))
+    ema = hw2.EMA(model, cfg.ema_decay)
+    try:
+        tf.train.Checkpoint(model=hw2.variables_by_path(model), ema=ema.shadow).restore(checkpoint) \
+            .expect_partial().assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"checkpoint {checkpoint} does not match the network in config.json: {first}") from None
+    if not raw:
+        ema.swap()
+    # Same weights through tf.nn.conv2d: the SavedModel then holds only standard ops (no
+    # custom-gradient function of ours) and runs at the native speed of whatever device loads it.
+    layers.set_conv_impl(model, "native")
+    size, channels = cfg.image_size, int(cfg.get("channels", 3))
+
+    class Serving(tf.Module):
+        def __init__(self):
+            super().__init__(name="hw2_serving")
+            self.model = model
+            self.class_names = tf.Variable(class_names, trainable=False, dtype=tf.string, name="class_names")
+            self.image_size = tf.Variable(size, trainable=False, name="image_size")
+            self.top_k = tf.Variable(k, trainable=False, name="top_k")
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def serve(self, images):
+            x = tf.map_fn(lambda b: preprocess_bytes(b, cfg), images,
+                          fn_output_signature=tf.TensorSpec([size, size, channels], tf.float32))
+            probabilities = tf.nn.softmax(tf.cast(self.model(x, training=False), tf.float32))
+            top = tf.math.top_k(probabilities, k=k)
+            return {"probabilities": probabilities, "top_k_indices": top.indices,
+                    "top_k_classes": tf.gather(self.class_names, top.indices),
+                    "top_k_probabilities": top.values}
+
+    module = Serving()
+    module.info = {"class_names": class_names, "top_k": k, "image_size": size, "checkpoint": checkpoint,
+                   "weights": "raw" if raw else "ema", "section": saved.get("section"), "config": cfg}
+    return module
+
+
+def export(run_dir: str, checkpoint: str, export_dir: str, raw: bool = False, top_k: int | None = None) -> dict:
+    """Write the SavedModel (plus hw2_export.json describing it) to export_dir; returns that description."""
+    import tensorflow as tf
+
+    import report
+    module = build_serving_module(run_dir, checkpoint, raw, top_k)
+    tmp = export_dir.rstrip("/") + ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
+    info = {**module.info, "hw2_version": report.HW2_VERSION, "tensorflow": tf.__version__,
+            "signature": "serving_default: images [N] tf.string (encoded JPEG/PNG/BMP/GIF) -> "
+                         "probabilities [N, C], top_k_indices, top_k_classes, top_k_probabilities [N, K]"}
+    utils.save_json(os.path.join(tmp, "hw2_export.json"), info)
+    os.chmod(os.path.join(tmp, "hw2_export.json"), 0o644)  # save_json's temp file is owner-only
+    if os.path.isdir(export_dir):
+        shutil.rmtree(export_dir)
+    os.replace(tmp, export_dir)
+    return info
+
+
+def dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    utils.setup_logging()
+    import hw2_eval
+    run_dir = hw2_eval.find_run_dir(args.checkpoint_dir)
+    if os.path.exists(args.export_dir) and not args.force:
+        raise UserError(f"{args.export_dir} exists: pass --force to replace it, or pick another --export_dir")
+    parent = os.path.dirname(os.path.abspath(args.export_dir))
+    os.makedirs(parent, exist_ok=True)
+    checkpoint = pick_checkpoint(args.checkpoint_dir, run_dir, args.checkpoint)
+    logging.info("exporting %s (%s weights)", checkpoint, "raw" if args.raw else "EMA")
+    info = export(run_dir, checkpoint, args.export_dir, args.raw, args.top_k)
+    print(f"wrote {args.export_dir} ({dir_size(args.export_dir) / 2**20:.1f} MiB): {len(info['class_names'])} "
+          f"classes, top-{info['top_k']}, {info['weights']} weights of {checkpoint}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return utils.run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

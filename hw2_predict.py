@@ -1,0 +1,152 @@
+"""Predict the classes of image files with an exported model or a training run.
+
+    python hw2_predict.py --model saved_model/NAME --images DIR_OR_FILES... [--out predictions.csv] [--top_k K]
+    python hw2_predict.py --checkpoint_dir RUN --images DIR_OR_FILES... [--raw]
+
+Writes one CSV line per image: path, then class and probability for each of the top k, and an
+error column. Folders are searched recursively for image files. A file that cannot be read or
+decoded gets a line with its error (and a warning on stderr); the others are still predicted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+
+import numpy as np
+
+import utils
+from utils import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # as hw2_dataset, matched case-insensitively
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hw2_predict.py", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a SavedModel written by hw2_export.py")
+    src.add_argument("--checkpoint_dir", help="a training run (RUN) or RUN/best: its best checkpoint")
+    p.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    p.add_argument("--top_k", type=int, help="classes per image (default: the model's top_k)")
+    p.add_argument("--raw", action="store_true", help="with --checkpoint_dir: raw weights instead of the EMA")
+    p.add_argument("--batch_size", type=int, default=32)
+    return p
+
+
+def list_images(inputs: list[str]) -> list[str]:
+    """Files as given; folders expanded (recursively, sorted) to their image files."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(d, f) for d, _, files in os.walk(item) for f in files
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                logging.warning("no image files in %s", item)
+            paths += found
+        elif os.path.exists(item):
+            paths.append(item)
+        else:
+            raise UserError(f"not found: {item}")
+    if not paths:
+        raise UserError(f"no image files in {' '.join(inputs)}")
+    return paths
+
+
+def load_model(args):
+    """(module whose serve() maps [N] tf.string -> dict, class names, default k).
+
+    Callers keep the module, not just module.serve: the function holds only weak references to
+    the module's variables."""
+    import tensorflow as tf
+    if args.model:
+        if not os.path.isfile(os.path.join(args.model, "saved_model.pb")):
+            raise UserError(f"{args.model} is not a SavedModel (no saved_model.pb): export one with hw2_export.py")
+        module = tf.saved_model.load(args.model)
+        names = [n.decode() for n in module.class_names.numpy()]
+        return module, names, int(module.top_k.numpy())
+    import hw2_eval
+    import hw2_export
+    run_dir = hw2_eval.find_run_dir(args.checkpoint_dir)
+    module = hw2_export.build_serving_module(run_dir, hw2_export.pick_checkpoint(args.checkpoint_dir, run_dir),
+                                             raw=args.raw)
+    return module, module.info["class_names"], module.info["top_k"]
+
+
+def predict_files(module, paths: list[str], batch_size: int) -> list[tuple[np.ndarray | None, str]]:
+    """(probabilities or None, error) per path. A batch that fails to decode is retried one by one."""
+    import tensorflow as tf
+    results: list[tuple[np.ndarray | None, str]] = [(None, "")] * len(paths)
+    blobs: dict[int, bytes] = {}
+    for i, path in enumerate(paths):
+        try:
+            with open(path, "rb") as f:
+                blobs[i] = f.read()
+            if not blobs[i]:
+                del blobs[i]
+                results[i] = (None, "empty file")
+        except OSError as e:
+            results[i] = (None, f"cannot read: {e.strerror}")
+
+    def run(indices):
+        out = module.serve(tf.constant([blobs[i] for i in indices]))
+        return out["probabilities"].numpy()
+
+    order = sorted(blobs)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        try:
+            for i, p in zip(batch, run(batch)):
+                results[i] = (p, "")
+        except tf.errors.InvalidArgumentError:
+            for i in batch:
+                try:
+                    results[i] = (run([i])[0], "")
+                except tf.errors.InvalidArgumentError as e:
+                    results[i] = (None, "not a decodable image: " + str(e.message).splitlines()[0][:120])
+    return results
+
+
+def write_predictions(path: str, paths: list[str], results, class_names: list[str], k: int) -> None:
+    header = ["path"] + [f"{kind}_{j}" for j in range(1, k + 1) for kind in ("class", "prob")] + ["error"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for p, (probs, error) in zip(paths, results):
+            if probs is None:
+                w.writerow([p] + [""] * (2 * k) + [error])
+                continue
+            top = np.argsort(-probs, kind="stable")[:k]
+            w.writerow([p] + [v for j in top for v in (class_names[j], f"{probs[j]:.6f}")] + [""])
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    utils.setup_logging()
+    if args.batch_size <= 0:
+        raise UserError(f"--batch_size must be > 0, got {args.batch_size}")
+    paths = list_images(args.images)
+    module, class_names, default_k = load_model(args)
+    k = args.top_k or default_k
+    if not 1 <= k <= len(class_names):
+        raise UserError(f"--top_k {k} must be between 1 and the number of classes ({len(class_names)})")
+    results = predict_files(module, paths, args.batch_size)
+    bad = [(p, e) for p, (probs, e) in zip(paths, results) if probs is None]
+    for p, e in bad:
+        print(f"warning: {p}: {e}", file=sys.stderr)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    write_predictions(args.out, paths, results, class_names, k)
+    print(f"predicted {len(paths) - len(bad)} images{f', {len(bad)} unreadable' if bad else ''} -> {args.out}",
+          flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return utils.run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

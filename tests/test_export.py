@@ -1,0 +1,163 @@
+"""Export a tiny run, reload it in a fresh process without hw2, compare with hw2's own pipeline;
+predict from the export and from the run, with an unreadable file in the folder."""
+import contextlib
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import hw2_export
+import hw2_predict
+import hw2_train
+
+# Reloads the SavedModel with TensorFlow alone and fails if any hw2 module got imported.
+RELOAD = """
+import json, sys
+import numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+files = sys.argv[3:]
+out = model.signatures["serving_default"](images=tf.constant([open(f, "rb").read() for f in files]))
+hw2_modules = sorted(m for m in sys.modules if m.startswith("hw2") or m in ("layers", "augmentation", "utils", "report"))
+assert not hw2_modules, hw2_modules
+np.save(sys.argv[2], out["probabilities"].numpy())
+print(json.dumps([[c.decode() for c in row] for row in out["top_k_classes"].numpy()]))
+"""
+
+
+def make_folder(root, per_class=8, classes=("dark", "light"), short_side=None):
+    """Two classes told apart by brightness. short_side: every image's short side (else mixed sizes)."""
+    rng = np.random.default_rng(2)
+    for c, name in enumerate(classes):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(per_class):
+            h, w = (short_side, short_side + i % 3 * 4) if short_side else (12 + i % 4 * 9, 30 - i % 3 * 6)
+            pixels = np.clip((60 if c == 0 else 190) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    data, run_dir = make_folder(tmp / "data"), str(tmp / "run")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny",
+                               "--max_steps", "4"]) == 0
+        assert hw2_export.main(["--checkpoint_dir", run_dir, "--export_dir", str(tmp / "model")]) == 0
+    return tmp, run_dir, str(tmp / "model")
+
+
+def hw2_probabilities(run_dir, data_dir):
+    """What hw2_eval.py computes: the run's best checkpoint, EMA weights, hw2's input pipeline."""
+    import hw2_eval
+    import hw2_input
+    import report
+    import tensorflow as tf
+    import utils
+    saved = json.load(open(os.path.join(run_dir, "config.json")))
+    cfg, names = utils.config_from_json(saved["config"]), saved["class_names"]
+    files = sorted(os.path.relpath(os.path.join(d, f), data_dir) for d, _, fs in os.walk(data_dir) for f in fs)
+    dataset = hw2_input.eval_dataset(data_dir, [(f, 0) for f in files], cfg, 16)
+    evaluator = hw2_eval.Evaluator(cfg, names, 2)
+    evaluator.restore(tf.train.latest_checkpoint(os.path.join(run_dir, "best")))
+    evaluator.ema.swap()
+    return [os.path.join(data_dir, f) for f in files], report.predict(evaluator.model, dataset)[1]
+
+
+def reload_in_fresh_process(model_dir, files, tmp_path):
+    out = tmp_path / "probs.npy"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", RELOAD, model_dir, str(out), *files], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return np.load(out), json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("short_side, atol", [
+    (20, 1e-4),   # = base_short_side of [tiny]: hw2's PIL resize is skipped, both paths are TensorFlow
+    (None, 0.02),  # mixed sizes: PIL vs TensorFlow resampling differ by a few grey levels
+])
+def test_reloaded_export_matches_hw2_eval_pipeline(exported, tmp_path, short_side, atol):
+    tmp, run_dir, model_dir = exported
+    data = make_folder(tmp_path / "images", per_class=3, short_side=short_side)
+    files, expected = hw2_probabilities(run_dir, data)
+    probabilities, top_classes = reload_in_fresh_process(model_dir, files, tmp_path)
+    assert probabilities.shape == (6, 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probabilities, expected, atol=atol)
+    assert [row[0] for row in top_classes] == [["dark", "light"][i] for i in probabilities.argmax(axis=1)]
+    info = json.load(open(os.path.join(model_dir, "hw2_export.json")))
+    assert info["weights"] == "ema" and os.path.basename(info["checkpoint"]).startswith("best-")
+
+
+def test_export_refuses_to_overwrite_without_force(exported, capsys):
+    tmp, run_dir, model_dir = exported
+    assert hw2_export.main(["--checkpoint_dir", run_dir, "--export_dir", model_dir]) == 2
+    assert "exists: pass --force" in capsys.readouterr().err
+
+
+def test_predict_a_folder_with_an_unreadable_file(exported, tmp_path, capsys):
+    tmp, run_dir, model_dir = exported
+    images = make_folder(tmp_path / "images", per_class=2)
+    (tmp_path / "images" / "dark" / "broken.png").write_bytes(b"not an image at all")
+    (tmp_path / "images" / "notes.txt").write_text("skipped: not an image extension")
+    out = str(tmp_path / "predictions.csv")
+    assert hw2_predict.main(["--model", model_dir, "--images", images, "--out", out, "--batch_size", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "broken.png: not a decodable image" in captured.err
+    assert "predicted 4 images, 1 unreadable" in captured.out
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"]
+    assert len(rows) == 5
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("broken.png") and bad[0]["class_1"] == ""
+    for r in rows:
+        if not r["error"]:
+            assert {r["class_1"], r["class_2"]} == {"dark", "light"}
+            assert float(r["prob_1"]) >= float(r["prob_2"])
+            assert float(r["prob_1"]) + float(r["prob_2"]) == pytest.approx(1.0, abs=1e-5)
+
+    # The run itself gives the same answers as its export.
+    out2 = str(tmp_path / "from_run.csv")
+    assert hw2_predict.main(["--checkpoint_dir", run_dir, "--images", images, "--out", out2, "--top_k", "1"]) == 0
+    rows2 = list(csv.DictReader(open(out2)))
+    for a, b in zip(rows, rows2):
+        assert a["path"] == b["path"] and a["class_1"] == b["class_1"]
+        if not a["error"]:
+            assert float(a["prob_1"]) == pytest.approx(float(b["prob_1"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "{model}", "--images", "{tmp}/missing.png"], "not found"),
+    (["--model", "{tmp}", "--images", "{tmp}"], "is not a SavedModel"),
+    (["--model", "{model}", "--images", "{model}/variables"], "no image files"),
+    (["--model", "{model}", "--images", "{png}", "--top_k", "3"], "--top_k 3 must be between 1"),
+])
+def test_predict_user_errors(exported, tmp_path, capsys, argv, message):
+    tmp, run_dir, model_dir = exported
+    png = tmp_path / "a.png"
+    Image.new("RGB", (20, 20)).save(png)
+    argv = [a.format(model=model_dir, tmp=tmp_path, png=png) for a in argv]
+    assert hw2_predict.main(argv + ["--out", str(tmp_path / "p.csv")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pyproject_installs_every_module_and_command():
+    import tomllib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    modules = sorted(f[:-3] for f in os.listdir(root) if f.endswith(".py"))
+    assert sorted(project["tool"]["setuptools"]["py-modules"]) == modules
+    scripts = project["project"]["scripts"]
+    assert set(scripts) == {"hw2-train", "hw2-eval", "hw2-multi-gpu-train", "hw2-export", "hw2-predict",
+                            "hw2-dataset", "hw2-experiment"}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert func == "main" and f"def main(" in open(os.path.join(root, module + ".py")).read()

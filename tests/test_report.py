@@ -1,0 +1,180 @@
+"""Per-class numbers against a hand-computed case; run.json / summary.csv / curves.png of a real tiny
+run (and its resume); hw2_eval.py's per-class report and --all_checkpoints table."""
+import contextlib
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import hw2_eval
+import hw2_train
+import report
+
+
+def make_folder(root, per_class=8, classes=("dark", "light")):
+    """Two classes told apart by brightness, sizes around the tiny section's 16x16 input."""
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(classes):
+        os.makedirs(root / name)
+        for i in range(per_class):
+            pixels = np.clip((60 if c == 0 else 190) + rng.normal(0, 20, (20 + i % 3 * 5, 24, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    return str(root)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    data, run_dir = make_folder(tmp / "data"), str(tmp / "run")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny",
+                               "--max_steps", "4"]) == 0
+    return data, run_dir
+
+
+# ------------------------------------------------------------------ hand-computed per-class numbers
+
+def test_confusion_and_per_class_numbers_match_a_hand_computed_case():
+    labels = [0, 0, 0, 1, 1, 2]
+    predictions = [0, 0, 1, 1, 2, 2]
+    cm = report.confusion_matrix(labels, predictions, 4)  # class "d": never seen, never predicted
+    np.testing.assert_array_equal(cm, [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    rows = {r["class"]: r for r in report.per_class_metrics(cm, ["a", "b", "c", "d"])}
+    expected = {  # precision = tp / predicted, recall = tp / support
+        "a": (2 / 2, 2 / 3, 0.8, 3),
+        "b": (1 / 2, 1 / 2, 0.5, 2),
+        "c": (1 / 2, 1 / 1, 2 / 3, 1),
+        "d": (0.0, 0.0, 0.0, 0),
+        "macro avg": ((1 + .5 + .5) / 4, (2 / 3 + .5 + 1) / 4, (0.8 + 0.5 + 2 / 3) / 4, 6),
+        "weighted avg": ((3 * 1 + 2 * .5 + .5) / 6, 4 / 6, (3 * .8 + 2 * .5 + 2 / 3) / 6, 6),
+    }
+    for name, (p, r, f1, support) in expected.items():
+        got = rows[name]
+        np.testing.assert_allclose([got["precision"], got["recall"], got["f1"]], [p, r, f1], err_msg=name)
+        assert got["support"] == support
+
+    # ... and scikit-learn agrees (zero_division=0 for the empty class).
+    from sklearn.metrics import precision_recall_fscore_support
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(labels, predictions, labels=[0, 1, 2, 3], average=avg,
+                                                     zero_division=0)
+        got = rows[f"{avg} avg"]
+        np.testing.assert_allclose([got["precision"], got["recall"], got["f1"]], [p, r, f])
+
+
+def test_class_report_files_and_tensorboard_image(tmp_path):
+    probabilities = np.array([[.9, .1, 0], [.2, .7, .1], [.6, .3, .1], [0, .1, .9]])
+    report.write_class_report([0, 1, 1, 2], probabilities, ["cat", "dog", "eel"], str(tmp_path), step=7)
+    with open(tmp_path / "confusion.csv") as f:
+        assert f.read().splitlines() == ["true \\ predicted,cat,dog,eel", "cat,1,0,0", "dog,1,1,0", "eel,0,0,1"]
+    per_class = {r["class"]: r for r in read_csv(tmp_path / "per_class.csv")}
+    assert per_class["cat"] == {"class": "cat", "precision": "0.5000", "recall": "1.0000", "f1": "0.6667",
+                                "support": "1"}
+    assert per_class["weighted avg"]["recall"] == "0.7500"  # = top-1
+    assert Image.open(tmp_path / "confusion.png").size[0] > 300
+    import tensorflow as tf
+    event = [f for f in os.listdir(tmp_path) if f.startswith("events")][0]
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(tmp_path / event)) for v in e.summary.value}
+    assert "confusion_matrix" in tags
+
+
+def test_confusion_png_scales_to_100_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"class_{i:03d}_with_a_long_name" for i in range(100)]
+    labels = rng.integers(0, 100, 2000)
+    cm = report.confusion_matrix(labels, np.where(rng.random(2000) < .8, labels, rng.integers(0, 100, 2000)), 100)
+    png = report.plot_confusion(cm, names, "100 classes")
+    (tmp_path / "c100.png").write_bytes(png)
+    w, h = Image.open(tmp_path / "c100.png").size
+    assert w >= 2000 and h >= 2000  # ~25 px per class row: names stay legible
+
+
+# ------------------------------------------------------------------ run record of a real run
+
+def test_run_json_and_summary_of_a_tiny_run(tiny_run):
+    data, run_dir = tiny_run
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    assert record["hw2_version"] == "0.1.0" and record["section"] == "tiny"
+    assert record["config"]["max_steps"] == 4 and record["start_step"] == 0
+    assert record["tensorflow"].startswith("2.") and record["python"].count(".") == 2
+    assert any("CPU" in d for d in record["devices"])
+    assert record["split_sha1"] == report.file_sha1(os.path.join(run_dir, "split.json"))
+    assert len(record["split_sha1"]) == 40 and "git_commit" in record
+    rows = read_csv(os.path.join(run_dir, "summary.csv"))
+    assert list(rows[0]) == report.SUMMARY_COLUMNS
+    assert [int(r["step"]) for r in rows] == [2, 4]  # save_checkpoint_steps = 2 in [tiny]
+    for r in rows:
+        assert 0 <= float(r["val_top1_ema"]) <= float(r["val_topk_ema"]) == 1.0  # top-2 of 2 classes
+        assert float(r["lr"]) == pytest.approx(1e-3) and float(r["train_loss"]) > 0
+        assert r["top_k"] == "2"
+    assert float(rows[1]["epoch"]) == pytest.approx(4 / 1)  # 12 train images // batch 8 = 1 step per epoch
+    assert Image.open(os.path.join(run_dir, "curves.png")).size[0] > 600
+
+
+def test_resume_appends_to_summary_and_keeps_the_earlier_start(tiny_run, tmp_path):
+    import shutil
+    data, run_dir = tiny_run
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(run_dir, resumed)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert hw2_train.main(["--train_dir", resumed, "--section", "tiny", "--max_steps", "6"]) == 0
+    assert [int(r["step"]) for r in read_csv(os.path.join(resumed, "summary.csv"))] == [2, 4, 6]
+    record = json.load(open(os.path.join(resumed, "run.json")))
+    assert record["start_step"] == 4 and [s["start_step"] for s in record["previous_starts"]] == [0]
+
+
+def test_resume_drops_summary_rows_after_the_checkpoint(tmp_path):
+    """A run that died after logging step 6 but resumes from ckpt-4 must not list step 6 twice."""
+    (tmp_path / "split.json").write_text("{}")
+    rows = [[s, 1, 1e-3, 1, .5, 1, .5, 1, 2, 0, 1, "t"] for s in (2, 4, 6)]
+    report.write_csv(str(tmp_path / "summary.csv"), report.SUMMARY_COLUMNS, rows)
+    hook = report.RunRecord(str(tmp_path))
+    hook.on_start({"cfg": {"section": "tiny"}, "split": {"data_dir": "d", "class_names": ["a"], "train": [],
+                   "val": []}, "start_step": 4, "replicas": 1, "global_batch": 8, "steps_per_epoch": 1,
+                   "params": 10})
+    hook.on_validation({"step": 6, "epoch": 6.0, "lr": 1e-3, "train_loss": .3, "train_top1": .9, "val_loss": .2,
+                        "val_top1": 1.0, "val_topk": 1.0, "top_k": 2, "is_best": True, "seconds": 1.0})
+    steps = [int(r["step"]) for r in read_csv(str(tmp_path / "summary.csv"))]
+    assert steps == [2, 4, 6]
+    assert os.path.isfile(tmp_path / "curves.png")
+
+
+# ------------------------------------------------------------------ hw2_eval.py
+
+def test_eval_writes_the_per_class_report(tiny_run, tmp_path, capsys):
+    data, run_dir = tiny_run
+    assert hw2_eval.main(["--checkpoint_dir", run_dir, "--eval_dir", str(tmp_path)]) == 0
+    assert "per-class report (EMA weights, step 4)" in capsys.readouterr().out
+    per_class = read_csv(tmp_path / "per_class.csv")
+    assert [r["class"] for r in per_class] == ["dark", "light", "macro avg", "weighted avg"]
+    cm = [r for r in csv.reader(open(tmp_path / "confusion.csv"))]
+    assert sum(int(v) for row in cm[1:] for v in row[1:]) == int(per_class[-1]["support"]) == 4
+    assert hw2_eval.main(["--checkpoint_dir", run_dir, "--eval_dir", str(tmp_path / "no"), "--no_report"]) == 0
+    assert not os.path.exists(tmp_path / "no" / "per_class.csv")
+
+
+def test_all_checkpoints_table(tiny_run, tmp_path, capsys):
+    data, run_dir = tiny_run
+    assert hw2_eval.main(["--checkpoint_dir", run_dir, "--all_checkpoints", "--eval_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = read_csv(tmp_path / "all_checkpoints.csv")
+    import tensorflow as tf
+    kept = tf.train.get_checkpoint_state(run_dir).all_model_checkpoint_paths
+    kept_steps = sorted(int(p.rsplit("-", 1)[1]) for p in kept)
+    assert kept_steps[-2:] == [2, 4]
+    # best/best-N duplicates one of the kept ones and is evaluated once
+    assert sorted((int(r["step"]), r["weights"]) for r in rows) == [(s, w) for s in kept_steps for w in ("ema", "raw")]
+    assert sum(r["best"] == "1" for r in rows) == 1
+    best = next(r for r in rows if r["best"] == "1")
+    assert float(best["top1"]) == max(float(r["top1"]) for r in rows)
+    assert out.count("<- best") == 1 and "= best/" in out and "top-2" in out
+    assert os.path.isfile(tmp_path / "per_class.csv") and os.path.isfile(tmp_path / "confusion.png")
