@@ -1,0 +1,76 @@
+"""hw2_experiment: a 2x2 grid x 2 folds on a tiny folder, the table, the plot, and the re-run."""
+import csv
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import hw2_experiment
+from utils import UserError
+
+
+def write_folder(root, per_class=8):
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(60 + 120 * c + rng.normal(0, 15, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return str(root)
+
+
+ARGS = ["--section", "tiny", "--model", "simple_cnn", "--grid", "norm=batch,none", "--grid", "dropout=0.0,0.25",
+        "--folds", "2", "--max_steps", "2", "--save_checkpoint_steps", "1", "--fc_units", "8"]
+
+
+def test_grid_times_folds_gives_one_row_per_variant_and_a_rerun_skips_all(tmp_path, capsys):
+    data, out = write_folder(tmp_path / "data"), str(tmp_path / "exp")
+    assert hw2_experiment.main(["--data_dir", data, "--out", out, *ARGS]) == 0
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert {(r["norm"], r["dropout"]) for r in rows} == {(n, d) for n in ("batch", "none")
+                                                         for d in ("0.0", "0.25")}
+    for r in rows:
+        assert r["runs"] == "2" and r["failed"] == "0" and r["status"] == "ok"
+        for col in ("val_top1_mean", "val_top1_std", "val_topk_mean", "best_epoch", "train_seconds",
+                    "img_per_sec", "params"):
+            assert math.isfinite(float(r[col])), (col, r)
+    top1 = [float(r["val_top1_mean"]) for r in rows]
+    assert top1 == sorted(top1, reverse=True)
+    assert os.path.isfile(os.path.join(out, "norm-none_dropout-0.25", "fold-1", "best", "checkpoint"))
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 10_000
+    assert "± " in open(os.path.join(out, "results.md")).read()
+
+    capsys.readouterr()
+    assert hw2_experiment.main(["--data_dir", data, "--out", out, *ARGS]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipping") == 8 and "=== run" not in err
+
+    capsys.readouterr()
+    assert hw2_experiment.main(["--out", out, *ARGS, "--plan"]) == 0
+    assert capsys.readouterr().out.count(" done ") == 8
+
+
+def test_a_failed_variant_is_reported_and_the_others_finish(tmp_path):
+    data, out = write_folder(tmp_path / "data"), str(tmp_path / "exp")
+    # an LR of 1e30 makes the second step's loss NaN, and nan_retries 0 makes that an error
+    args = ["--section", "tiny", "--grid", "learning_rate=0.001,1e30", "--model", "simple_cnn",
+            "--max_steps", "3", "--fc_units", "8", "--nan_retries", "0"]
+    assert hw2_experiment.main(["--data_dir", data, "--out", out, *args]) == 1
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = {r["learning_rate"]: r for r in csv.DictReader(f)}
+    assert rows["0.001"]["status"] == "ok" and rows["0.001"]["runs"] == "1"
+    assert rows["1e30"]["failed"] == "1" and "loss became nan" in rows["1e30"]["status"]
+    assert "loss became nan" in open(os.path.join(out, "learning_rate-1e30", "error.txt")).read()
+
+
+def test_grid_typos_stop_before_training(tmp_path):
+    with pytest.raises(UserError, match="unknown config key 'nrom'"):
+        hw2_experiment.run(["--out", str(tmp_path), "--grid", "nrom=batch"])
+    with pytest.raises(UserError, match="'norm' must be one of"):
+        hw2_experiment.run(["--out", str(tmp_path), "--grid", "norm=batch,group"])
+    with pytest.raises(UserError, match="KEY=V1,V2"):
+        hw2_experiment.run(["--out", str(tmp_path), "--grid", "norm"])

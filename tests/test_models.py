@@ -1,0 +1,130 @@
+"""The model zoo: shapes at two input sizes, hand-counted parameters, im2col == native, and a
+real two-step training that lowers the loss."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import hw2
+import hw2_input
+import layers
+import models
+import utils
+
+NUM_CLASSES = 3
+
+
+def zoo_cfg(model, **extra):
+    """A tiny variant of a zoo model (small widths, small classifier)."""
+    overrides = {"model": model, "width": "0.0625", "fc_units": "8", "stem": "3x3", **extra}
+    return utils.load_config("tiny", {k: str(v) for k, v in overrides.items()})
+
+
+@pytest.mark.parametrize("model", models.ZOO)
+@pytest.mark.parametrize("size, channels", [(16, 3), (28, 1)])
+def test_every_model_builds_at_two_sizes(model, size, channels):
+    # The 7x7/2 stem with pooling takes 16 px down to 1x1 at the last stage: still a valid network.
+    extra = {"stem": "7x7"} if model == "resnet18" else {}
+    cfg = zoo_cfg(model, image_size=size, channels=channels, **extra)
+    net = hw2.build_model(cfg, NUM_CLASSES)
+    logits = net(tf.zeros([2, size, size, channels]), training=False)
+    assert logits.shape == (2, NUM_CLASSES)
+    assert layers.set_conv_impl(net, "im2col") > 0  # every conv is one of ours
+
+
+def trainable_params(net):
+    return sum(int(np.prod(v.shape)) for v in net.trainable_variables)
+
+
+def test_simple_cnn_parameters_match_a_hand_count():
+    cfg = zoo_cfg("simple_cnn", image_size=16, norm="none", fc_units=32)
+    net = hw2.build_model(cfg, NUM_CLASSES)
+    conv1 = 3 * 3 * 3 * 8 + 8
+    conv2 = 3 * 3 * 8 * 16 + 16
+    fc = (16 // 4) ** 2 * 16 * 32 + 32  # two 2x2 pools: 16 -> 4
+    logits = 32 * NUM_CLASSES + NUM_CLASSES
+    assert trainable_params(net) == conv1 + conv2 + fc + logits
+
+
+def test_resnet14_parameters_match_a_hand_count():
+    # width 1/16: stages of 4, 8, 16, 32 channels; 1-2-2-1 blocks; batch norm (gamma, beta; no bias).
+    cfg = zoo_cfg("resnet14", image_size=16, channels=1)
+    net = hw2.build_model(cfg, NUM_CLASSES)
+
+    def conv(k, cin, cout):
+        return k * k * cin * cout + 2 * cout
+
+    stem = conv(3, 1, 4)
+    stage1 = 2 * conv(3, 4, 4)
+    total = stem + stage1
+    for cin, cout in ((4, 8), (8, 16)):
+        first = conv(3, cin, cout) + conv(3, cout, cout) + conv(1, cin, cout)  # with its projection
+        total += first + 2 * conv(3, cout, cout)
+    total += conv(3, 16, 32) + conv(3, 32, 32) + conv(1, 16, 32)
+    total += 32 * NUM_CLASSES + NUM_CLASSES
+    assert trainable_params(net) == total
+
+
+def test_residual_false_drops_the_projections():
+    with_res = trainable_params(hw2.build_model(zoo_cfg("resnet14"), NUM_CLASSES))
+    without = trainable_params(hw2.build_model(zoo_cfg("resnet14", residual="false"), NUM_CLASSES))
+    projections = sum(1 * 1 * cin * cout + 2 * cout for cin, cout in ((4, 8), (8, 16), (16, 32)))
+    assert with_res - without == projections
+
+
+@pytest.mark.parametrize("model, norm", [("cifar10_tutorial", "none"), ("resnet14", "batch"),
+                                         ("vgg10", "instance"), ("simple_cnn", "batch")])
+def test_im2col_and_native_give_the_same_logits(model, norm):
+    extra = {"stem": "7x7"} if model == "resnet14" else {}  # strided 7x7 and 1x1/2 projections
+    cfg = zoo_cfg(model, image_size=20, norm=norm, **extra)
+    net = hw2.build_model(cfg, NUM_CLASSES)
+    images = tf.random.stateless_normal([3, 20, 20, 3], seed=[1, 2])
+    ours = net(images, training=False)
+    layers.set_conv_impl(net, "native")
+    native = net(images, training=False)
+    np.testing.assert_allclose(ours.numpy(), native.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def write_folder(root, per_class=8):
+    rng = np.random.default_rng(0)
+    for c in range(NUM_CLASSES):
+        os.makedirs(root / str(c))
+        for i in range(per_class):
+            pixels = np.clip(40 + 80 * c + rng.normal(0, 15, (20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
+    items = [(f"{c}/{i}.png", c) for c in range(NUM_CLASSES) for i in range(per_class)]
+    return str(root), items
+
+
+@pytest.mark.parametrize("model, channels", [("simple_cnn", 1), ("resnet14", 3), ("vgg10", 3)])
+def test_two_steps_on_a_tiny_folder_lower_the_loss(tmp_path, model, channels):
+    data_dir, items = write_folder(tmp_path)
+    cfg = zoo_cfg(model, channels=channels, learning_rate=0.01, weight_decay=0.0)
+    strategy = tf.distribute.get_strategy()
+    batch = next(iter(hw2_input.train_dataset(data_dir, items, cfg, 12)))
+    assert batch[0].shape == (12, 16, 16, channels)
+    net = hw2.build_model(cfg, NUM_CLASSES)
+    optimizer = hw2.make_optimizer(cfg, net)
+    step = hw2.make_train_step(net, optimizer, hw2.EMA(net, 0.9), strategy, 12)
+    iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+
+    def loss_now():
+        return float(hw2.loss(net(batch[0], training=True), batch[1], net, 12)[1])
+
+    before = loss_now()
+    step(iterator)
+    step(iterator)
+    assert loss_now() < before
+
+
+def test_label_smoothing_matches_the_formula():
+    logits = tf.constant([[2.0, 0.0, -1.0]])
+    labels = tf.constant([0])
+    net = hw2.build_model(zoo_cfg("simple_cnn"), NUM_CLASSES)  # any model without L2
+    eps = 0.3
+    targets = np.array([1 - eps + eps / 3, eps / 3, eps / 3])
+    expected = -(targets * tf.nn.log_softmax(logits)[0].numpy()).sum()
+    _, ce = hw2.loss(logits, labels, net, 1, label_smoothing=eps)
+    assert float(ce) == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,80 @@
+"""LR schedules on scripted steps, and the training loop following one."""
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import schedules
+import utils
+
+
+def cfg(kind, **extra):
+    return utils.load_config("default", {"lr_schedule": kind, "learning_rate": "0.1", **extra})
+
+
+def lrs(c, steps, steps_per_epoch=10, max_steps=None):
+    return [schedules.lr_at(c, s, steps_per_epoch, max_steps) for s in steps]
+
+
+def test_constant():
+    assert lrs(cfg("constant"), [0, 5, 1000]) == [0.1, 0.1, 0.1]
+
+
+def test_step_drops_by_gamma_every_lr_step_epochs():
+    # 10 steps per epoch, x0.1 every 7 epochs: the ResNet report's schedule
+    got = lrs(cfg("step", lr_step_epochs="7", lr_gamma="0.1"), [0, 69, 70, 139, 140])
+    assert got == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+
+
+def test_exponential_is_the_smooth_step():
+    c = cfg("exponential", lr_step_epochs="2", lr_gamma="0.5")
+    assert lrs(c, [0, 10, 20, 40]) == pytest.approx([0.1, 0.1 * 0.5 ** 0.5, 0.05, 0.025])
+
+
+def test_cosine_falls_to_zero_at_max_steps_and_stays():
+    got = lrs(cfg("cosine", max_steps="100"), [0, 50, 100, 150])
+    assert got == pytest.approx([0.1, 0.05, 0.0, 0.0], abs=1e-12)
+    assert lrs(cfg("cosine"), [25], max_steps=100)[0] == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+
+
+def test_plateau_is_the_loop_policy_not_a_function():
+    with pytest.raises(ValueError, match="plateau"):
+        schedules.lr_at(cfg("plateau"), 0, 10)
+
+
+def test_unknown_schedule_is_one_config_line():
+    with pytest.raises(utils.UserError, match="'lr_schedule' must be one of"):
+        cfg("linear")
+
+
+def test_the_loop_follows_the_step_schedule(tmp_path):
+    import hw2_dataset
+    import hw2_train
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "data" / str(c)).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.clip(60 + 120 * c + rng.normal(0, 15, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / str(c) / f"{i}.png")
+    scan = hw2_dataset.scan_dataset(str(tmp_path / "data"))
+    train, val = hw2_dataset.make_split(scan.items, 0.2, 0)
+    hw2_dataset.write_split(str(tmp_path / "split.json"), scan, train, val, 0, 0.2)
+    split = hw2_dataset.load_split(str(tmp_path / "split.json"))
+    # 16 train images / batch 8 = 2 steps per epoch; halve every epoch; validate every 2 steps
+    c = utils.load_config("tiny", {"model": "simple_cnn", "fc_units": "8", "lr_schedule": "step",
+                                   "lr_step_epochs": "1", "lr_gamma": "0.5", "learning_rate": "0.01",
+                                   "max_epochs": "3"})
+
+    class Rows:
+        rows = []
+
+        def on_validation(self, row):
+            self.rows.append(row)
+
+    hook = Rows()
+    hw2_train.train(c, split, str(tmp_path / "run"), hooks=[hook])
+    # the LR in force at each validation is the last step's: steps 1, 3, 5 (0-based) of 6
+    assert [r["step"] for r in hook.rows] == [2, 4, 6]
+    assert [r["lr"] for r in hook.rows] == pytest.approx([0.01, 0.005, 0.0025])
