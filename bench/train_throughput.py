@@ -1,0 +1,372 @@
+"""Training and inference img/s of the seed network, as ratios measured side by side in one run.
+
+    python bench/train_throughput.py [--quick] [--batch 128] [--steps 3] [--repeats 2] [--skip torch,memory]
+
+Rows (one ratio per line, both sides timed in this run, interleaved, best of --repeats):
+  im2col/native train, im2col/native infer     our convolution vs tf.nn.conv2d (fp32)
+  auto/best(fp32,bf16) train                   what --precision auto picks vs the faster of the two
+  bf16/fp32 train (im2col)                     mixed bfloat16 vs float32
+  hw2/keras-fit train                          hw2's step vs the same network as a Keras model.fit
+  hw2/torch-eager train                        vs the same network in PyTorch eager, channels_last
+  input pipeline/train                         decode + augment of real JPEGs alone vs training
+  peak RSS                                     of a training run at batch 128 (separate process)
+Synthetic images and labels (65 classes), default config section, 100x100 input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import utils  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
+
+NUM_CLASSES = 65
+
+
+def machine_line() -> str:
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+        return f"GPU: {name} x{len(gpus)}; CPU: {utils.cpu_line()}"
+    return f"CPU: {utils.cpu_line()}"
+
+
+def synthetic_batch(batch: int, size: int, seed: int = 0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    y = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+    return x, y
+
+
+# ---------------------------------------------------------------- the timed configurations
+# Each maker returns run(steps) -> seconds for `steps` steps, after tracing and one warm-up step.
+
+def hw2_train(cfg, precision: str, conv_impl: str, batch: int):
+    """hw2's own train step (hw2.make_train_step: loss, Adam, EMA) under the default strategy."""
+    import keras
+    import tensorflow as tf
+
+    import hw2
+    import precision as prec
+    cfg = utils.Config({**cfg, "conv_impl": conv_impl, "precision": precision})
+    prec.apply(precision)  # layers take the global policy when they are built
+    try:
+        model = hw2.build_model(cfg, NUM_CLASSES)
+        optimizer = hw2.make_optimizer(cfg, model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    ema = hw2.EMA(model, cfg.ema_decay)
+    strategy = tf.distribute.get_strategy()
+    x, y = synthetic_batch(batch, cfg.image_size)
+    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    step = hw2.make_train_step(model, optimizer, ema, strategy, batch)
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = float(step(iterator)[0])
+        if loss != loss:
+            raise SystemExit(f"hw2 {precision} {conv_impl}: loss is NaN")
+        return time.perf_counter() - start
+
+    run(1)
+    return run
+
+
+def hw2_infer(cfg, conv_impl: str, batch: int):
+    import tensorflow as tf
+
+    import hw2
+    model = hw2.build_model(utils.Config({**cfg, "conv_impl": conv_impl}), NUM_CLASSES)
+    x = tf.constant(synthetic_batch(batch, cfg.image_size)[0])
+    forward = tf.function(lambda x: model(x, training=False))
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            forward(x).numpy()
+        return time.perf_counter() - start
+
+    run(1)
+    return run
+
+
+def keras_model(cfg):
+    """HW2Net rebuilt from stock Keras 3 layers (Conv2D, BatchNormalization), for model.fit."""
+    import keras
+    from keras import layers
+    wd = cfg.weight_decay
+    reg = keras.regularizers.L2(wd) if wd else None
+
+    def conv(x, filters, k, stride=1):
+        x = layers.Conv2D(filters, k, stride, padding="same", use_bias=False, kernel_initializer="he_normal",
+                          kernel_regularizer=reg)(x)
+        x = layers.BatchNormalization(momentum=0.99, epsilon=1e-3)(x)
+        return layers.ReLU()(x)
+
+    def inception(x, towers, bottleneck):
+        t1, t3, t5, tp = towers
+        a = conv(x, t1, 1)
+        b = conv(conv(x, bottleneck, 1), t3, 3)
+        c = conv(conv(conv(x, bottleneck, 1), bottleneck, 3), t5, 3)
+        d = conv(layers.MaxPooling2D(3, 1, padding="same")(x), tp, 1)
+        return layers.Concatenate()([a, b, c, d])
+
+    s = cfg.image_size
+    inputs = keras.Input((s, s, 3))
+    x = inputs
+    for f in (cfg.conv_stack if isinstance(cfg.conv_stack, tuple) else (cfg.conv_stack,)):
+        x = conv(x, f, 3)
+    x = layers.MaxPooling2D(3, 2, padding="same")(conv(x, cfg.conv2, 3, 2))
+    x = inception(x, cfg.inception2, cfg.inception2_bottleneck)
+    x = layers.SpatialDropout2D(1 - cfg.keep_prob_1)(layers.MaxPooling2D(3, 2, padding="same")(x))
+    x = inception(x, cfg.inception3, cfg.inception3_bottleneck)
+    x = layers.SpatialDropout2D(1 - cfg.keep_prob_2)(layers.MaxPooling2D(3, 2, padding="same")(x))
+    x = layers.Dense(cfg.dense_units, use_bias=False, kernel_initializer="he_normal",
+                     kernel_regularizer=reg)(layers.Flatten()(x))
+    x = layers.Dropout(1 - cfg.keep_prob_dense)(layers.ReLU()(layers.BatchNormalization()(x)))
+    return keras.Model(inputs, layers.Dense(NUM_CLASSES)(x))
+
+
+def keras_fit(cfg, batch: int):
+    """The same network as a stock Keras model trained with model.fit (native convs, fp32)."""
+    import keras
+    import tensorflow as tf
+    model = keras_model(cfg)
+    model.compile(keras.optimizers.Adam(cfg.learning_rate),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    x, y = synthetic_batch(batch, cfg.image_size)
+    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+        return time.perf_counter() - start
+
+    run(1)
+    return run
+
+
+def torch_eager(cfg, batch: int):
+    """The same network in PyTorch eager, channels_last, fp32, Adam. None if torch is missing."""
+    try:
+        import torch
+        from torch import nn
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def conv(cin, cout, k, stride=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False),
+                             nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True))
+
+    class Inception(nn.Module):
+        def __init__(self, cin, towers, bottleneck):
+            super().__init__()
+            t1, t3, t5, tp = towers
+            self.a = conv(cin, t1, 1)
+            self.b = nn.Sequential(conv(cin, bottleneck, 1), conv(bottleneck, t3, 3))
+            self.c = nn.Sequential(conv(cin, bottleneck, 1), conv(bottleneck, bottleneck, 3),
+                                   conv(bottleneck, t5, 3))
+            self.d = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv(cin, tp, 1))
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.b(x), self.c(x), self.d(x)], 1)
+
+    stack = cfg.conv_stack if isinstance(cfg.conv_stack, tuple) else (cfg.conv_stack,)
+    layers, cin = [], 3
+    for f in stack:
+        layers.append(conv(cin, f, 3))
+        cin = f
+    # torch's symmetric padding 1 gives the same output sizes as TF's SAME here (100->50->25->13->7).
+    c2, c3 = sum(cfg.inception2), sum(cfg.inception3)
+    side = -(-cfg.image_size // 16)
+    layers += [conv(cin, cfg.conv2, 3, 2), nn.MaxPool2d(3, 2, 1),
+               Inception(cfg.conv2, cfg.inception2, cfg.inception2_bottleneck), nn.MaxPool2d(3, 2, 1),
+               nn.Dropout2d(1 - cfg.keep_prob_1),
+               Inception(c2, cfg.inception3, cfg.inception3_bottleneck), nn.MaxPool2d(3, 2, 1),
+               nn.Dropout2d(1 - cfg.keep_prob_2), nn.Flatten(),
+               nn.Linear(c3 * side * side, cfg.dense_units, bias=False), nn.BatchNorm1d(cfg.dense_units),
+               nn.ReLU(), nn.Dropout(1 - cfg.keep_prob_dense), nn.Linear(cfg.dense_units, NUM_CLASSES)]
+    model = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), cfg.learning_rate, weight_decay=0.0)
+    x, y = synthetic_batch(batch, cfg.image_size)
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(y).long()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            loss.item()
+        return time.perf_counter() - start
+
+    run(1)
+    return run
+
+
+def write_jpegs(root: str, n: int) -> list[tuple[str, int]]:
+    """n random-size (200-500 px) photo-like JPEGs in 4 class folders."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        label = i % 4
+        os.makedirs(os.path.join(root, f"c{label}"), exist_ok=True)
+        h, w = (int(v) for v in rng.integers(200, 501, size=2))
+        # Smooth noise compresses and decodes like a photo; white noise would be unrealistically slow.
+        small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        rel = f"c{label}/{i:05d}.jpg"
+        Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(os.path.join(root, rel), quality=90)
+        items.append((rel, label))
+    return items
+
+
+def input_pipeline(cfg, root: str, items, batch: int):
+    """hw2_input.train_dataset streaming from disk (decode + augment every image, no cache)."""
+    import hw2_input
+    dataset = hw2_input.train_dataset(root, items, utils.Config({**cfg, "cache_images_mb": 0}), batch)
+
+    def run(steps: int) -> float:
+        # A fresh iterator each time: a live one would fill its prefetch buffer while the other
+        # rows run and then hand out batches for free.
+        iterator = iter(dataset)
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(iterator)
+        seconds = time.perf_counter() - start
+        del iterator  # stops its threads before the next row is timed
+        return seconds
+
+    run(1)
+    return run
+
+
+# ---------------------------------------------------------------- peak memory (a child process)
+
+def memory_child(batch: int, steps: int, requested: str) -> None:
+    """Train `steps` steps at `batch` with the default config in `requested` precision; print peak RSS."""
+    import resource
+
+    import precision as prec
+    cfg = utils.load_config("default")
+    chosen, _ = prec.choose(requested, prec.cpu_flags(), prec.gpu_compute_capability())
+    hw2_train(cfg, chosen, cfg.conv_impl, batch)(steps)
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"peak_rss_gib": kib / 2**20, "precision": chosen, "conv_impl": cfg.conv_impl}))
+
+
+def peak_memory(batch: int, steps: int, requested: str) -> dict:
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory_child", "--batch", str(batch),
+                        "--steps", str(steps), "--memory_precision", requested],
+                       capture_output=True, text=True, timeout=900)
+    if p.returncode:
+        raise SystemExit(f"memory child failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- main
+
+def time_interleaved(runs: dict, steps: int, repeats: int) -> dict[str, float]:
+    """Best seconds per step of each run; rounds alternate so a busy machine slows all alike."""
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            best[name] = min(best[name], run(steps) / steps)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="batch 32, 2 steps x 2 repeats, 160 JPEGs (~3 min)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best one counts")
+    p.add_argument("--images", type=int, default=400, help="JPEGs for the input pipeline row")
+    p.add_argument("--skip", default="", help="comma list of rows to skip: keras,torch,input,memory,infer")
+    p.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--memory_precision", default="auto", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        return memory_child(args.batch, args.steps, args.memory_precision)
+    if args.quick:
+        args.batch, args.steps, args.repeats, args.images = 32, 2, 2, 160
+    skip = set(filter(None, args.skip.split(",")))
+
+    import tensorflow as tf
+
+    import precision as prec
+    cfg = utils.load_config("default")
+    flags, gpu_cc = prec.cpu_flags(), prec.gpu_compute_capability()
+    auto, reason = prec.choose("auto", flags, gpu_cc)
+    default_impl = cfg.conv_impl
+    print(f"machine: {machine_line()}")
+    print(f"TensorFlow {tf.__version__}; seed network {cfg.image_size}x{cfg.image_size}, {NUM_CLASSES} classes, "
+          f"batch {args.batch}, best of {args.repeats} x {args.steps} steps; precision auto -> {auto} ({reason})",
+          flush=True)
+
+    bf16 = "bf16"
+    train = {"im2col fp32": hw2_train(cfg, "fp32", "im2col", args.batch),
+             "native fp32": hw2_train(cfg, "fp32", "native", args.batch),
+             f"im2col {bf16}": hw2_train(cfg, bf16, "im2col", args.batch)}
+    if "infer" not in skip:
+        train["infer im2col"] = hw2_infer(cfg, "im2col", args.batch)
+        train["infer native"] = hw2_infer(cfg, "native", args.batch)
+    if "keras" not in skip:
+        train["keras fit"] = keras_fit(cfg, args.batch)
+    torch_run = None if "torch" in skip else torch_eager(cfg, args.batch)
+    if torch_run is not None:
+        train["torch eager"] = torch_run
+    tmp = None
+    if "input" not in skip:
+        tmp = tempfile.TemporaryDirectory()
+        items = write_jpegs(tmp.name, args.images)
+        train["input pipeline"] = input_pipeline(cfg, tmp.name, items, args.batch)
+    sec = time_interleaved(train, args.steps, args.repeats)
+    ips = {name: args.batch / s for name, s in sec.items()}
+
+    print("img/s: " + ", ".join(f"{name} {v:.1f}" for name, v in ips.items()))
+    hw2_default = ips[f"{default_impl} fp32"]
+    print(f"im2col/native train {ips['im2col fp32'] / ips['native fp32']:.2f}")
+    if "infer" not in skip:
+        print(f"im2col/native infer {ips['infer im2col'] / ips['infer native']:.2f}")
+    by_precision = {"fp32": ips["im2col fp32"], "bf16": ips[f"im2col {bf16}"]}
+    print(f"auto({auto})/best(fp32,bf16) train {by_precision[auto] / max(by_precision.values()):.2f}")
+    print(f"bf16/fp32 train (im2col) {by_precision['bf16'] / by_precision['fp32']:.2f}")
+    if "keras" not in skip:
+        print(f"hw2({default_impl} fp32)/keras-fit train {hw2_default / ips['keras fit']:.2f}")
+    if "torch" not in skip:
+        if torch_run is None:
+            print("hw2/torch-eager train: skipped: pip install torch==2.13.0")
+        else:
+            print(f"hw2({default_impl} fp32)/torch-eager train {hw2_default / ips['torch eager']:.2f}")
+    if tmp is not None:
+        print(f"input pipeline (streamed JPEG decode+augment)/train {ips['input pipeline'] / hw2_default:.2f}")
+        del train["input pipeline"]  # stop its prefetch threads before the folder goes
+        tmp.cleanup()
+    if "memory" not in skip:
+        # Peak RSS varies from run to run with how glibc's per-thread arenas fill (3.3 and 8.9 GiB
+        # seen for the same bf16 run on a busy machine), so full mode measures it twice.
+        for requested in ("auto", "fp32") if auto != "fp32" else ("auto",):
+            peaks = [peak_memory(128, 1, requested) for _ in range(1 if args.quick else 2)]
+            gib = [p["peak_rss_gib"] for p in peaks]
+            print(f"peak RSS of training at batch 128 ({peaks[0]['conv_impl']} {peaks[0]['precision']}) "
+                  f"{max(gib):.2f} GiB (runs: {', '.join(f'{g:.2f}' for g in gib)})")
+
+
+if __name__ == "__main__":
+    main()

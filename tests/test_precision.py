@@ -1,0 +1,102 @@
+"""The precision policy (from fake CPU flags and GPU capabilities) and mixed-precision training steps."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import hw2
+import precision
+import utils
+from utils import UserError
+
+SPR = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}  # Intel Sapphire Rapids
+ZEN4 = {"avx2", "avx512f", "avx512_bf16"}  # AMD EPYC Zen 4: bf16 dot products, no AMX
+ZEN3 = {"avx2", "fma"}
+
+
+@pytest.mark.parametrize("flags, gpu_cc, expected", [
+    (SPR, None, "bf16"),
+    (ZEN4, None, "bf16"),  # measured 1.4x fp32 on a Zen 4 (bench/README.md)
+    (ZEN3, None, "fp32"),
+    (set(), None, "fp32"),  # unknown CPU (no /proc/cpuinfo)
+    (ZEN3, (8, 0), "bf16"),  # A100: the GPU decides, not the host CPU
+    (SPR, (9, 0), "bf16"),
+    (SPR, (7, 0), "fp32"),  # V100: no bf16 tensor cores; fp16 only when asked for
+    (ZEN3, (7, 5), "fp32"),
+])
+def test_auto_follows_the_hardware(flags, gpu_cc, expected):
+    chosen, reason = precision.choose("auto", flags, gpu_cc)
+    assert chosen == expected
+    assert reason.startswith("auto: ")
+
+
+@pytest.mark.parametrize("requested", ["fp32", "bf16"])
+def test_an_explicit_precision_is_kept_on_any_hardware(requested):
+    for flags, gpu_cc in [(ZEN3, None), (SPR, None), (ZEN3, (8, 6))]:
+        assert precision.choose(requested, flags, gpu_cc) == (requested, "requested")
+
+
+def test_fp16_needs_a_gpu_and_unknown_names_fail():
+    assert precision.choose("fp16", ZEN3, (7, 0)) == ("fp16", "requested")
+    with pytest.raises(UserError, match="GPU"):
+        precision.choose("fp16", SPR, None)
+    with pytest.raises(UserError, match="fp8"):
+        precision.choose("fp8", SPR, None)
+
+
+def test_cpu_flags_reads_the_first_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 amx_bf16\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert precision.cpu_flags(str(info)) == {"fpu", "avx2", "amx_bf16"}
+    assert precision.cpu_flags(str(tmp_path / "missing")) == set()
+
+
+def test_config_default_is_auto_and_choices_are_checked():
+    assert utils.load_config("default").precision == "auto"
+    with pytest.raises(UserError, match="precision"):
+        utils.load_config("default", {"precision": "fp8"})
+
+
+def _one_step(cfg, model):
+    strategy = tf.distribute.get_strategy()
+    optimizer = hw2.make_optimizer(cfg, model)
+    ema = hw2.EMA(model, cfg.ema_decay)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(cfg.batch_size, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    y = rng.integers(0, 3, cfg.batch_size).astype(np.int32)
+    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    step = hw2.make_train_step(model, optimizer, ema, strategy, cfg.batch_size)
+    return optimizer, [float(t) for t in step(iterator)], [float(t) for t in step(iterator)]
+
+
+@pytest.mark.parametrize("name, compute", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_mixed_precision_step_has_fp32_variables_and_a_finite_loss(name, compute):
+    cfg = utils.load_config("tiny")
+    with precision.policy(name):
+        model = hw2.build_model(cfg, 3)
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored for later models
+    assert model.dtype_policy.compute_dtype == compute
+    assert {v.dtype for v in model.variables} <= {"float32", "int64"}  # int64: dropout seed states
+    assert model(tf.zeros([2, cfg.image_size, cfg.image_size, 3])).dtype == tf.float32  # fp32 logits
+    optimizer, first, second = _one_step(cfg, model)
+    # fp16 trains through a loss-scaling optimizer; bf16 has fp32's exponent range and needs none.
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (name == "fp16")
+    assert all(np.isfinite(first + second))
+    assert int(optimizer.iterations.numpy()) == 2
+    assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
+
+
+def test_fp32_path_is_unchanged():
+    cfg = utils.load_config("tiny")
+    x = tf.random.stateless_normal([2, cfg.image_size, cfg.image_size, 3], seed=[1, 2])
+    keras.utils.set_random_seed(0)
+    plain = hw2.build_model(cfg, 3)
+    keras.utils.set_random_seed(0)
+    with precision.policy("fp32"):
+        chosen = hw2.build_model(cfg, 3)
+    assert chosen.dtype_policy.name == plain.dtype_policy.name == "float32"
+    np.testing.assert_array_equal(plain(x).numpy(), chosen(x).numpy())
+    optimizer, first, _ = _one_step(cfg, chosen)
+    assert not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    assert all(np.isfinite(first))
