@@ -45,11 +45,7 @@ def _decode(files: tf.data.Dataset, cfg: Mapping[str, Any]) -> tf.data.Dataset:
         ok.set_shape([])
         return image, label, ok
 
-    return (
-        files.map(read, num_parallel_calls=tf.data.AUTOTUNE)
-        .filter(lambda image, label, ok: ok)
-        .map(lambda image, label, ok: (image, label))
-    )
+    return files.map(read, num_parallel_calls=tf.data.AUTOTUNE).filter(_is_ok).map(_drop_ok)
 
 
 def _file_list(data_dir: str, items: list[tuple[str, int]]) -> tf.data.Dataset:
@@ -73,55 +69,100 @@ def decode_dataset(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str
     return _decode(_file_list(data_dir, items), cfg)
 
 
+def _preload(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any]):
+    """Decode every image once (in parallel) into one flat uint8 buffer with offsets and shapes,
+    so the train pipeline can fetch any image by index in pure TensorFlow, without the GIL."""
+    import time
+    t = time.time()
+    flat, offsets, shapes, labels = [], [0], [], []
+    for image, label in decode_dataset(data_dir, items, cfg).as_numpy_iterator():
+        flat.append(image.ravel())
+        offsets.append(offsets[-1] + image.size)
+        shapes.append(image.shape)
+        labels.append(label)
+    if not labels:
+        raise UserError(f"none of the {len(items)} training images in {data_dir} could be read")
+    if len(items) > 256:
+        log.info("decoded %d training images into RAM (%.0f MiB) in %.1fs", len(labels),
+                 offsets[-1] / 2**20, time.time() - t)
+    return (tf.constant(np.concatenate(flat)), tf.constant(offsets, tf.int64),
+            tf.constant(np.array(shapes, np.int32)), tf.constant(np.array(labels, np.int32)))
+
+
 def train_dataset(
     data_dir: str,
     items: list[tuple[str, int]],
     cfg: Mapping[str, Any],
     batch_size: int,
     input_context: tf.distribute.InputContext | None = None,
+    start_example: int = 0,
 ) -> tf.data.Dataset:
     """Endless shuffled, augmented batches of (float32 [B,S,S,C], int32 [B]) with a static batch size.
 
-    With `input_context` (from `strategy.distribute_datasets_from_function`) this pipeline reads
-    only its shard of the files and `batch_size` is the global batch, split across replicas."""
+    Example i of the stream is file index_shuffle(i mod n, seed=(seed, epoch)) augmented with
+    seed (seed, i): every epoch is a full permutation, and the stream is a pure function of the
+    seed, so a resumed run continues exactly where it stopped (`start_example` = step x global
+    batch) at no cost. With `input_context` (from `strategy.distribute_datasets_from_function`)
+    this pipeline takes every num_pipelines-th example and `batch_size` is the global batch.
+    """
     seed = int(cfg.get("seed", 0))
-    files = _file_list(data_dir, items)
+    if not items:
+        raise UserError(f"no images to read in {data_dir}")
     pipeline_id, num_pipelines = 0, 1
     if input_context is not None:
         pipeline_id, num_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-        # Shard file names, not images, so that each pipeline decodes only its own files.
-        files = files.shard(num_pipelines, pipeline_id)
-    num_files = len(range(pipeline_id, len(items), num_pipelines))
 
-    if _fits_in_cache(num_files, cfg):
-        # `items` usually come grouped by class; a shuffle buffer smaller than the dataset would
-        # then serve one class at a time. Shuffling the names once before caching fixes that,
-        # and the buffer shuffle below varies the order from epoch to epoch.
-        files = files.shuffle(num_files, seed=seed, reshuffle_each_iteration=False)
-        ds = _decode(files, cfg).cache()
-        ds = ds.shuffle(min(int(cfg.get("shuffle_buffer", 2048)), num_files), seed=seed)
+    if _fits_in_cache(len(items), cfg):
+        flat, offsets, shapes, labels = _preload(data_dir, items, cfg)
+        n = int(labels.shape[0])
+
+        def fetch(k):
+            image = tf.reshape(flat[offsets[k]:offsets[k + 1]], shapes[k])
+            return image, labels[k], tf.constant(True)
     else:
-        # Streaming: shuffling the names instead of the decoded images gives a full shuffle of
-        # the whole dataset for the memory of a list of strings.
-        ds = _decode(files.shuffle(num_files, seed=seed), cfg)
-    ds = ds.repeat()
+        n = len(items)
+        paths = tf.constant([os.path.join(data_dir, path) for path, _ in items])
+        all_labels = tf.constant(np.array([label for _, label in items], np.int32))
+        short_side = base_short_side(cfg)
 
-    def augment(index: tf.Tensor, example: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        image, label = example
-        # A distinct stateless seed per example (and per pipeline): augmentations are a function
-        # of (cfg seed, position in the stream), so a run can be replayed.
-        example_seed = tf.stack([tf.constant(seed, tf.int64), index * num_pipelines + pipeline_id])
-        return train_preprocess(image, cfg, example_seed), label
+        def fetch(k):
+            # PIL releases the GIL while decoding, so parallel calls really do run on several cores.
+            image, ok = tf.numpy_function(_read_or_skip, [paths[k], short_side], [tf.uint8, tf.bool],
+                                          stateful=False)
+            image.set_shape([None, None, 3])
+            ok.set_shape([])
+            return image, all_labels[k], ok
 
-    ds = ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    def example(i):
+        epoch, pos = i // n, i % n
+        k = tf.random.experimental.index_shuffle(pos, tf.stack([tf.constant(seed, tf.int64), epoch]), n - 1)
+        image, label, ok = fetch(k)
+        image = tf.cond(ok, lambda: train_preprocess(image, cfg, tf.stack([tf.constant(seed, tf.int64), i])),
+                        lambda: tf.zeros(_output_shape(cfg)))
+        return image, label, ok
+
+    ds = tf.data.Dataset.range(start_example + pipeline_id, 2**62, num_pipelines)
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.filter(_is_ok).map(_drop_ok)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-
     options = tf.data.Options()
-    # Letting parallel maps emit whichever element is ready first avoids stalls behind one slow
-    # image; the cost is that batch contents vary between runs with the same seed.
-    options.deterministic = bool(cfg.get("deterministic", False))
+    # Order must be reproducible for an exact resume; prefetch hides the rare slow image.
+    options.deterministic = True
     return ds.with_options(options)
+
+
+def _is_ok(image, label, ok):
+    return ok
+
+
+def _drop_ok(image, label, ok):
+    return image, label
+
+
+def _output_shape(cfg: Mapping[str, Any]) -> list[int]:
+    size = int(cfg.get("image_size", 100))
+    return [size, size, int(cfg.get("channels", 3))]
 
 
 def eval_dataset(
