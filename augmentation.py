@@ -17,6 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "scale_max": 1.25,
     "eval_scale": 1.14,
     "flip_lr": True,
+    "flip_ud": 0.0,
     "brightness": 0.25,
     "contrast": 0.3,
     "rotate_deg": 0.0,
@@ -25,8 +26,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # One sub-seed per random op, so switching one op on or off leaves the draws of the others alone.
-_SCALE, _CROP, _FLIP, _BRIGHTNESS, _CONTRAST, _ANGLE, _SHIFT, _NOISE = range(8)
-_NUM_OPS = 8
+# New ops go at the end: stateless_split's first outputs do not depend on `num`.
+_SCALE, _CROP, _FLIP, _BRIGHTNESS, _CONTRAST, _ANGLE, _SHIFT, _NOISE, _FLIP_UD = range(9)
+_NUM_OPS = 9
 
 
 def _get(cfg: Mapping[str, Any], key: str) -> Any:
@@ -120,6 +122,10 @@ def train_preprocess(
     image = tf.image.stateless_random_crop(image, [size, size, channels], seeds[_CROP])
     if _get(cfg, "flip_lr"):
         image = tf.image.stateless_random_flip_left_right(image, seeds[_FLIP])
+    flip_ud = float(_get(cfg, "flip_ud"))
+    if flip_ud > 0:
+        flip = tf.random.stateless_uniform([], seeds[_FLIP_UD]) < flip_ud
+        image = tf.cond(flip, lambda: tf.image.flip_up_down(image), lambda: image)
 
     rotate_deg, shift_frac = float(_get(cfg, "rotate_deg")), float(_get(cfg, "shift_frac"))
     if rotate_deg > 0 or shift_frac > 0:

@@ -57,10 +57,14 @@ def _as_tuple(v) -> tuple:
     return v if isinstance(v, tuple) else (v,)
 
 
-def build_model(cfg: Mapping, num_classes: int) -> HW2Net:
-    """Create the network and its variables (variables exist before any checkpoint restore)."""
-    model = HW2Net(cfg, num_classes)
-    model(tf.zeros([1, cfg["image_size"], cfg["image_size"], 3]), training=False)
+def build_model(cfg: Mapping, num_classes: int) -> keras.Model:
+    """Create the network cfg["model"] names and its variables (before any checkpoint restore)."""
+    if cfg.get("model", "hw2_inception") == "hw2_inception":
+        model = HW2Net(cfg, num_classes)
+    else:
+        import models  # the zoo: cifar10_tutorial, resnets, vggs, simple_cnn
+        model = models.create(cfg, num_classes)
+    model(tf.zeros([1, cfg["image_size"], cfg["image_size"], cfg.get("channels", 3)]), training=False)
     return model
 
 
@@ -87,14 +91,20 @@ def inference(images: tf.Tensor, cfg: Mapping, num_classes: int, training: bool 
 
 
 def loss(logits: tf.Tensor, labels: tf.Tensor, model: keras.Model,
-         global_batch_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+         global_batch_size: int, label_smoothing: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
     """Softmax cross-entropy averaged over the global batch + L2 shared out over replicas.
 
     Returns (total, cross_entropy). Summing each replica's total across replicas gives the
     true global loss, which is what tf.distribute's gradient all-reduce expects.
     """
-    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
-                                                                 logits=tf.cast(logits, tf.float32))
+    logits = tf.cast(logits, tf.float32)
+    if label_smoothing > 0:  # targets (1 - eps) * one_hot + eps / num_classes
+        num_classes = tf.shape(logits)[-1]
+        targets = tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + label_smoothing / tf.cast(
+            num_classes, tf.float32)
+        per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+    else:
+        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     ce = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
     l2 = tf.nn.scale_regularization_loss(tf.add_n(model.losses)) if model.losses else 0.0
     return ce + l2, ce
@@ -135,23 +145,28 @@ class EMA:
 
 def make_optimizer(cfg: Mapping, model: keras.Model) -> keras.optimizers.Optimizer:
     if cfg["optimizer"] == "sgd":
-        opt = keras.optimizers.SGD(cfg["learning_rate"], momentum=cfg["momentum"])
+        opt = keras.optimizers.SGD(cfg["learning_rate"], momentum=cfg["momentum"],
+                                   nesterov=cfg.get("nesterov", False))
     else:
         opt = keras.optimizers.Adam(cfg["learning_rate"])
+    if model.dtype_policy.compute_dtype == "float16":
+        # fp16 gradients underflow without loss scaling (make_train_step calls scale_loss).
+        opt = keras.optimizers.LossScaleOptimizer(opt)
     # Slots must exist before a tf.distribute step runs (and before a restore fills them).
     opt.build(model.trainable_variables)
     return opt
 
 
 def make_train_step(model: keras.Model, optimizer, ema: EMA, strategy: tf.distribute.Strategy,
-                    global_batch_size: int) -> Callable:
+                    global_batch_size: int, label_smoothing: float = 0.0) -> Callable:
     """A compiled step: next batch from a distributed iterator -> (loss, ce, top-1 correct)."""
 
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            total, ce = loss(logits, labels, model, global_batch_size)
-        grads = tape.gradient(total, model.trainable_variables)
+            total, ce = loss(logits, labels, model, global_batch_size, label_smoothing)
+            scaled = optimizer.scale_loss(total)  # total itself unless fp16 loss scaling is on
+        grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return total, ce, count_correct(logits, labels, 1)
 

@@ -469,6 +469,8 @@ def _split_command(args: argparse.Namespace, scan: Scan | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make_demo", metavar="DIR", help="write scikit-learn's digits as a class-folder dataset")
+    parser.add_argument("--import", dest="import_", nargs=2, metavar=("cifar10|mnist", "PATH"),
+                        help="CIFAR-10 batches or MNIST idx files -> class folders OUT/train, OUT/test")
     parser.add_argument("--data_dir", metavar="DIR", help="dataset laid out as DIR/<class>/<image>")
     parser.add_argument("--out", metavar="SPLIT.json", help="where to write the split (default: ./split.json)")
     parser.add_argument("--val_fraction", type=float, default=0.2)
@@ -479,6 +481,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min_size", type=int, default=8, help="images smaller than this on a side are bad")
     parser.add_argument("--workers", type=int, default=8, help="threads that decode images while checking")
     args = parser.parse_args(argv)
+    if args.import_:
+        if not args.out:
+            parser.error("--import needs --out DIR")
+        try:
+            import importers
+            counts = importers.import_dataset(args.import_[0], args.import_[1], args.out)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(", ".join(f"{n} {part} images in {os.path.join(args.out, part)}" for part, n in counts.items()))
+        return 0
     if not args.make_demo and not args.data_dir:
         parser.error("give --make_demo DIR or --data_dir DIR")
     try:

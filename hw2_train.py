@@ -119,17 +119,34 @@ def prepare_split(args, cfg) -> dict:
         if not args.data_dir:
             raise UserError("--data_dir is required for a new run")
         scan = hw2_dataset.scan_dataset(args.data_dir)
-        if scan.bad:
-            bad_path = os.path.join(args.train_dir, "bad_images.txt")
-            with open(bad_path, "w") as f:
-                f.writelines(f"{p}\t{why}\n" for p, why in scan.bad)
-            logging.warning("skipping %d unusable files (listed in %s)", len(scan.bad), bad_path)
         train, val = hw2_dataset.make_split(scan.items, cfg.val_fraction, cfg.seed)
+        _report_bad_images(scan, train, val, args.train_dir, cfg.on_bad_image)
         hw2_dataset.write_split(run_split, scan, train, val, cfg.seed, cfg.val_fraction)
         split = hw2_dataset.load_split(run_split)
     if not split["val"]:
         raise UserError("the split has no validation images: every class needs at least 2 images")
     return split
+
+
+def _report_bad_images(scan, train, val, train_dir: str, on_bad_image: str) -> None:
+    """Skipped files and train/val duplicates go to RUN/bad_images.txt; `fail` stops instead."""
+    import hw2_dataset
+    lines = [f"{path}\t{why}" for path, why in scan.bad]
+    val_paths = {p for p, _ in val}
+    train_paths = {p for p, _ in train}
+    for group in hw2_dataset.find_duplicates(scan):
+        if any(p in val_paths for p in group) and any(p in train_paths for p in group):
+            lines.append(f"{group[0]}\tsame content as {', '.join(group[1:])} (in both train and val)")
+    if not lines:
+        return
+    bad_path = os.path.join(train_dir, "bad_images.txt")
+    with open(bad_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if on_bad_image == "fail":
+        raise UserError(f"{len(lines)} unusable or duplicate files, e.g. {lines[0].replace(chr(9), ': ')} "
+                        f"(all in {bad_path}; --on_bad_image skip to train without them)")
+    logging.warning("%d files skipped or duplicated across train/val (listed in %s), e.g. %s",
+                    len(lines), bad_path, lines[0].replace("\t", ": "))
 
 
 def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=()) -> dict:
@@ -142,6 +159,7 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
 
     import hw2
     import hw2_input
+    import precision
     import schedules
 
     strategy = strategy or tf.distribute.get_strategy()
@@ -153,13 +171,18 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
     steps_per_epoch = max(1, len(train_items) // global_batch)
     if cfg.get("max_epochs", 0) > 0:  # epochs of the global batch: the same data on any replica count
         cfg = utils.Config({**cfg, "max_steps": cfg.max_epochs * steps_per_epoch})
-    tf.random.set_seed(cfg.seed)
+    import keras
+    keras.utils.set_random_seed(cfg.seed)  # initial weights and dropout masks follow the seed
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
 
     chief, write_dir = _chief_and_write_dir(strategy, train_dir)
     hooks = hooks if chief else ()  # hooks write files: one writer per run
     lr_scale = {"none": 1.0, "linear": float(replicas), "sqrt": math.sqrt(replicas)}[cfg.lr_scaling]
+    chosen_precision, _ = precision.for_this_machine(cfg.get("precision", "auto"))  # logs which and why
     with strategy.scope():
-        model = hw2.build_model(cfg, num_classes)
+        with precision.policy(chosen_precision):  # the model keeps it; the loss stays fp32
+            model = hw2.build_model(cfg, num_classes)
         if cfg.sync_bn:
             for layer in model._flatten_layers():
                 if isinstance(layer, tf.keras.layers.BatchNormalization):
@@ -181,6 +204,7 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
 
     def restore(path) -> int:
         if path:
+            path = _readable_checkpoint(path)
             ckpt.restore(path).assert_existing_objects_matched()
             state = policy_vars.numpy()
             policy.load(state[:5])
@@ -190,6 +214,8 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
         return int(optimizer.iterations.numpy())
 
     start = restore(latest)
+    if start == 0 and not manager.latest_checkpoint:
+        _save(manager, 0)  # a NaN in the first steps has a good state to return to
     params = sum(int(tf.size(v)) for v in model.trainable_variables)
     if start:
         logging.info("resuming from step %d (%s)", start, latest)
@@ -203,7 +229,8 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
                  len(train_items), len(split["val"]))
 
     train_ds = strategy.distribute_datasets_from_function(
-        lambda ctx: hw2_input.train_dataset(data_dir, train_items, cfg, global_batch, ctx))
+        lambda ctx: hw2_input.train_dataset(data_dir, train_items, cfg, global_batch, ctx,
+                                            start_example=start * global_batch))
     val_ds = hw2_input.eval_dataset(data_dir, split["val"], cfg, cfg.eval_batch_size)
     train_step = hw2.make_train_step(model, optimizer, ema, strategy, global_batch,
                                      cfg.get("label_smoothing", 0.0))
@@ -272,9 +299,11 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
                 lr = float(optimizer.learning_rate.numpy()) * cfg.lr_factor
                 optimizer.learning_rate.assign(lr)
             policy_vars.assign(policy.state() + [lr_scale])
-            manager.save(checkpoint_number=step)
+            # Best first: a kill between the two saves then resumes from the previous checkpoint
+            # and replays this validation, instead of trusting a best copy that was never written.
             if is_best:
-                best_manager.save(checkpoint_number=step)
+                _save(best_manager, step, manager.latest_checkpoint)
+            _save(manager, step)
             note = {"gain": "", "wait": f" (no gain for {policy.stale})",
                     "lower_lr": f" (no gain for {policy.stale}: lr -> {float(optimizer.learning_rate.numpy()):g})",
                     "stop": f" (no gain for {policy.stale}: stopping)"}[action]
@@ -310,6 +339,35 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
     print(f"best val top-1 {best['top1']:.4f} top-{top_k} {best['topk']:.4f} at step {best['step']} "
           f"({best_manager.latest_checkpoint})", flush=True)
     return best
+
+
+def _save(manager, step: int, last_good: str | None = None) -> None:
+    """CheckpointManager writes the files, then atomically updates `checkpoint`: a kill or a
+    full disk mid-save leaves the previous checkpoint the newest readable one."""
+    try:
+        manager.save(checkpoint_number=step)
+    except (OSError, __import__("tensorflow").errors.OpError) as e:
+        previous = last_good or manager.latest_checkpoint or "none"
+        raise UserError(f"could not save checkpoint at step {step} in {manager.directory} "
+                        f"({str(e).strip().splitlines()[0][:120]}); the last saved one is intact: {previous}") from None
+
+
+def _readable_checkpoint(path: str) -> str:
+    """`path` if it reads, else the newest older checkpoint that does (with a warning)."""
+    import tensorflow as tf
+    directory = os.path.dirname(path)
+    state = tf.train.get_checkpoint_state(directory)
+    candidates = [path] + [p for p in reversed(list(state.all_model_checkpoint_paths if state else []))
+                           if p != path]
+    for p in candidates:
+        try:
+            tf.train.load_checkpoint(p).get_variable_to_shape_map()
+            if p != path:
+                logging.warning("checkpoint %s is unreadable: falling back to %s", path, p)
+            return p
+        except (tf.errors.OpError, ValueError):
+            continue
+    raise UserError(f"no readable checkpoint in {directory} (newest: {path}): use --fresh to start over")
 
 
 def _chief_and_write_dir(strategy, train_dir: str) -> tuple[bool, str]:
@@ -392,6 +450,8 @@ def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
     cfg = resolve_config(args, overrides)
     prepare_run_dir(args.train_dir, args.fresh)
     split = prepare_split(args, cfg)
+    if "top_k" in overrides and cfg.top_k > len(split["class_names"]):
+        raise UserError(f"--top_k {cfg.top_k} is larger than the number of classes ({len(split['class_names'])})")
     if cfg.top_k > len(split["class_names"]):
         logging.info("top_k %d > %d classes: reporting top-%d", cfg.top_k, len(split["class_names"]),
                      len(split["class_names"]))

@@ -40,7 +40,7 @@ class Config(dict):
 POSITIVE = {"image_size", "batch_size", "eval_batch_size", "max_steps", "save_checkpoint_steps",
             "keep_checkpoints", "lr_patience", "stop_patience", "log_every_steps", "top_k",
             "dense_units", "conv2", "inception2_bottleneck", "inception3_bottleneck",
-            "learning_rate", "shuffle_buffer", "eval_timeout_secs", "width", "fc_units", "lr_step_epochs"}
+            "learning_rate", "eval_timeout_secs", "width", "fc_units", "lr_step_epochs"}
 NON_NEGATIVE = {"brightness", "contrast", "rotate_deg", "shift_frac", "noise_std", "weight_decay",
                 "min_delta", "momentum", "cache_images_mb", "seed", "nan_retries",
                 "summary_every_steps", "max_epochs"}
@@ -50,12 +50,12 @@ UNIT_INTERVAL = {"keep_prob_1", "keep_prob_2", "keep_prob_dense", "lr_factor", "
 HALF_OPEN_UNIT = {"dropout", "label_smoothing"}
 PROBABILITY = {"flip_ud"}
 CHOICES = {"optimizer": ("adam", "sgd"), "conv_impl": ("im2col", "native"),
-           "lr_scaling": ("none", "linear", "sqrt"),
+           "lr_scaling": ("none", "linear", "sqrt"), "on_bad_image": ("skip", "fail"),
            "model": ("hw2_inception", "cifar10_tutorial", "simple_cnn", "resnet14", "resnet18", "resnet34",
                      "vgg10", "vgg12", "vgg15", "vgg18"),
            "norm": ("batch", "instance", "none"), "stem": ("7x7", "3x3"), "channels": (1, 3),
            "lr_schedule": ("plateau", "step", "exponential", "cosine", "constant"),
-           "inception_version": (1, 2), "precision": ("fp32",)}
+           "inception_version": (1, 2), "precision": ("auto", "fp32", "bf16", "fp16")}
 
 
 def _infer(text: str) -> Any:
