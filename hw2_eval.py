@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run_once", type=int, default=1, choices=(0, 1),
                    help="1: evaluate once; 0: evaluate every new checkpoint until none arrives for "
                         "eval_timeout_secs")
+    p.add_argument("--eval_timeout_secs", type=int,
+                   help="with --run_once 0: stop after this long without a new checkpoint (default: the run's)")
     p.add_argument("--eval_dir", help="where results.csv and summaries go (default: RUN/eval)")
     p.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of their moving average")
     p.add_argument("--batch_size", type=int, help="eval batch size (default: the run's eval_batch_size)")
@@ -157,17 +159,18 @@ def run(argv: list[str]) -> int:
         if not args.no_report:
             class_report.class_report_for_checkpoint(evaluator, path, dataset, args.raw, class_names, eval_dir)
         return 0
+    timeout = args.eval_timeout_secs or cfg.eval_timeout_secs
     logging.info("waiting for checkpoints in %s (gives up after %ds without a new one)",
-                 args.checkpoint_dir, cfg.eval_timeout_secs)
+                 args.checkpoint_dir, timeout)
     seen = 0
     for path in tf.train.checkpoints_iterator(args.checkpoint_dir, min_interval_secs=1,
-                                              timeout=cfg.eval_timeout_secs):
+                                              timeout=timeout):
         try:
             report(evaluator.evaluate(path, dataset, args.raw), top_k, path, eval_dir, weights, what)
             seen += 1
         except UserError as e:  # a checkpoint deleted by the trainer's keep-N policy mid-read
             logging.warning("skipped %s: %s", path, e)
-    logging.info("no new checkpoint for %ds: evaluated %d, done", cfg.eval_timeout_secs, seen)
+    logging.info("no new checkpoint for %ds: evaluated %d, done", timeout, seen)
     return 0
 
 

@@ -81,6 +81,9 @@ def resolve_config(args, overrides: dict) -> utils.Config:
     if not args.fresh and os.path.isfile(saved_path):
         saved = utils.config_from_json(utils.load_json(saved_path, "run config")["config"])
         changed = [k for k in MODEL_KEYS if saved.get(k) != cfg.get(k)]
+        # fp16 wraps the optimizer in a loss scaler: its checkpoints don't restore into fp32/bf16 runs.
+        if "fp16" in (saved.get("precision"), cfg.get("precision")) and saved.get("precision") != cfg.get("precision"):
+            changed.append("precision")
         if changed:
             k = changed[0]
             raise UserError(f"{args.train_dir} was trained with {k}={saved.get(k)}, now {k}={cfg.get(k)}: "

@@ -10,12 +10,15 @@ Rows (one ratio per line, both sides timed in this run, interleaved, best of --r
   hw2/torch-eager train                        vs the same network in PyTorch eager, channels_last
   input pipeline/train                         decode + augment of real JPEGs alone vs training
   peak RSS                                     of a training run at batch 128 (separate process)
-Synthetic images and labels (65 classes), default config section, 100x100 input.
+  zoo MODEL im2col/native train                each zoo model (models.py) at its own input size, fp32
+Synthetic images and labels (65 classes), default config section, 100x100 input; the zoo rows use
+the sections and sizes in ZOO_ROWS.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,10 +42,10 @@ def machine_line() -> str:
     return f"CPU: {utils.cpu_line()}"
 
 
-def synthetic_batch(batch: int, size: int, seed: int = 0):
+def synthetic_batch(batch: int, size: int, seed: int = 0, channels: int = 3):
     import numpy as np
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    x = rng.normal(size=(batch, size, size, channels)).astype(np.float32)
     y = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
     return x, y
 
@@ -66,7 +69,7 @@ def hw2_train(cfg, precision: str, conv_impl: str, batch: int):
         keras.mixed_precision.set_global_policy("float32")
     ema = hw2.EMA(model, cfg.ema_decay)
     strategy = tf.distribute.get_strategy()
-    x, y = synthetic_batch(batch, cfg.image_size)
+    x, y = synthetic_batch(batch, cfg.image_size, channels=cfg.channels)
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
     step = hw2.make_train_step(model, optimizer, ema, strategy, batch)
 
@@ -256,6 +259,56 @@ def input_pipeline(cfg, root: str, items, batch: int):
     return run
 
 
+# ---------------------------------------------------------------- the model zoo (issue 10)
+
+# (model, config section, overrides): each at the input size its seed report used. Full width
+# throughout; the vggs and simple_cnn keep 3 channels (CIFAR-like) so the first conv is not trivial.
+ZOO_ROWS = [
+    ("cifar10_tutorial", "cifar10_tutorial", {}),          # 24x24 crops of 32x32
+    ("simple_cnn", "mnist_cnn", {}),                       # 28x28 grayscale
+    ("resnet14", "resnet18_64px", {"model": "resnet14"}),  # 64x64, 7x7/2 stem + max-pool
+    ("resnet18", "resnet18_64px", {}),
+    ("vgg10", "default", {"model": "vgg10", "image_size": "32"}),
+]
+# Opt-in (--zoo all): each costs 1-2 minutes more at batch 64 on 2 cores (vgg15: ~3 s a step at batch 32).
+ZOO_EXTRA = [
+    ("vgg12", "default", {"model": "vgg12", "image_size": "32"}),
+    ("vgg15", "default", {"model": "vgg15", "image_size": "32"}),
+    ("vgg18", "default", {"model": "vgg18", "image_size": "32"}),
+    ("resnet34", "resnet18_64px", {"model": "resnet34"}),
+]
+
+
+def zoo_rows(which: str) -> list[tuple[str, str, dict]]:
+    """ZOO_ROWS, ZOO_ROWS + ZOO_EXTRA for "all", or the named models from either."""
+    rows = ZOO_ROWS + ZOO_EXTRA
+    if which == "default":
+        return ZOO_ROWS
+    if which == "all":
+        return rows
+    names = [n for n in which.split(",") if n]
+    unknown = set(names) - {r[0] for r in rows}
+    if unknown:
+        raise SystemExit(f"--zoo: unknown model(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(r[0] for r in rows)}, or default | all")
+    return [r for r in rows if r[0] in names]
+
+
+def zoo_ratios(which: str, batch: int, steps: int, repeats: int) -> None:
+    """One line per zoo model: im2col/native training img/s, the two timed interleaved."""
+    import gc
+    for name, section, overrides in zoo_rows(which):
+        cfg = utils.load_config(section, {"model": name, **overrides})
+        runs = {impl: hw2_train(cfg, "fp32", impl, batch) for impl in ("im2col", "native")}
+        # The small models take ~50 ms a step: time at least ~0.5 s a round so noise stays small.
+        n = max(steps, math.ceil(0.5 / max(run(1) for run in runs.values())))
+        ips = {impl: batch / s for impl, s in time_interleaved(runs, n, repeats).items()}
+        print(f"zoo {name} {cfg.image_size}px im2col/native train {ips['im2col'] / ips['native']:.2f} "
+              f"(im2col {ips['im2col']:.0f} img/s, native {ips['native']:.0f} img/s)", flush=True)
+        del runs
+        gc.collect()  # the next model's buffers should not stack on this one's
+
+
 # ---------------------------------------------------------------- peak memory (a child process)
 
 def memory_child(batch: int, steps: int, requested: str) -> None:
@@ -292,19 +345,24 @@ def time_interleaved(runs: dict, steps: int, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="batch 32, 2 steps x 2 repeats, 160 JPEGs (~3 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 32 (zoo 32), 2 steps x 2 repeats, 160 JPEGs (~4 min)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best one counts")
     p.add_argument("--images", type=int, default=400, help="JPEGs for the input pipeline row")
-    p.add_argument("--skip", default="", help="comma list of rows to skip: keras,torch,input,memory,infer")
+    p.add_argument("--skip", default="", help="comma list of rows to skip: keras,torch,input,memory,infer,zoo")
+    p.add_argument("--zoo", default="default",
+                   help="zoo rows: default (" + ",".join(r[0] for r in ZOO_ROWS) + "), all (+ "
+                   + ",".join(r[0] for r in ZOO_EXTRA) + "), or a comma list of models")
+    p.add_argument("--zoo_batch", type=int, default=64, help="batch of the zoo rows (--quick: 32)")
     p.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory_precision", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         return memory_child(args.batch, args.steps, args.memory_precision)
     if args.quick:
-        args.batch, args.steps, args.repeats, args.images = 32, 2, 2, 160
+        args.batch, args.steps, args.repeats, args.images, args.zoo_batch = 32, 2, 2, 160, 32
     skip = set(filter(None, args.skip.split(",")))
 
     import tensorflow as tf
@@ -316,7 +374,8 @@ def main() -> None:
     default_impl = cfg.conv_impl
     print(f"machine: {machine_line()}")
     print(f"TensorFlow {tf.__version__}; seed network {cfg.image_size}x{cfg.image_size}, {NUM_CLASSES} classes, "
-          f"batch {args.batch}, best of {args.repeats} x {args.steps} steps; precision auto -> {auto} ({reason})",
+          f"batch {args.batch} (zoo rows {args.zoo_batch}), best of {args.repeats} x {args.steps} steps; "
+          f"precision auto -> {auto} ({reason})",
           flush=True)
 
     bf16 = "bf16"
@@ -358,6 +417,9 @@ def main() -> None:
         print(f"input pipeline (streamed JPEG decode+augment)/train {ips['input pipeline'] / hw2_default:.2f}")
         del train["input pipeline"]  # stop its prefetch threads before the folder goes
         tmp.cleanup()
+    del train
+    if "zoo" not in skip:
+        zoo_ratios(args.zoo, args.zoo_batch, args.steps, args.repeats)
     if "memory" not in skip:
         # Peak RSS varies from run to run with how glibc's per-thread arenas fill (3.3 and 8.9 GiB
         # seen for the same bf16 run on a busy machine), so full mode measures it twice.

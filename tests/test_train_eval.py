@@ -102,6 +102,28 @@ def test_checkpoint_holds_every_model_variable(tmp_path):
         np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
 
 
+def test_watch_mode_evaluates_then_times_out(trained, tmp_path, capsys):
+    data, run_dir, best_top1 = trained
+    eval_dir = str(tmp_path / "watch")
+    assert hw2_eval.main(["--checkpoint_dir", run_dir, "--run_once", "0", "--eval_timeout_secs", "1",
+                          "--eval_dir", eval_dir]) == 0
+    out, err = capsys.readouterr()
+    assert "top-1" in out and "no new checkpoint for 1s: evaluated 1" in err
+    assert len(open(os.path.join(eval_dir, "results.csv")).read().splitlines()) == 2
+
+
+def test_fresh_moves_the_old_run_aside(trained, tmp_path, capsys):
+    import shutil
+    data, run_dir, _ = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(run_dir, copy)
+    assert hw2_train.main(["--data_dir", data, "--train_dir", copy, "--section", "tiny", "--max_steps", "2",
+                           "--fresh"]) == 0
+    moved = [p for p in os.listdir(tmp_path) if p.startswith("run-old-")]
+    assert len(moved) == 1 and os.path.isdir(os.path.join(tmp_path, moved[0], "best"))
+    assert "moved the previous run to" in capsys.readouterr().err
+
+
 def test_eval_on_a_test_folder_and_the_best_checkpoint(trained, tmp_path, capsys):
     data, run_dir, best_top1 = trained
     test = make_folder(tmp_path / "test", per_class=3)

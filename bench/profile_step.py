@@ -1,0 +1,181 @@
+"""Where one training step of the seed network spends its time, from the TensorFlow profiler.
+
+    python bench/profile_step.py [--batch 64] [--steps 2] [--runs im2col,native] [--top 12] [--logdir DIR]
+
+Profiles `--steps` steps of each run with tf.profiler.experimental (after tracing and a warm-up
+step), reads the XPlane trace it writes, and prints for each run: wall ms per step, op time per
+step by category (conv forward, conv backward, batch norm, optimizer + EMA, ...) and the top ops.
+Runs: im2col, native (hw2's step, fp32), bf16 (im2col, mixed bfloat16), keras (the same network
+as a stock Keras model, model.fit). Synthetic data, default config section (100x100, 65 classes).
+
+Op time is the sum of each op's duration on TensorFlow's executor threads. Two ops can run at
+once (inter-op parallelism), so on 2 cores the sum exceeds the wall time; the shares are what to
+read. The trace is recorded once per run, not interleaved: compare runs through shares, and take
+img/s ratios from train_throughput.py.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import utils  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
+
+RUNS = ("im2col", "native", "bf16", "keras")
+
+# Ops the im2col custom gradient (layers._im2col_conv) creates: tf.custom_gradient builds them
+# outside any layer's name scope, so in the trace they are the unscoped gathers and matmuls.
+IM2COL_GRAD_TYPES = {"MatMul", "_MklMatMul", "BatchMatMulV2", "GatherV2", "Transpose", "_MklTranspose",
+                     "ConcatV2", "Pad", "Reshape", "StridedSlice", "Fill", "ZerosLike"}
+UPDATE_TYPES = {"Mul", "Sub", "AddV2", "RealDiv", "Sqrt", "Maximum", "Minimum", "Cast", "Pow",
+                "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp", "ReadVariableOp"}
+
+
+def category(path: str, op_type: str) -> str:
+    """A coarse bucket for one op, from its name scope and type (ordered rules, first match wins)."""
+    backward = path.startswith("gradient_tape/")
+    scoped = path.removeprefix("gradient_tape/")
+    top_level = "/" not in scoped
+    if "Conv2D" in op_type:
+        return "conv bwd (native)" if "Backprop" in op_type else "conv fwd (native)"
+    if "/bn" in scoped or "batch_normalization" in scoped or "_bn" in scoped:
+        return "batch norm (fwd+bwd)"
+    if scoped.startswith(("adam/", "Adam/")) or (top_level and op_type in UPDATE_TYPES and not backward):
+        return "optimizer + EMA"
+    if op_type == "AddN":
+        return "gradient sums (AddN)"
+    if "MaxPool" in op_type:
+        return "max-pool (fwd+bwd)"
+    if op_type in ("Relu", "ReluGrad"):
+        return "relu (fwd+bwd)"
+    if "dropout" in scoped:
+        return "dropout (fwd+bwd)"
+    if any(k in scoped for k in ("dense", "softmax_linear", "logits")) and "MatMul" in op_type:
+        return "dense layers (fwd+bwd)"
+    if top_level and op_type in IM2COL_GRAD_TYPES and not backward:
+        return "conv bwd (im2col gradient)"
+    if not backward and op_type in IM2COL_GRAD_TYPES and not top_level:
+        return "conv fwd (im2col)"
+    if op_type in ("Slice", "ConcatV2") and "inception" in scoped:
+        return "inception concat (fwd+bwd)"
+    if top_level or "loss" in scoped or "Softmax" in op_type:
+        return "loss + L2 (fwd+bwd)"
+    return "other"
+
+
+def profile(run, steps: int, logdir: str) -> float:
+    """Profiles run(steps) into logdir; returns the wall seconds per step."""
+    import tensorflow as tf
+    tf.profiler.experimental.start(logdir)
+    try:
+        seconds = run(steps)
+    finally:
+        tf.profiler.experimental.stop()
+    return seconds / steps
+
+
+def op_times(logdir: str) -> dict[str, int]:
+    """Picoseconds per 'scope/name:Type' op event on the executor threads of the host trace."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    files = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        raise SystemExit(f"no .xplane.pb trace under {logdir}")
+    space = xplane_pb2.XSpace()
+    with open(max(files, key=os.path.getmtime), "rb") as f:
+        space.ParseFromString(f.read())
+    times: dict[str, int] = collections.Counter()
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):  # the executor's threads; Eigen's are inside these
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if ":" in name and not name.startswith(("ThreadpoolListener", "ExecutorState")):
+                    times[name] += event.duration_ps
+    return times
+
+
+def make_run(which: str, cfg, batch: int):
+    import train_throughput as tt
+    if which == "keras":
+        return tt.keras_fit(cfg, batch)
+    if which == "bf16":
+        return tt.hw2_train(cfg, "bf16", "im2col", batch)
+    return tt.hw2_train(cfg, "fp32", which, batch)
+
+
+def report(which: str, wall: float, times: dict[str, int], steps: int, top: int) -> dict[str, float]:
+    """Prints one run's categories and top ops; returns ms per step by category."""
+    per_step = 1e-9 / steps  # ps over all steps -> ms per step
+    total = sum(times.values()) * per_step
+    by_cat: dict[str, float] = collections.Counter()
+    by_type: dict[str, float] = collections.Counter()
+    for name, ps in times.items():
+        path, op_type = name.rsplit(":", 1)
+        by_cat[category(path, op_type)] += ps * per_step
+        by_type[op_type] += ps * per_step
+    print(f"\n== {which}: wall {wall * 1000:.0f} ms/step, op time {total:.0f} ms/step")
+    print(f"{'category':<30} {'ms/step':>8} {'share':>6}")
+    for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"{cat:<30} {ms:>8.1f} {ms / total:>6.1%}")
+    print(f"{'op type':<30} {'ms/step':>8} {'share':>6}")
+    for op_type, ms in sorted(by_type.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{op_type:<30} {ms:>8.1f} {ms / total:>6.1%}")
+    print(f"{'op':<70} {'ms/step':>8} {'share':>6}")
+    for name, ps in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{name[:70]:<70} {ps * per_step:>8.1f} {ps * per_step / total:>6.1%}")
+    return by_cat
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2, help="profiled steps per run")
+    p.add_argument("--runs", default="im2col,native", help=f"comma list of {','.join(RUNS)}")
+    p.add_argument("--top", type=int, default=12, help="rows of the op-type and op tables")
+    p.add_argument("--logdir", default="", help="keep the traces here (TensorBoard's profile tab reads them)")
+    args = p.parse_args()
+    runs = [r for r in args.runs.split(",") if r]
+    if not runs or set(runs) - set(RUNS):
+        raise SystemExit(f"--runs: pick from {', '.join(RUNS)}")
+
+    import tensorflow as tf
+    cfg = utils.load_config("default")
+    print(f"machine: CPU: {utils.cpu_line()}")
+    print(f"TensorFlow {tf.__version__}; seed network {cfg.image_size}x{cfg.image_size}, 65 classes, batch "
+          f"{args.batch}, {args.steps} profiled steps per run after a warm-up step", flush=True)
+    tmp = None if args.logdir else tempfile.TemporaryDirectory()
+    root = args.logdir or tmp.name
+    cats = {}
+    for which in runs:
+        start = time.perf_counter()
+        run = make_run(which, cfg, args.batch)  # traces and runs one warm-up step
+        run(1)
+        logdir = os.path.join(root, which)
+        wall = profile(run, args.steps, logdir)
+        cats[which] = report(which, wall, op_times(logdir), args.steps, args.top)
+        print(f"({which}: {time.perf_counter() - start:.0f} s with tracing)", flush=True)
+        del run
+    if len(cats) > 1:
+        names = sorted({c for by in cats.values() for c in by}, key=lambda c: -max(by.get(c, 0) for by in cats.values()))
+        print("\n== side by side, op ms/step")
+        print(f"{'category':<30}" + "".join(f" {w:>9}" for w in cats))
+        for c in names:
+            print(f"{c:<30}" + "".join(f" {by.get(c, 0.0):>9.1f}" for by in cats.values()))
+        print(f"{'total':<30}" + "".join(f" {sum(by.values()):>9.1f}" for by in cats.values()))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
