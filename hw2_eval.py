@@ -72,13 +72,17 @@ def eval_items(args, run_dir: str, class_names: list[str]) -> tuple[str, list, s
 class Evaluator:
     """Model + restore + metrics for one run; evaluates checkpoint paths."""
 
-    def __init__(self, cfg, class_names: list[str], top_k: int):
+    def __init__(self, cfg, class_names: list[str], top_k: int, precision_name: str | None = None):
         import tensorflow as tf
 
         import hw2
         self.tf, self.hw2 = tf, hw2
         self.strategy = tf.distribute.get_strategy()
-        self.model = hw2.build_model(cfg, len(class_names))
+        import precision
+        # The run's precision on this machine, so a checkpoint scores what training measured.
+        chosen = precision_name or precision.for_this_machine(cfg.get("precision", "auto"))[0]
+        with precision.policy(chosen):
+            self.model = hw2.build_model(cfg, len(class_names))
         self.ema = hw2.EMA(self.model, cfg.ema_decay)
         self.ckpt = tf.train.Checkpoint(model=hw2.variables_by_path(self.model), ema=self.ema.shadow)
         self.eval_step = hw2.make_eval_step(self.model, self.strategy, top_k)

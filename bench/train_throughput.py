@@ -300,9 +300,10 @@ def zoo_ratios(which: str, batch: int, steps: int, repeats: int) -> None:
     for name, section, overrides in zoo_rows(which):
         cfg = utils.load_config(section, {"model": name, **overrides})
         runs = {impl: hw2_train(cfg, "fp32", impl, batch) for impl in ("im2col", "native")}
-        # The small models take ~50 ms a step: time at least ~0.5 s a round so noise stays small.
-        n = max(steps, math.ceil(0.5 / max(run(1) for run in runs.values())))
-        ips = {impl: batch / s for impl, s in time_interleaved(runs, n, repeats).items()}
+        # The small models take ~50 ms a step: time at least ~1 s a round, and 3 rounds, so that
+        # noise on a shared machine stays small (quick mode's 2 x 2 steps swung resnet14 0.7-1.3).
+        n = max(steps, math.ceil(1.0 / max(run(1) for run in runs.values())))
+        ips = {impl: batch / s for impl, s in time_interleaved(runs, n, max(repeats, 3)).items()}
         print(f"zoo {name} {cfg.image_size}px im2col/native train {ips['im2col'] / ips['native']:.2f} "
               f"(im2col {ips['im2col']:.0f} img/s, native {ips['native']:.0f} img/s)", flush=True)
         del runs

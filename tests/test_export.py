@@ -64,7 +64,7 @@ def hw2_probabilities(run_dir, data_dir):
     cfg, names = utils.config_from_json(saved["config"]), saved["class_names"]
     files = sorted(os.path.relpath(os.path.join(d, f), data_dir) for d, _, fs in os.walk(data_dir) for f in fs)
     dataset = hw2_input.eval_dataset(data_dir, [(f, 0) for f in files], cfg, 16)
-    evaluator = hw2_eval.Evaluator(cfg, names, 2)
+    evaluator = hw2_eval.Evaluator(cfg, names, 2, precision_name="fp32")  # exports are fp32
     evaluator.restore(tf.train.latest_checkpoint(os.path.join(run_dir, "best")))
     evaluator.ema.swap()
     return [os.path.join(data_dir, f) for f in files], report.predict(evaluator.model, dataset)[1]
