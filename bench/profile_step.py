@@ -3,8 +3,9 @@
     python bench/profile_step.py [--batch 64] [--steps 2] [--rounds 2] [--runs im2col,native] [--logdir DIR]
 
 Profiles `--steps` steps of each run with tf.profiler.experimental (after tracing and a warm-up
-step), `--rounds` times, the runs interleaved, keeps each run's fastest round, reads the XPlane trace it writes, and prints for each run: wall ms per step, op time per
-step by category (conv forward, conv backward, batch norm, optimizer + EMA, ...) and the top ops.
+step), `--rounds` times with the runs interleaved, keeps each run's fastest round, reads the
+XPlane trace it wrote, and prints for each run: wall ms per step, op time per step by category
+(conv forward, conv backward, batch norm, optimizer + EMA, ...), the top op types and ops.
 Runs: im2col, native (hw2's step, fp32), bf16 (im2col, mixed bfloat16), keras (the same network
 as a stock Keras model, model.fit). Synthetic data, default config section (100x100, 65 classes).
 
@@ -35,6 +36,7 @@ RUNS = ("im2col", "native", "bf16", "keras")
 # outside any layer's name scope, so in the trace they are the unscoped gathers and matmuls.
 IM2COL_GRAD_TYPES = {"MatMul", "_MklMatMul", "BatchMatMulV2", "GatherV2", "Transpose", "_MklTranspose",
                      "ConcatV2", "Pad", "Reshape", "StridedSlice", "Fill", "ZerosLike"}
+IM2COL_FWD_TYPES = {"MatMul", "_MklMatMul", "GatherV2", "Pad"}  # in a conv layer's scope
 UPDATE_TYPES = {"Mul", "Sub", "AddV2", "RealDiv", "Sqrt", "Maximum", "Minimum", "Cast", "Pow",
                 "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp", "ReadVariableOp"}
 
@@ -62,10 +64,10 @@ def category(path: str, op_type: str) -> str:
         return "dense layers (fwd+bwd)"
     if top_level and op_type in IM2COL_GRAD_TYPES and not backward:
         return "conv bwd (im2col gradient)"
-    if not backward and op_type in IM2COL_GRAD_TYPES and not top_level:
-        return "conv fwd (im2col)"
     if op_type in ("Slice", "ConcatV2") and "inception" in scoped:
         return "inception concat (fwd+bwd)"
+    if not backward and op_type in IM2COL_FWD_TYPES and not top_level:
+        return "conv fwd (im2col)"
     if top_level or "loss" in scoped or "Softmax" in op_type:
         return "loss + L2 (fwd+bwd)"
     return "other"
@@ -171,7 +173,8 @@ def main() -> None:
     cats = {which: report(which, wall, op_times(logdir), args.steps, args.top)
             for which, (wall, logdir) in best.items()}
     if len(cats) > 1:
-        names = sorted({c for by in cats.values() for c in by}, key=lambda c: -max(by.get(c, 0) for by in cats.values()))
+        names = sorted({c for by in cats.values() for c in by},
+                       key=lambda c: -max(by.get(c, 0.0) for by in cats.values()))
         print("\n== side by side, op ms/step")
         print(f"{'category':<30}" + "".join(f" {w:>9}" for w in cats))
         for c in names:
