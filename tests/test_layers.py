@@ -316,3 +316,31 @@ def test_config_round_trip():
     assert (clone.conv_impl, clone.weight_decay, clone.name) == ("native", 1e-4, "c1")
     module = InceptionModule(2, (4, 6, 6, 4), 5, conv_impl="native")
     assert InceptionModule.from_config(module.get_config()).towers == (4, 6, 6, 4)
+
+
+def test_fused_batch_norm_equals_keras_batch_norm():
+    """ConvBNReLU's fused path: same outputs, gradients and moving statistics as Keras BN."""
+    import keras
+
+    from layers import fused_batch_norm
+    rng = np.random.default_rng(0)
+    bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
+    x = tf.constant(rng.normal(1.0, 3.0, (4, 7, 5, 6)), tf.float32)
+    bn.build(x.shape)
+    bn.gamma.assign(rng.uniform(0.5, 1.5, 6))
+    bn.beta.assign(rng.uniform(0, 1, 6))
+    init = [v.numpy().copy() for v in bn.variables]
+    upstream = tf.constant(rng.normal(size=(4, 7, 5, 6)), tf.float32)
+    results = []
+    for fn in (lambda: bn(x, training=True), lambda: fused_batch_norm(bn, x, True)):
+        for v, value in zip(bn.variables, init):
+            v.assign(value)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn()
+            total = tf.reduce_sum(y * upstream)
+        grads = tape.gradient(total, [x, bn.gamma.value, bn.beta.value])
+        results.append([y] + grads + [v.numpy() for v in bn.variables] + [fused_batch_norm(bn, x, False)])
+    assert not np.allclose(results[0][-1], results[0][0])  # inference uses the moving statistics
+    for keras_value, fused_value in zip(*results):
+        np.testing.assert_allclose(fused_value, keras_value, rtol=1e-4, atol=1e-4)
