@@ -7,8 +7,8 @@ variables and loss) only where the hardware makes it faster, and fp32 elsewhere:
 - CPU with AMX (`amx_bf16`, Intel Sapphire Rapids and later): bf16 GEMMs ~3.4x fp32 and the
   seed network trains ~2.1x faster (issue 9).
 - CPU with `avx512_bf16` but no AMX (AMD Zen 4, Intel Cooper Lake): bf16 too. Measured on a
-  2-core AMD EPYC (Zen 4), seed network, batch 128: bf16 trains 1.4x faster than fp32 (im2col
-  and native alike) and a 2048^3 GEMM runs ~2x faster; not the 1.8x+ of AMX, but a gain, so
+  2-core AMD EPYC (Zen 4), seed network, batch 128: bf16 trains 1.65x faster than fp32 (im2col,
+  with the fused batch norm of layers.py; 1.4x before it) and a 2048^3 GEMM runs ~2x faster; not the 1.8x+ of AMX, but a gain, so
   requiring AMX would leave speed unused (bench/README.md has the figures and commands).
 - Anything else (AVX2 only): fp32; bf16 is emulated there and trains ~7x slower.
 
@@ -69,7 +69,7 @@ def choose(requested: str, flags: Iterable[str], gpu_cc: tuple[int, int] | None)
     if "amx_bf16" in flags:
         return "bf16", "auto: CPU has AMX (amx_bf16)"
     if "avx512_bf16" in flags:
-        return "bf16", "auto: CPU has avx512_bf16 (no AMX; measured 1.4x fp32 on a Zen 4)"
+        return "bf16", "auto: CPU has avx512_bf16 (no AMX; measured 1.65x fp32 on a Zen 4)"
     return "fp32", "auto: CPU has no bf16 hardware"
 
 
