@@ -211,12 +211,39 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
-def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
+# TensorFlow's C++ start-up banner: printed before its logging is set up, so TF_CPP_MIN_LOG_LEVEL
+# cannot silence it, and it buries our first lines.
+_TF_BANNER = ("All log messages before absl::InitializeLog", "] oneDNN custom operations are on",
+              "cpu_feature_guard.cc", "To enable the following instructions:")
+
+
+def quiet_tensorflow_import() -> None:
+    """Import TensorFlow with its start-up banner filtered out; any other line it prints passes."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines():
+                if line.strip() and not any(b in line for b in _TF_BANNER):
+                    print(line, file=sys.stderr)
+
+
+def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None, tensorflow: bool = True) -> int:
     """Run a script's main: a UserError becomes one `error:` line and exit 2 (traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    if tensorflow and not {"-h", "--help"} & set(argv):
+        quiet_tensorflow_import()
     try:
         return main(argv) or 0
     except UserError as e:
