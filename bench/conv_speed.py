@@ -13,6 +13,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import utils  # noqa: E402
+
 import tensorflow as tf  # noqa: E402
 
 from layers import conv2d_func  # noqa: E402
@@ -25,24 +27,6 @@ SHAPES = [
     ("3x3 s1", (32, 25, 25, 64), 96, 3, 1, True),
     ("1x1 s1", (32, 25, 25, 128), 64, 1, 1, True),
 ]
-
-
-def cpu_info() -> str:
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]
-    return f"CPU: {model} ({os.cpu_count()} cores); " + " ".join(
-        f"{flag}={'yes' if flag in flags else 'no'}" for flag in wanted
-    )
 
 
 def make_step(impl: str, shape, cout: int, k: int, s: int, needs_dx: bool, dtype):
@@ -83,7 +67,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     dtype = tf.as_dtype(args.dtype)
-    print(cpu_info())
+    print(f"CPU: {utils.cpu_line()}")
     print(f"TensorFlow {tf.__version__}, dtype {args.dtype}, best of {args.reps}")
     print(f"{'layer':<12} {'input':<20} {'Cout':>4} {'native ms':>10} {'im2col ms':>10} {'native/im2col':>14}")
     total = {"native": 0.0, "im2col": 0.0}

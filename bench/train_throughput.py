@@ -222,24 +222,6 @@ def torch_eager(cfg, batch: int):
     return run
 
 
-def write_jpegs(root: str, n: int) -> list[tuple[str, int]]:
-    """n random-size (200-500 px) photo-like JPEGs in 4 class folders."""
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(n):
-        label = i % 4
-        os.makedirs(os.path.join(root, f"c{label}"), exist_ok=True)
-        h, w = (int(v) for v in rng.integers(200, 501, size=2))
-        # Smooth noise compresses and decodes like a photo; white noise would be unrealistically slow.
-        small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-        rel = f"c{label}/{i:05d}.jpg"
-        Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(os.path.join(root, rel), quality=90)
-        items.append((rel, label))
-    return items
-
-
 def input_pipeline(cfg, root: str, items, batch: int):
     """hw2_input.train_dataset streaming from disk (decode + augment every image, no cache)."""
     import hw2_input
@@ -397,6 +379,7 @@ def main() -> None:
         train["torch eager"] = torch_run
     tmp = None
     if "input" not in skip:
+        from input_pipeline import write_jpegs  # bench/ is on sys.path when run as a script
         tmp = tempfile.TemporaryDirectory()
         items = write_jpegs(tmp.name, args.images)
         train["input pipeline"] = input_pipeline(cfg, tmp.name, items, args.batch)
