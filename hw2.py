@@ -68,6 +68,14 @@ def build_model(cfg: Mapping, num_classes: int) -> keras.Model:
     return model
 
 
+def synchronize_batch_norm(model: keras.Model) -> None:
+    """Batch-norm statistics over the global batch: Keras reads `synchronized` at call time, and
+    layers.fused_batch_norm hands synchronized layers back to Keras' all-reducing path."""
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
 def variables_by_path(model: keras.Model) -> dict:
     """Every model variable keyed by its layer path, for tf.train.Checkpoint.
 

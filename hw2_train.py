@@ -125,7 +125,7 @@ def prepare_split(args, cfg) -> dict:
         train, val = hw2_dataset.make_split(scan.items, cfg.val_fraction, cfg.seed)
         _report_bad_images(scan, train, val, args.train_dir, cfg.on_bad_image)
         hw2_dataset.write_split(run_split, scan, train, val, cfg.seed, cfg.val_fraction)
-        split = hw2_dataset.load_split(run_split)
+        split = hw2_dataset.load_split(run_split, check_files=False)  # the scan just read every file
     if not split["val"]:
         raise UserError("the split has no validation images: every class needs at least 2 images")
     return split
@@ -187,9 +187,7 @@ def train(cfg: utils.Config, split: dict, train_dir: str, strategy=None, hooks=(
         with precision.policy(chosen_precision):  # the model keeps it; the loss stays fp32
             model = hw2.build_model(cfg, num_classes)
         if cfg.sync_bn:
-            for layer in model._flatten_layers():
-                if isinstance(layer, tf.keras.layers.BatchNormalization):
-                    layer.synchronized = True  # read at call time: moments over the global batch
+            hw2.synchronize_batch_norm(model)
         optimizer = hw2.make_optimizer(cfg, model)
         optimizer.learning_rate.assign(cfg.learning_rate * lr_scale)
         ema = hw2.EMA(model, cfg.ema_decay)

@@ -38,9 +38,7 @@ global_batch = 8
 with strategy.scope():
     model = hw2.build_model(cfg, 3)
     if args.sync_bn:
-        for layer in model._flatten_layers():
-            if isinstance(layer, tf.keras.layers.BatchNormalization):
-                layer.synchronized = True
+        hw2.synchronize_batch_norm(model)
     optimizer = hw2.make_optimizer(cfg, model)
     ema = hw2.EMA(model, 0.9)
 if os.path.exists(args.init):
