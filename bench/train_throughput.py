@@ -299,13 +299,15 @@ def zoo_ratios(rows: list[tuple[str, str, dict]], batch: int, steps: int, repeat
 
 def memory_child(batch: int, steps: int, requested: str) -> None:
     """Train `steps` steps at `batch` with the default config in `requested` precision; print peak RSS."""
-    import resource
-
     import precision as prec
     cfg = utils.load_config("default")
     chosen, _ = prec.choose(requested, prec.cpu_flags(), prec.gpu_compute_capability())
     hw2_train(cfg, chosen, cfg.conv_impl, batch)(steps)
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # Not ru_maxrss: a child spawned by a big parent inherits the parent's high-water mark across
+    # exec (the full bench's parent reached 8 GiB, and the child reported exactly that). VmHWM is
+    # this process's own address space only.
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"peak_rss_gib": kib / 2**20, "precision": chosen, "conv_impl": cfg.conv_impl}))
 
 
@@ -408,8 +410,7 @@ def main() -> None:
     del train
     zoo_ratios(zoo, args.zoo_batch, args.steps, args.repeats)
     if "memory" not in skip:
-        # Peak RSS varies from run to run with how glibc's per-thread arenas fill (3.3 and 8.9 GiB
-        # seen for the same bf16 run on a busy machine), so full mode measures it twice.
+        # Full mode measures twice: glibc's per-thread arenas fill differently from run to run.
         for requested in ("auto", "fp32") if auto != "fp32" else ("auto",):
             peaks = [peak_memory(128, 1, requested) for _ in range(1 if args.quick else 2)]
             gib = [p["peak_rss_gib"] for p in peaks]
