@@ -83,7 +83,10 @@ def test_mixed_precision_step_has_fp32_variables_and_a_finite_loss(name, compute
     # fp16 trains through a loss-scaling optimizer; bf16 has fp32's exponent range and needs none.
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (name == "fp16")
     assert all(np.isfinite(first + second))
-    assert int(optimizer.iterations.numpy()) == 2
+    # Dynamic loss scaling starts high and skips a step whose scaled gradients overflow (halving
+    # the scale); that happens on the first step for some random initializations.
+    applied = int(optimizer.iterations.numpy())
+    assert applied == 2 if name == "bf16" else applied >= 1
     assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
 
 
