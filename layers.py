@@ -69,18 +69,23 @@ def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -
     return tf.reshape(cols, [-1, kh * kw * c])
 
 
-def _im2col_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf.Tensor:
+def _patches(x: tf.Tensor, kh: int, kw: int, sh: int, sw: int, same: bool):
+    """(cols, plan) of conv2d_func's im2col; plan = (h, w, cin, ho, wo, pad_top, pad_left)."""
     _, h, wd, cin = x.shape
-    kh, kw, _, cout = w.shape
     if h is None or wd is None or cin is None:
         raise ValueError(f"im2col needs static height, width and channels, got shape {x.shape}")
     ho, pt, pb = _axis_plan(h, kh, sh, same)
     wo, pl, pr = _axis_plan(wd, kw, sw, same)
+    xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]]) if pt + pb + pl + pr else x
+    return _cols(xp, kh, kw, sh, sw, ho, wo), (h, wd, cin, ho, wo, pt, pl)
+
+
+def _im2col_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf.Tensor:
+    kh, kw, _, cout = w.shape
 
     @tf.custom_gradient
     def conv(x, w):
-        xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]]) if pt + pb + pl + pr else x
-        cols = _cols(xp, kh, kw, sh, sw, ho, wo)
+        cols, (h, wd, cin, ho, wo, pt, pl) = _patches(x, kh, kw, sh, sw, same)
         y = tf.reshape(tf.matmul(cols, tf.reshape(w, [-1, cout])), [-1, ho, wo, cout])
 
         def grad(dy):
@@ -177,6 +182,48 @@ def conv2d_func(
     return _im2col_conv(x, w, sh, sw, padding == "SAME")
 
 
+def conv2d_bias_act(
+    x: tf.Tensor,
+    w: tf.Tensor,
+    bias: tf.Tensor,
+    strides: int | Sequence[int] = 1,
+    padding: str = "SAME",
+    impl: str = "im2col",
+    relu: bool = True,
+) -> tf.Tensor:
+    """relu(conv2d_func(x, w) + bias) for inference, as one fused oneDNN op.
+
+    Laid out as MatMul -> BiasAdd -> Relu on the patch matrix (Conv2D -> BiasAdd -> Relu for
+    native), the pattern Grappler's remapper fuses into _FusedMatMul (_FusedConv2D): the output is
+    written once instead of three times. No hand-written gradient: autodiff through the gather is
+    correct but slow, so training keeps conv2d_func.
+    """
+    sh, sw = _normalize_strides(strides)
+    padding = _normalize_padding(padding)
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    x = tf.convert_to_tensor(x)
+    w = tf.cast(tf.convert_to_tensor(w), x.dtype)
+    bias = tf.cast(bias, x.dtype)
+    if impl == "native":
+        y = tf.nn.bias_add(tf.nn.conv2d(x, w, strides=[1, sh, sw, 1], padding=padding), bias)
+        return tf.nn.relu(y) if relu else y
+    kh, kw, _, cout = w.shape
+    cols, (_, _, _, ho, wo, _, _) = _patches(x, kh, kw, sh, sw, padding == "SAME")
+    y = tf.nn.bias_add(tf.matmul(cols, tf.reshape(w, [-1, cout])), bias)
+    return tf.reshape(tf.nn.relu(y) if relu else y, [-1, ho, wo, cout])
+
+
+def fold_batch_norm(bn: keras.layers.BatchNormalization, kernel: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(kernel, bias) whose convolution equals conv -> bn in inference mode, in float32."""
+    inv = tf.math.rsqrt(bn.moving_variance.value + bn.epsilon)
+    scale = bn.gamma.value * inv if bn.scale else inv
+    bias = -bn.moving_mean.value * scale
+    if bn.center:
+        bias += bn.beta.value
+    return tf.cast(kernel, tf.float32) * scale, bias
+
+
 # ---------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +314,14 @@ class ConvBNReLU(keras.layers.Layer):
             self.bn.build(tuple(input_shape[:-1]) + (self.filters,))
 
     def call(self, x, training=False):
+        if not training:
+            # Inference folds batch norm into the kernel: one fused matmul + bias + ReLU.
+            if self.bn is None:
+                kernel, bias = self.kernel, self.bias
+            else:
+                kernel, bias = fold_batch_norm(self.bn, self.kernel)
+            return conv2d_bias_act(x, kernel, bias, self.stride, self.padding, self.conv_impl,
+                                   relu=self.activation)
         y = conv2d_func(x, self.kernel, self.stride, self.padding, impl=self.conv_impl)
         if self.bn is None:
             y = y + tf.cast(self.bias, y.dtype)

@@ -7,7 +7,8 @@ step), `--rounds` times with the runs interleaved, keeps each run's fastest roun
 XPlane trace it wrote, and prints for each run: wall ms per step, op time per step by category
 (conv forward, conv backward, batch norm, optimizer + EMA, ...), the top op types and ops.
 Runs: im2col, native (hw2's step, fp32), bf16 (im2col, mixed bfloat16), keras (the same network
-as a stock Keras model, model.fit). Synthetic data, default config section (100x100, 65 classes).
+as a stock Keras model, model.fit), infer-im2col and infer-native (the forward pass alone,
+training=False, fp32). Synthetic data, default config section (100x100, 65 classes).
 
 Op time is the sum of each op's duration on TensorFlow's executor threads. Two ops can run at
 once (inter-op parallelism) and an op's time includes waiting for a core, so on 2 cores the sum
@@ -30,7 +31,7 @@ sys.path.insert(0, HERE)
 
 import utils  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
 
-RUNS = ("im2col", "native", "bf16", "keras")
+RUNS = ("im2col", "native", "bf16", "keras", "infer-im2col", "infer-native")
 
 # Ops the im2col custom gradient (layers._im2col_conv) creates: tf.custom_gradient builds them
 # outside any layer's name scope, so in the trace they are the unscoped gathers and matmuls.
@@ -111,6 +112,8 @@ def make_run(which: str, cfg, batch: int):
     import train_throughput as tt
     if which == "keras":
         return tt.keras_fit(cfg, batch)
+    if which.startswith("infer-"):
+        return tt.hw2_infer(cfg, which.split("-")[1], batch)
     if which == "bf16":
         return tt.hw2_train(cfg, "bf16", "im2col", batch)
     return tt.hw2_train(cfg, "fp32", which, batch)

@@ -12,6 +12,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from layers import (  # noqa: E402
+    CONV_IMPLS,
     ConvBNReLU,
     ConvStack,
     InceptionModule,
@@ -344,3 +345,25 @@ def test_fused_batch_norm_equals_keras_batch_norm():
     assert not np.allclose(results[0][-1], results[0][0])  # inference uses the moving statistics
     for keras_value, fused_value in zip(*results):
         np.testing.assert_allclose(fused_value, keras_value, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("k, stride, activation", [(3, 1, True), (3, 2, False), (1, 1, True), (5, 1, True)])
+def test_inference_folds_batch_norm_into_the_kernel(impl, k, stride, activation):
+    """ConvBNReLU at training=False (BN folded, one fused matmul + bias + ReLU) equals conv -> Keras BN
+    with moving statistics -> ReLU, with and without gradients asked for."""
+    rng = np.random.default_rng(1)
+    layer = ConvBNReLU(8, k, stride, conv_impl=impl, activation=activation)
+    x = tf.constant(rng.normal(size=(3, 9, 11, 5)), tf.float32)
+    layer(x, training=True)
+    for v in layer.bn.variables:  # statistics far from the 0/1 defaults, so folding shows
+        v.assign(rng.uniform(0.3, 2.0, v.shape))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        want = layer.bn(tf.nn.conv2d(x, layer.kernel, stride, "SAME"), training=False)
+        want = tf.nn.relu(want) if activation else want
+        got = layer(x, training=False)
+    assert float(tf.reduce_min(want)) < 0 or activation  # the bias term really matters
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(tape.gradient(got, [x, layer.kernel]), tape.gradient(want, [x, layer.kernel])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
