@@ -173,7 +173,8 @@ def main() -> None:
             wall = profile(run, args.steps, logdir)
             if which not in best or wall < best[which][0]:
                 best[which] = (wall, logdir)
-    cats = {which: report(which, wall, op_times(logdir), args.steps, args.top)
+    cats = {which: report(which, wall, op_times(logdir),
+                          args.steps + getattr(makers[which], "extra_steps", 0), args.top)
             for which, (wall, logdir) in best.items()}
     if len(cats) > 1:
         names = sorted({c for by in cats.values() for c in by},

@@ -7,8 +7,11 @@ Rows (one ratio per line, both sides timed in this run, interleaved, best of --r
   im2col/native train, im2col/native infer     our convolution vs tf.nn.conv2d (fp32)
   auto/best(fp32,bf16) train                   what --precision auto picks vs the faster of the two
   bf16/fp32 train (im2col)                     mixed bfloat16 vs float32
-  hw2/keras-fit train                          hw2's step vs the same network as a Keras model.fit
-  hw2/torch-eager train                        vs the same network in PyTorch eager, channels_last
+  bf16/fp32 GEMM alone                         the same ratio for conv2's two big matmuls alone
+  hw2/keras-fit train                          hw2's step vs the same network as a Keras model.fit,
+                                               in fp32, in each one's bf16 mixed precision (where
+                                               auto picks bf16), and each one's default precision
+  hw2/torch-eager train                        the same vs PyTorch eager, channels_last (bf16: autocast)
   input pipeline/train                         decode + augment of real JPEGs alone vs training
   peak RSS                                     of a training run at batch 128 (separate process)
   zoo MODEL im2col/native train                each zoo model (models.py) at its own input size, fp32
@@ -138,30 +141,46 @@ def keras_model(cfg):
     x = layers.Dense(cfg.dense_units, use_bias=False, kernel_initializer="he_normal",
                      kernel_regularizer=reg)(layers.Flatten()(x))
     x = layers.Dropout(1 - cfg.keep_prob_dense)(layers.ReLU()(layers.BatchNormalization()(x)))
-    return keras.Model(inputs, layers.Dense(NUM_CLASSES)(x))
+    return keras.Model(inputs, layers.Dense(NUM_CLASSES, dtype="float32")(x))
 
 
-def keras_fit(cfg, batch: int):
-    """The same network as a stock Keras model trained with model.fit (native convs, fp32)."""
+def keras_fit(cfg, batch: int, precision: str = "fp32"):
+    """The same network as a stock Keras model trained with model.fit (native convs); bf16 is
+    Keras' own mixed_bfloat16 policy."""
     import keras
     import tensorflow as tf
-    model = keras_model(cfg)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+    try:
+        model = keras_model(cfg)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     model.compile(keras.optimizers.Adam(cfg.learning_rate),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     x, y = synthetic_batch(batch, cfg.image_size)
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
 
+    class BatchClock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+
+    clock = BatchClock()
+
     def run(steps: int) -> float:
-        start = time.perf_counter()
-        model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
-        return time.perf_counter() - start
+        # Steady-state steps only: from the end of a first batch to the end of the last. Some
+        # fit() calls spend ~3 s before their first batch, which a long fit would amortize.
+        clock.ends = []
+        model.fit(dataset, epochs=1, steps_per_epoch=steps + 1, verbose=0, shuffle=False, callbacks=[clock])
+        return clock.ends[-1] - clock.ends[0]
+
+    run.extra_steps = 1  # run(steps) runs steps + 1 (bench/profile_step.py counts them)
 
     run(1)
     return run
 
 
-def torch_eager(cfg, batch: int):
-    """The same network in PyTorch eager, channels_last, fp32, Adam. None if torch is missing."""
+def torch_eager(cfg, batch: int, precision: str = "fp32"):
+    """The same network in PyTorch eager, channels_last, Adam, fp32 or bf16 autocast (torch's
+    mixed precision). None if torch is missing."""
     try:
         import torch
         from torch import nn
@@ -212,7 +231,8 @@ def torch_eager(cfg, batch: int):
         start = time.perf_counter()
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = loss_fn(model(x).float(), y)
             loss.backward()
             optimizer.step()
             loss.item()
@@ -240,6 +260,31 @@ def input_pipeline(cfg, root: str, items, batch: int):
 
     run(1)
     return run
+
+
+def matmul_ceiling(batch: int):
+    """run(steps) per dtype for the GEMMs of conv2 (3x3/2, 64->128 at 100x100, the network's
+    largest layer): forward cols x W and the filter gradient cols^T x dY. Their bf16/fp32 ratio is
+    what this CPU's GEMMs allow a bf16 training step."""
+    import tensorflow as tf
+    m = batch * 50 * 50
+    makers = {}
+    for dtype in (tf.float32, tf.bfloat16):
+        cols = tf.cast(tf.random.normal((m, 576)), dtype)
+        dy = tf.cast(tf.random.normal((m, 128)), dtype)
+        w = tf.cast(tf.random.normal((576, 128)), dtype)
+        gemms = tf.function(lambda cols=cols, dy=dy, w=w: tf.reduce_sum(tf.cast(tf.matmul(cols, w)[:1], tf.float32))
+                            + tf.reduce_sum(tf.cast(tf.matmul(cols, dy, transpose_a=True), tf.float32)))
+
+        def run(steps: int, gemms=gemms) -> float:
+            start = time.perf_counter()
+            for _ in range(steps):
+                float(gemms())
+            return time.perf_counter() - start
+
+        run(1)
+        makers[f"GEMM {dtype.name}"] = run
+    return makers
 
 
 # ---------------------------------------------------------------- the model zoo (issue 10)
@@ -370,15 +415,24 @@ def main() -> None:
     bf16 = "bf16"
     train = {"im2col fp32": hw2_train(cfg, "fp32", "im2col", args.batch),
              "native fp32": hw2_train(cfg, "fp32", "native", args.batch),
-             f"im2col {bf16}": hw2_train(cfg, bf16, "im2col", args.batch)}
+             f"{default_impl} {bf16}": hw2_train(cfg, bf16, default_impl, args.batch)}
+    if auto == "bf16":
+        train.update(matmul_ceiling(args.batch))
     if "infer" not in skip:
         train["infer im2col"] = hw2_infer(cfg, "im2col", args.batch)
         train["infer native"] = hw2_infer(cfg, "native", args.batch)
+    # Each framework in its fp32 and, where auto picks bf16, in its own bf16 mixed precision.
+    precisions = ("fp32", "bf16") if auto == "bf16" else ("fp32",)
     if "keras" not in skip:
-        train["keras fit"] = keras_fit(cfg, args.batch)
-    torch_run = None if "torch" in skip else torch_eager(cfg, args.batch)
-    if torch_run is not None:
-        train["torch eager"] = torch_run
+        for p in precisions:
+            train[f"keras fit {p}"] = keras_fit(cfg, args.batch, p)
+    torch_run = None
+    if "torch" not in skip:
+        for p in precisions:
+            torch_run = torch_eager(cfg, args.batch, p)
+            if torch_run is None:
+                break
+            train[f"torch eager {p}"] = torch_run
     tmp = None
     if "input" not in skip:
         from input_pipeline import write_jpegs  # bench/ is on sys.path when run as a script
@@ -388,23 +442,33 @@ def main() -> None:
     sec = time_interleaved(train, args.steps, args.repeats)
     ips = {name: args.batch / s for name, s in sec.items()}
 
-    print("img/s: " + ", ".join(f"{name} {v:.1f}" for name, v in ips.items()))
-    hw2_default = ips[f"{default_impl} fp32"]
+    print("img/s: " + ", ".join(f"{name} {v:.1f}" for name, v in ips.items() if not name.startswith("GEMM")))
+    hw2_default = ips[f"{default_impl} {auto}"]  # what training runs at by default here
     print(f"im2col/native train {ips['im2col fp32'] / ips['native fp32']:.2f}")
     if "infer" not in skip:
         print(f"im2col/native infer {ips['infer im2col'] / ips['infer native']:.2f}")
-    by_precision = {"fp32": ips["im2col fp32"], "bf16": ips[f"im2col {bf16}"]}
+    by_precision = {"fp32": ips[f"{default_impl} fp32"], "bf16": ips[f"{default_impl} {bf16}"]}
     print(f"auto({auto})/best(fp32,bf16) train {by_precision[auto] / max(by_precision.values()):.2f}")
     print(f"bf16/fp32 train (im2col) {by_precision['bf16'] / by_precision['fp32']:.2f}")
-    if "keras" not in skip:
-        print(f"hw2({default_impl} fp32)/keras-fit train {hw2_default / ips['keras fit']:.2f}")
-    if "torch" not in skip:
-        if torch_run is None:
-            print("hw2/torch-eager train: skipped: pip install torch==2.13.0")
-        else:
-            print(f"hw2({default_impl} fp32)/torch-eager train {hw2_default / ips['torch eager']:.2f}")
+    if "GEMM bfloat16" in ips:
+        print(f"bf16/fp32 GEMM alone (conv2's forward + filter-gradient shapes) "
+              f"{ips['GEMM bfloat16'] / ips['GEMM float32']:.2f}")
+    # Like for like in each precision, then each tool as a user gets it by default (hw2: auto;
+    # Keras and torch: fp32).
+    for tool, name in (("keras fit", "keras-fit"), ("torch eager", "torch-eager")):
+        if tool.split()[0] in skip:
+            continue
+        if f"{tool} fp32" not in ips:
+            print(f"hw2/{name} train: skipped: pip install torch==2.13.0")
+            continue
+        for p in precisions:
+            print(f"hw2({default_impl} {p})/{name}({p}) train {ips[f'{default_impl} {p}'] / ips[f'{tool} {p}']:.2f}")
+        if auto != "fp32":
+            print(f"hw2 default({default_impl} auto={auto})/{name} default(fp32) train "
+                  f"{ips[f'{default_impl} {auto}'] / ips[f'{tool} fp32']:.2f}")
     if tmp is not None:
-        print(f"input pipeline (streamed JPEG decode+augment)/train {ips['input pipeline'] / hw2_default:.2f}")
+        print(f"input pipeline (streamed JPEG decode+augment)/train({default_impl} {auto}) "
+              f"{ips['input pipeline'] / hw2_default:.2f}")
         del train["input pipeline"]  # stop its prefetch threads before the folder goes
         tmp.cleanup()
     del train
