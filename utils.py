@@ -17,7 +17,17 @@ from typing import Any, Callable, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIG = os.path.join(HERE, "config.cfg")
+
+
+def _default_config() -> str:
+    """config.cfg beside this file (a checkout, or `pip install -e .`), else where `pip install .`
+    puts it (pyproject's data-files: PREFIX/share/hw2)."""
+    beside = os.path.join(HERE, "config.cfg")
+    installed = os.path.join(sys.prefix, "share", "hw2", "config.cfg")
+    return beside if os.path.exists(beside) or not os.path.exists(installed) else installed
+
+
+DEFAULT_CONFIG = _default_config()
 
 
 class UserError(Exception):

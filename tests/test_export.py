@@ -161,3 +161,24 @@ def test_pyproject_installs_every_module_and_command():
     for target in scripts.values():
         module, func = target.split(":")
         assert func == "main" and f"def main(" in open(os.path.join(root, module + ".py")).read()
+
+
+def test_non_editable_install_finds_its_config(tmp_path):
+    """`pip install .` copies the modules away from config.cfg; the installed utils must still find
+    it (PREFIX/share/hw2) and load every section's defaults, run from another folder."""
+    import subprocess
+    import venv
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)  # sees this TensorFlow, setuptools
+    python = str(env_dir / "bin" / "python")
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                              "--no-index", root], capture_output=True, text=True, cwd=tmp_path,
+                             env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    assert install.returncode == 0, install.stderr[-2000:]
+    code = ("import utils, sys; cfg = utils.load_config('demo'); "
+            "assert not utils.HERE.startswith(sys.argv[1]), utils.HERE; print(utils.DEFAULT_CONFIG, cfg.image_size)")
+    run = subprocess.run([python, "-c", code, root], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    path, size = run.stdout.split()
+    assert path == str(env_dir / "share" / "hw2" / "config.cfg") and int(size) > 0
