@@ -55,16 +55,28 @@ def preprocess_bytes(encoded, cfg):
     hw2 decodes with PIL, resizes the short side to augmentation.base_short_side(cfg) (bicubic up,
     bilinear down) and rounds to uint8, then applies augmentation.eval_preprocess. Here TensorFlow
     does the same steps, so pixel values differ by a few levels of rounding and filter detail;
-    also, unlike hw2's reader, EXIF orientation is not applied, transparency is dropped rather
-    than composited over white, and a GIF gives its first frame.
+    A PNG's transparency is composited over white as hw2's reader does; unlike that reader, EXIF
+    orientation is not applied, a WebP's or GIF's transparency is dropped, and a GIF gives its
+    first frame.
     """
     import tensorflow as tf
 
     import augmentation
+
+    def png_over_white():
+        rgba = tf.cast(tf.io.decode_png(encoded, channels=4), tf.int32)
+        rgb, alpha = rgba[..., :3], rgba[..., 3:]
+        # PIL's paste-with-mask blend, rounding included: (x + 128 + ((x + 128) >> 8)) >> 8 ~ x / 255.
+        blend = rgb * alpha + 255 * (255 - alpha) + 128
+        shift = tf.bitwise.right_shift
+        return tf.cast(shift(blend + shift(blend, 8), 8), tf.uint8)
+
+    is_png = tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n")
     # PIL's libjpeg decodes with the accurate integer DCT; TensorFlow's default is the fast one.
-    image = tf.cond(tf.io.is_jpeg(encoded),
-                    lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
-                    lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+    image = tf.case([(tf.io.is_jpeg(encoded),
+                      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")),
+                     (is_png, png_over_white)],
+                    default=lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
     image.set_shape([None, None, 3])
     short = augmentation.base_short_side(cfg)
     shape = tf.shape(image)

@@ -96,6 +96,37 @@ def test_reloaded_export_matches_hw2_eval_pipeline(exported, tmp_path, short_sid
     assert info["weights"] == "ema" and os.path.basename(info["checkpoint"]).startswith("best-")
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparent_png_is_composited_over_white_like_hw2(exported, tmp_path, mode):
+    """Half-transparent PNGs with black hidden under alpha 0: the export must see what hw2's reader
+    sees (the image pasted over white), not the hidden colour."""
+    tmp, run_dir, model_dir = exported
+    rng = np.random.default_rng(5)
+    data = tmp_path / "alpha"
+    os.makedirs(data / "any")
+    for i in range(4):  # short side 20 = [tiny]'s base size: no resampling on either side
+        rgba = rng.integers(0, 256, (20, 24, 4)).astype(np.uint8)
+        rgba[:, : 6 * i, 3] = 0
+        rgba[:, : 6 * i, :3] = 0
+        Image.fromarray(rgba, "RGBA").convert(mode).save(data / "any" / f"{i}.png")
+    files, expected = hw2_probabilities(run_dir, str(data))
+    dropped = tf_probabilities_with_alpha_dropped(model_dir, files)
+    assert np.abs(dropped - expected).max() > 1e-3  # the hidden black would show
+    probabilities, _ = reload_in_fresh_process(model_dir, files, tmp_path)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+
+
+def tf_probabilities_with_alpha_dropped(model_dir, files):
+    import tensorflow as tf
+    model = tf.saved_model.load(model_dir)
+    opaque = []
+    for f in files:
+        buf = io.BytesIO()
+        Image.open(f).convert("RGBA").convert("RGB").save(buf, "PNG")  # alpha dropped, black kept
+        opaque.append(buf.getvalue())
+    return model.signatures["serving_default"](images=tf.constant(opaque))["probabilities"].numpy()
+
+
 def test_export_refuses_to_overwrite_without_force(exported, capsys):
     tmp, run_dir, model_dir = exported
     assert hw2_export.main(["--checkpoint_dir", run_dir, "--export_dir", model_dir]) == 2
