@@ -49,19 +49,78 @@ def pick_checkpoint(checkpoint_dir: str, run_dir: str, checkpoint: str | None = 
     return path
 
 
-def preprocess_bytes(encoded, cfg):
-    """Encoded image bytes -> float32 [S, S, C], as hw2_input.eval_dataset prepares images.
+def exif_orientation(encoded):
+    """The EXIF orientation tag (1-8) of a JPEG's bytes, 1 when there is none; TensorFlow ops only.
 
-    hw2 decodes with PIL, resizes the short side to augmentation.base_short_side(cfg) (bicubic up,
-    bilinear down) and rounds to uint8, then applies augmentation.eval_preprocess. Here TensorFlow
-    does the same steps, so pixel values differ by a few levels of rounding and filter detail;
-    A PNG's transparency is composited over white as hw2's reader does; unlike that reader, EXIF
-    orientation is not applied, a WebP's or GIF's transparency is dropped, and a GIF gives its
-    first frame.
+    Reads the APP1 "Exif" block's TIFF header and IFD0 (the tag a phone writes when it stores a
+    photo sideways), looking no further than the first 64 KiB, where APP1 must sit.
+    """
+    import tensorflow as tf
+    head = tf.strings.substr(encoded, 0, 65536)
+    data = tf.cast(tf.io.decode_raw(head + b"\0" * 1024, tf.uint8), tf.int32)  # reads past the end see 0
+    last = tf.size(data) - 1
+    parts = tf.strings.split(head, b"Exif\0\0", maxsplit=1)
+    tiff = tf.strings.length(parts[0]) + 6  # where the TIFF header starts, if `found`
+    found = tf.size(parts) == 2
+
+    def byte(i):
+        return tf.gather(data, tf.clip_by_value(i, 0, last))
+
+    little = tf.equal(byte(tiff), 0x49)  # "II" little-endian, "MM" big-endian
+
+    def u16(i):
+        lo, hi = tf.where(little, byte(i), byte(i + 1)), tf.where(little, byte(i + 1), byte(i))
+        return lo + 256 * hi
+
+    def u32(i):
+        lo, hi = u16(i), u16(i + 2)
+        return tf.where(little, lo + 65536 * hi, hi + 65536 * lo)
+
+    valid = found & tf.reduce_any([byte(tiff) == m for m in (0x49, 0x4D)]) & tf.equal(u16(tiff + 2), 42)
+    ifd = tiff + u32(tiff + 4)
+    entries = ifd + 2 + 12 * tf.range(64)  # tag (2 bytes), type (2), count (4), value (4)
+    match = (tf.range(64) < u16(ifd)) & tf.equal(u16(entries), 0x0112)
+    value = tf.reduce_max(tf.where(match, u16(entries + 8), 0))
+    ok = valid & tf.reduce_any(match) & (value >= 1) & (value <= 8)
+    return tf.where(ok, value, 1)
+
+
+def apply_orientation(image, orientation):
+    """Turns a decoded image upright from its EXIF orientation, as PIL's ImageOps.exif_transpose."""
+    import tensorflow as tf
+
+    def transpose(x):
+        return tf.transpose(x, [1, 0, 2])
+
+    return tf.switch_case(tf.convert_to_tensor(orientation, tf.int32) - 1, [
+        lambda: image,
+        lambda: tf.image.flip_left_right(image),
+        lambda: tf.image.rot90(image, 2),
+        lambda: tf.image.flip_up_down(image),
+        lambda: transpose(image),
+        lambda: tf.image.rot90(image, 3),  # 90 degrees clockwise
+        lambda: tf.image.rot90(transpose(image), 2),
+        lambda: tf.image.rot90(image, 1),
+    ])
+
+
+def decode_upright(encoded, short_side: int):
+    """Encoded bytes -> uint8 RGB [H, W, 3] as hw2_dataset.read_image decodes them, before resizing.
+
+    As in that reader, a big JPEG is decoded at 1/2, 1/4 or 1/8 scale where its short side stays
+    >= short_side (PIL's draft mode: libjpeg's scaled IDCT), a JPEG is turned upright by its EXIF
+    orientation, and a PNG's transparency is composited over white. Unlike it, a WebP's or GIF's
+    transparency is dropped and a GIF gives its first frame.
     """
     import tensorflow as tf
 
-    import augmentation
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(encoded)
+        fit = tf.minimum(shape[0], shape[1]) // short_side
+        # PIL's libjpeg decodes with the accurate integer DCT; TensorFlow's default is the fast one.
+        return tf.switch_case(tf.reduce_sum(tf.cast(fit >= [2, 4, 8], tf.int32)), [
+            lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r, dct_method="INTEGER_ACCURATE")
+            for r in (1, 2, 4, 8)])
 
     def png_over_white():
         rgba = tf.cast(tf.io.decode_png(encoded, channels=4), tf.int32)
@@ -71,14 +130,29 @@ def preprocess_bytes(encoded, cfg):
         shift = tf.bitwise.right_shift
         return tf.cast(shift(blend + shift(blend, 8), 8), tf.uint8)
 
+    is_jpeg = tf.io.is_jpeg(encoded)
     is_png = tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n")
-    # PIL's libjpeg decodes with the accurate integer DCT; TensorFlow's default is the fast one.
-    image = tf.case([(tf.io.is_jpeg(encoded),
-                      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")),
-                     (is_png, png_over_white)],
+    image = tf.case([(is_jpeg, jpeg), (is_png, png_over_white)],
                     default=lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
     image.set_shape([None, None, 3])
+    image = apply_orientation(image, tf.cond(is_jpeg, lambda: exif_orientation(encoded), lambda: 1))
+    image.set_shape([None, None, 3])
+    return image
+
+
+def preprocess_bytes(encoded, cfg):
+    """Encoded image bytes -> float32 [S, S, C], as hw2_input.eval_dataset prepares images.
+
+    hw2 decodes with PIL (decode_upright does the same in TensorFlow), resizes the short side to
+    augmentation.base_short_side(cfg) (bicubic up, bilinear down) and rounds to uint8, then applies
+    augmentation.eval_preprocess. Here TensorFlow does the same steps, so pixel values differ by a
+    few levels of rounding and filter detail where a resize is needed.
+    """
+    import tensorflow as tf
+
+    import augmentation
     short = augmentation.base_short_side(cfg)
+    image = decode_upright(encoded, short)
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     scale = tf.cast(short, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import hw2_dataset
 import hw2_export
 import hw2_predict
 import hw2_train
@@ -127,6 +128,83 @@ def tf_probabilities_with_alpha_dropped(model_dir, files):
     return model.signatures["serving_default"](images=tf.constant(opaque))["probabilities"].numpy()
 
 
+def jpeg_with_orientation(pixels, orientation, endian="<"):
+    exif = Image.Exif()
+    exif.endian = endian  # "<" II (most phones), ">" MM
+    exif[0x010F] = "Phone"  # a tag before the orientation, as cameras write them
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_exif_orientation_turns_jpegs_upright_like_pil(endian):
+    import tensorflow as tf
+    from PIL import ImageOps
+    pixels = np.random.default_rng(3).integers(0, 256, (10, 16, 3)).astype(np.uint8)
+    for orientation in range(1, 9):
+        data = jpeg_with_orientation(pixels, orientation, endian)
+        assert int(hw2_export.exif_orientation(tf.constant(data))) == orientation
+        decoded = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+        upright = hw2_export.apply_orientation(decoded, hw2_export.exif_orientation(tf.constant(data)))
+        want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+        np.testing.assert_array_equal(upright.numpy(), want)
+    for no_exif in (b"", b"\xff\xd8Exif\0\0II", b"\xff\xd8" + bytes(range(256)) * 4):
+        assert int(hw2_export.exif_orientation(tf.constant(no_exif))) == 1
+
+
+@pytest.mark.parametrize("size, short_side", [((170, 330), 20), ((90, 60), 20), ((50, 41), 20), ((30, 30), 20)])
+def test_decode_upright_matches_hw2_reader_before_resizing(size, short_side):
+    """Big JPEGs decode at 1/8, 1/4, 1/2 or full scale exactly as PIL's draft mode (same pixels),
+    turned upright by EXIF; a progressive JPEG and an LA PNG too."""
+    import tensorflow as tf
+    from PIL import ImageOps
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    pixels = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1).astype(np.uint8)
+    encoded = [jpeg_with_orientation(pixels, 6)]
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", progressive=True)
+    encoded.append(buf.getvalue())
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert("LA").save(buf, "PNG")
+    encoded.append(buf.getvalue())
+    scale = next(r for r in (8, 4, 2, 1) if min(h, w) // short_side >= r)
+    for data in encoded:
+        with Image.open(io.BytesIO(data)) as img:  # hw2_dataset.read_image's steps before its resize
+            is_jpeg = img.format == "JPEG"
+            if is_jpeg:
+                img.draft("RGB", (short_side, short_side))
+            want = np.asarray(hw2_dataset._to_rgb(ImageOps.exif_transpose(img)))
+        got = hw2_export.decode_upright(tf.constant(data), short_side).numpy()
+        assert sorted(got.shape[:2]) == sorted([-(-h // scale), -(-w // scale)] if is_jpeg else [h, w])
+        np.testing.assert_array_equal(got, want)
+
+
+def test_export_reads_sideways_phone_jpegs_like_hw2(exported, tmp_path):
+    """JPEGs stored sideways with an EXIF orientation: the export predicts what hw2_eval predicts."""
+    import tensorflow as tf
+    tmp, run_dir, model_dir = exported
+    rng = np.random.default_rng(4)
+    data = tmp_path / "phone"
+    os.makedirs(data / "any")
+    stripped = []
+    for orientation in range(1, 9):  # 20 x 26: short side 20 either way up, so no resampling
+        pixels = np.clip(rng.normal(60, 40, (20, 26, 3)), 0, 255).astype(np.uint8)
+        pixels[:, :9] = 230  # a bright band on one side, so turning the image changes the crop
+        (data / "any" / f"{orientation}.jpg").write_bytes(jpeg_with_orientation(pixels, orientation))
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+        stripped.append(buf.getvalue())
+    files, expected = hw2_probabilities(run_dir, str(data))
+    probabilities, _ = reload_in_fresh_process(model_dir, files, tmp_path)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+    model = tf.saved_model.load(model_dir)  # kept: its variables die with it
+    sideways = model.serve(tf.constant(stripped))["probabilities"].numpy()
+    assert np.abs(sideways - expected).max() > 1e-3  # orientation really changes the input
+
+
 def test_export_refuses_to_overwrite_without_force(exported, capsys):
     tmp, run_dir, model_dir = exported
     assert hw2_export.main(["--checkpoint_dir", run_dir, "--export_dir", model_dir]) == 2
@@ -191,7 +269,7 @@ def test_pyproject_installs_every_module_and_command():
                             "hw2-dataset", "hw2-experiment"}
     for target in scripts.values():
         module, func = target.split(":")
-        assert func == "main" and f"def main(" in open(os.path.join(root, module + ".py")).read()
+        assert func == "main" and "def main(" in open(os.path.join(root, module + ".py")).read()
 
 
 def test_non_editable_install_finds_its_config(tmp_path):
