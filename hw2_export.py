@@ -88,20 +88,23 @@ def exif_orientation(encoded):
 def apply_orientation(image, orientation):
     """Turns a decoded image upright from its EXIF orientation, as PIL's ImageOps.exif_transpose."""
     import tensorflow as tf
+    # Moved as float32 (exact for 0..255): oneDNN's transpose logs an error line for integer types.
+    x = tf.cast(image, tf.float32)
 
-    def transpose(x):
-        return tf.transpose(x, [1, 0, 2])
+    def t(v):
+        return tf.transpose(v, [1, 0, 2])
 
-    return tf.switch_case(tf.convert_to_tensor(orientation, tf.int32) - 1, [
-        lambda: image,
-        lambda: tf.image.flip_left_right(image),
-        lambda: tf.image.rot90(image, 2),
-        lambda: tf.image.flip_up_down(image),
-        lambda: transpose(image),
-        lambda: tf.image.rot90(image, 3),  # 90 degrees clockwise
-        lambda: tf.image.rot90(transpose(image), 2),
-        lambda: tf.image.rot90(image, 1),
+    flipped = tf.switch_case(tf.convert_to_tensor(orientation, tf.int32) - 1, [
+        lambda: x,
+        lambda: tf.reverse(x, [1]),  # mirrored left-right
+        lambda: tf.reverse(x, [0, 1]),  # 180 degrees
+        lambda: tf.reverse(x, [0]),  # mirrored top-bottom
+        lambda: t(x),  # transpose
+        lambda: tf.reverse(t(x), [1]),  # stored 90 degrees counter-clockwise: turn clockwise
+        lambda: tf.reverse(t(x), [0, 1]),  # transverse
+        lambda: tf.reverse(t(x), [0]),  # turn counter-clockwise
     ])
+    return tf.cast(flipped, image.dtype)
 
 
 def decode_upright(encoded, short_side: int):

@@ -2,6 +2,7 @@
 predict from the export and from the run, with an unreadable file in the folder."""
 import contextlib
 import csv
+import glob
 import io
 import json
 import os
@@ -295,3 +296,15 @@ def test_non_editable_install_finds_its_config(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     path, size = run.stdout.split()
     assert path == str(env_dir / "share" / "hw2" / "config.cfg") and int(size) > 0
+
+
+def test_shipped_demo_model_reads_its_demo_images():
+    """saved_model/demo, as README command 3 uses it: each digit image predicted as its digit."""
+    import tensorflow as tf
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saved_model")
+    files = sorted(glob.glob(os.path.join(root, "demo_images", "*.png")))
+    assert len(files) == 10
+    model = tf.saved_model.load(os.path.join(root, "demo"))
+    out = model.serve(tf.constant([open(f, "rb").read() for f in files]))
+    predicted = [c.decode() for c in out["top_k_classes"].numpy()[:, 0]]
+    assert predicted == [os.path.basename(f)[0] for f in files]
