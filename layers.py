@@ -159,6 +159,16 @@ def _conv_input_grad(
     return tf.reshape(dx, [-1, h, wd, cin])
 
 
+def _conv_args(x, w, strides, padding: str, impl: str):
+    """Checked (x, w in x's dtype, stride h, stride w, padding) for conv2d_func and conv2d_bias_act."""
+    sh, sw = _normalize_strides(strides)
+    padding = _normalize_padding(padding)
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    x = tf.convert_to_tensor(x)
+    return x, tf.cast(tf.convert_to_tensor(w), x.dtype), sh, sw, padding
+
+
 def conv2d_func(
     x: tf.Tensor,
     w: tf.Tensor,
@@ -171,12 +181,7 @@ def conv2d_func(
     impl="im2col" is ours (patches + one matmul, hand-written gradient); impl="native" is
     tf.nn.conv2d. Both give the same values and gradients.
     """
-    sh, sw = _normalize_strides(strides)
-    padding = _normalize_padding(padding)
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
-    x = tf.convert_to_tensor(x)
-    w = tf.cast(tf.convert_to_tensor(w), x.dtype)
+    x, w, sh, sw, padding = _conv_args(x, w, strides, padding, impl)
     if impl == "native":
         return tf.nn.conv2d(x, w, strides=[1, sh, sw, 1], padding=padding)
     return _im2col_conv(x, w, sh, sw, padding == "SAME")
@@ -198,12 +203,7 @@ def conv2d_bias_act(
     written once instead of three times. No hand-written gradient: autodiff through the gather is
     correct but slow, so training keeps conv2d_func.
     """
-    sh, sw = _normalize_strides(strides)
-    padding = _normalize_padding(padding)
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
-    x = tf.convert_to_tensor(x)
-    w = tf.cast(tf.convert_to_tensor(w), x.dtype)
+    x, w, sh, sw, padding = _conv_args(x, w, strides, padding, impl)
     bias = tf.cast(bias, x.dtype)
     if impl == "native":
         y = tf.nn.bias_add(tf.nn.conv2d(x, w, strides=[1, sh, sw, 1], padding=padding), bias)
