@@ -426,13 +426,12 @@ def main() -> None:
     if "keras" not in skip:
         for p in precisions:
             train[f"keras fit {p}"] = keras_fit(cfg, args.batch, p)
-    torch_run = None
     if "torch" not in skip:
         for p in precisions:
-            torch_run = torch_eager(cfg, args.batch, p)
-            if torch_run is None:
+            run = torch_eager(cfg, args.batch, p)
+            if run is None:  # torch is not installed
                 break
-            train[f"torch eager {p}"] = torch_run
+            train[f"torch eager {p}"] = run
     tmp = None
     if "input" not in skip:
         from input_pipeline import write_jpegs  # bench/ is on sys.path when run as a script
@@ -465,7 +464,7 @@ def main() -> None:
             print(f"hw2({default_impl} {p})/{name}({p}) train {ips[f'{default_impl} {p}'] / ips[f'{tool} {p}']:.2f}")
         if auto != "fp32":
             print(f"hw2 default({default_impl} auto={auto})/{name} default(fp32) train "
-                  f"{ips[f'{default_impl} {auto}'] / ips[f'{tool} fp32']:.2f}")
+                  f"{hw2_default / ips[f'{tool} fp32']:.2f}")
     if tmp is not None:
         print(f"input pipeline (streamed JPEG decode+augment)/train({default_impl} {auto}) "
               f"{ips['input pipeline'] / hw2_default:.2f}")

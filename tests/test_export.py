@@ -112,21 +112,25 @@ def test_transparent_png_is_composited_over_white_like_hw2(exported, tmp_path, m
         rgba[:, : 6 * i, :3] = 0
         Image.fromarray(rgba, "RGBA").convert(mode).save(data / "any" / f"{i}.png")
     files, expected = hw2_probabilities(run_dir, str(data))
-    dropped = tf_probabilities_with_alpha_dropped(model_dir, files)
+    # Alpha dropped, the hidden black kept:
+    dropped = served_probabilities(model_dir, [encode(Image.open(f).convert("RGBA").convert("RGB"), "PNG")
+                                               for f in files])
     assert np.abs(dropped - expected).max() > 1e-3  # the hidden black would show
     probabilities, _ = reload_in_fresh_process(model_dir, files, tmp_path)
     np.testing.assert_allclose(probabilities, expected, atol=1e-4)
 
 
-def tf_probabilities_with_alpha_dropped(model_dir, files):
+def encode(img, fmt, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def served_probabilities(model_dir, encoded):
+    """The export's probabilities for these image bytes, in this process."""
     import tensorflow as tf
-    model = tf.saved_model.load(model_dir)
-    opaque = []
-    for f in files:
-        buf = io.BytesIO()
-        Image.open(f).convert("RGBA").convert("RGB").save(buf, "PNG")  # alpha dropped, black kept
-        opaque.append(buf.getvalue())
-    return model.signatures["serving_default"](images=tf.constant(opaque))["probabilities"].numpy()
+    model = tf.saved_model.load(model_dir)  # kept in a name: its variables die with it
+    return model.serve(tf.constant(encoded))["probabilities"].numpy()
 
 
 def jpeg_with_orientation(pixels, orientation, endian="<"):
@@ -134,9 +138,7 @@ def jpeg_with_orientation(pixels, orientation, endian="<"):
     exif.endian = endian  # "<" II (most phones), ">" MM
     exif[0x010F] = "Phone"  # a tag before the orientation, as cameras write them
     exif[0x0112] = orientation
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
-    return buf.getvalue()
+    return encode(Image.fromarray(pixels), "JPEG", exif=exif.tobytes(), quality=95)
 
 
 @pytest.mark.parametrize("endian", ["<", ">"])
@@ -164,13 +166,8 @@ def test_decode_upright_matches_hw2_reader_before_resizing(size, short_side):
     h, w = size
     yy, xx = np.mgrid[:h, :w]
     pixels = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1).astype(np.uint8)
-    encoded = [jpeg_with_orientation(pixels, 6)]
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", progressive=True)
-    encoded.append(buf.getvalue())
-    buf = io.BytesIO()
-    Image.fromarray(pixels).convert("LA").save(buf, "PNG")
-    encoded.append(buf.getvalue())
+    encoded = [jpeg_with_orientation(pixels, 6), encode(Image.fromarray(pixels), "JPEG", progressive=True),
+               encode(Image.fromarray(pixels).convert("LA"), "PNG")]
     scale = next(r for r in (8, 4, 2, 1) if min(h, w) // short_side >= r)
     for data in encoded:
         with Image.open(io.BytesIO(data)) as img:  # hw2_dataset.read_image's steps before its resize
@@ -185,7 +182,6 @@ def test_decode_upright_matches_hw2_reader_before_resizing(size, short_side):
 
 def test_export_reads_sideways_phone_jpegs_like_hw2(exported, tmp_path):
     """JPEGs stored sideways with an EXIF orientation: the export predicts what hw2_eval predicts."""
-    import tensorflow as tf
     tmp, run_dir, model_dir = exported
     rng = np.random.default_rng(4)
     data = tmp_path / "phone"
@@ -195,14 +191,11 @@ def test_export_reads_sideways_phone_jpegs_like_hw2(exported, tmp_path):
         pixels = np.clip(rng.normal(60, 40, (20, 26, 3)), 0, 255).astype(np.uint8)
         pixels[:, :9] = 230  # a bright band on one side, so turning the image changes the crop
         (data / "any" / f"{orientation}.jpg").write_bytes(jpeg_with_orientation(pixels, orientation))
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, "JPEG", quality=95)
-        stripped.append(buf.getvalue())
+        stripped.append(encode(Image.fromarray(pixels), "JPEG", quality=95))
     files, expected = hw2_probabilities(run_dir, str(data))
     probabilities, _ = reload_in_fresh_process(model_dir, files, tmp_path)
     np.testing.assert_allclose(probabilities, expected, atol=1e-4)
-    model = tf.saved_model.load(model_dir)  # kept: its variables die with it
-    sideways = model.serve(tf.constant(stripped))["probabilities"].numpy()
+    sideways = served_probabilities(model_dir, stripped)
     assert np.abs(sideways - expected).max() > 1e-3  # orientation really changes the input
 
 
