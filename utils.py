@@ -65,7 +65,8 @@ CHOICES = {"optimizer": ("adam", "sgd"), "conv_impl": ("im2col", "native"),
                      "vgg10", "vgg12", "vgg15", "vgg18"),
            "norm": ("batch", "instance", "none"), "stem": ("7x7", "3x3"), "channels": (1, 3),
            "lr_schedule": ("plateau", "step", "exponential", "cosine", "constant"),
-           "inception_version": (1, 2), "precision": ("auto", "fp32", "bf16", "fp16")}
+           "inception_version": (1, 2), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "class_balance": ("none", "weights", "sampler")}
 
 
 def _infer(text: str) -> Any:
