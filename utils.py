@@ -280,4 +280,8 @@ def cpu_line() -> str:
     except OSError:
         pass
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no avx2'})"
+    # oneDNN (TensorFlow's CPU matmuls and convolutions) runs no wider kernels than this cap, so a
+    # capped run measures an AVX2-only laptop on an AVX-512 machine.
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no avx2'}"
+            f"{f'; ONEDNN_MAX_CPU_ISA={cap}' if cap else ''})")
