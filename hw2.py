@@ -1,4 +1,9 @@
-"""The hw2 model (`inference`), `loss`, weight EMA, and the train/eval steps every script shares."""
+"""What every hw2 script shares: the model (`create_model`, `inference`), `loss`, the weight
+moving average (`EMA`) and the compiled train and eval steps.
+
+Training (training.py), evaluation (evaluation.py), export and prediction (serving.py) all go
+through `inference`, so a checkpoint scores the same number everywhere.
+"""
 from __future__ import annotations
 
 from typing import Callable, Mapping
@@ -6,6 +11,7 @@ from typing import Callable, Mapping
 import keras
 import tensorflow as tf
 
+import models
 from layers import ConvBNReLU, ConvStack, InceptionModule, spatial_dropout
 
 
@@ -18,9 +24,11 @@ class HW2Net(keras.Model):
 
     def __init__(self, cfg: Mapping, num_classes: int, **kwargs):
         super().__init__(**kwargs)
-        impl, wd = cfg["conv_impl"], cfg["weight_decay"]
+        impl, dense_wd = cfg["conv_impl"], cfg["weight_decay"]
+        # l2_on = dense is the seed's choice: L2 on the dense layer only.
+        wd = dense_wd if cfg["l2_on"] == "all" else 0.0
         self.num_classes = num_classes
-        self.conv_stack1 = ConvStack(list(_as_tuple(cfg["conv_stack"])), 3, conv_impl=impl,
+        self.conv_stack1 = ConvStack(list(cfg["conv_stack"]), 3, conv_impl=impl,
                                      weight_decay=wd, name="conv_stack1")
         self.conv2 = ConvBNReLU(cfg["conv2"], 3, stride=2, conv_impl=impl, weight_decay=wd, name="conv2")
         # 3x3/2 SAME pooling as in the CIFAR-10 tutorial: 50 -> 25 -> 13 -> 7.
@@ -38,7 +46,7 @@ class HW2Net(keras.Model):
         self.flatten = keras.layers.Flatten()
         self.dense1 = keras.layers.Dense(cfg["dense_units"], use_bias=False, name="dense1",
                                          kernel_initializer="he_normal",
-                                         kernel_regularizer=keras.regularizers.L2(wd) if wd else None)
+                                         kernel_regularizer=keras.regularizers.L2(dense_wd) if dense_wd else None)
         self.dense1_bn = keras.layers.BatchNormalization(name="dense1_bn")
         self.drop_dense = keras.layers.Dropout(1.0 - cfg["keep_prob_dense"])
         self.logits = keras.layers.Dense(num_classes, name="softmax_linear", dtype="float32")
@@ -53,18 +61,13 @@ class HW2Net(keras.Model):
         return self.logits(x)
 
 
-def _as_tuple(v) -> tuple:
-    return v if isinstance(v, tuple) else (v,)
+MODELS = ("hw2_inception",) + models.ZOO  # config key `model`
 
 
-def build_model(cfg: Mapping, num_classes: int) -> keras.Model:
-    """Create the network cfg["model"] names and its variables (before any checkpoint restore)."""
-    if cfg.get("model", "hw2_inception") == "hw2_inception":
-        model = HW2Net(cfg, num_classes)
-    else:
-        import models  # the zoo: cifar10_tutorial, resnets, vggs, simple_cnn
-        model = models.create(cfg, num_classes)
-    model(tf.zeros([1, cfg["image_size"], cfg["image_size"], cfg.get("channels", 3)]), training=False)
+def create_model(cfg: Mapping, num_classes: int) -> keras.Model:
+    """The network cfg["model"] names, with its variables created (before any checkpoint restore)."""
+    model = HW2Net(cfg, num_classes) if cfg["model"] == "hw2_inception" else models.create(cfg, num_classes)
+    model(tf.zeros([1, cfg["image_size"], cfg["image_size"], cfg["channels"]]), training=False)
     return model
 
 
@@ -93,17 +96,19 @@ def variables_by_path(model: keras.Model) -> dict:
     return out
 
 
-def inference(images: tf.Tensor, cfg: Mapping, num_classes: int, training: bool = False) -> tf.Tensor:
-    """Logits for a batch of images, in one call (builds a fresh model; scripts keep theirs)."""
-    return build_model(cfg, num_classes)(images, training=training)
+def inference(model: keras.Model, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+    """float32 logits of `images` (computed in the model's precision)."""
+    return tf.cast(model(images, training=training), tf.float32)
 
 
-def loss(logits: tf.Tensor, labels: tf.Tensor, model: keras.Model,
-         global_batch_size: int, label_smoothing: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
+def loss(logits: tf.Tensor, labels: tf.Tensor, model: keras.Model, global_batch_size: int,
+         label_smoothing: float = 0.0, class_weights=None) -> tuple[tf.Tensor, tf.Tensor]:
     """Softmax cross-entropy averaged over the global batch + L2 shared out over replicas.
 
-    Returns (total, cross_entropy). Summing each replica's total across replicas gives the
-    true global loss, which is what tf.distribute's gradient all-reduce expects.
+    `class_weights` [classes] (mean 1, from --class_balance weights) scale each example's
+    cross-entropy by its label's weight. Returns (total, cross_entropy). Summing each replica's
+    total across replicas gives the true global loss, which is what tf.distribute's gradient
+    all-reduce expects.
     """
     logits = tf.cast(logits, tf.float32)
     if label_smoothing > 0:  # targets (1 - eps) * one_hot + eps / num_classes
@@ -113,14 +118,23 @@ def loss(logits: tf.Tensor, labels: tf.Tensor, model: keras.Model,
         per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     else:
         per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    if class_weights is not None:
+        per_example *= tf.gather(tf.cast(class_weights, tf.float32), labels)
     ce = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
     l2 = tf.nn.scale_regularization_loss(tf.add_n(model.losses)) if model.losses else 0.0
     return ce + l2, ce
 
 
 def count_correct(logits: tf.Tensor, labels: tf.Tensor, k: int) -> tf.Tensor:
-    """Number of examples whose label is among the top-k logits (ties counted as correct)."""
-    return tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, tf.cast(logits, tf.float32), k), tf.float32))
+    """Number of examples whose label is among the k classes `tf.math.top_k` ranks first.
+
+    Not `tf.math.in_top_k`: it counts every class tied at the k-th logit as inside, so a model
+    whose logits are all equal would score top-1 1.0. top_k breaks ties by the lower index, as
+    argmax does, so top-1 here is the accuracy of the per-class report's predictions.
+    """
+    top = tf.math.top_k(tf.cast(logits, tf.float32), k=k).indices
+    hit = tf.reduce_any(tf.equal(top, tf.cast(labels, tf.int32)[:, tf.newaxis]), axis=1)
+    return tf.reduce_sum(tf.cast(hit, tf.float32))
 
 
 class EMA:
@@ -143,6 +157,11 @@ class EMA:
         for s, v in zip(self.shadow, self._vars):
             s.assign(decay * s + (1.0 - decay) * tf.cast(v.value, s.dtype))
 
+    def copy_to_model(self) -> None:
+        """Put the averaged weights into the model (eval, export): the raw ones stay in the checkpoint."""
+        for s, v in zip(self.shadow, self._vars):
+            v.assign(s)
+
     def swap(self) -> None:
         """Exchange live and averaged weights (call again to swap back)."""
         for s, v in zip(self.shadow, self._vars):
@@ -154,7 +173,7 @@ class EMA:
 def make_optimizer(cfg: Mapping, model: keras.Model) -> keras.optimizers.Optimizer:
     if cfg["optimizer"] == "sgd":
         opt = keras.optimizers.SGD(cfg["learning_rate"], momentum=cfg["momentum"],
-                                   nesterov=cfg.get("nesterov", False))
+                                   nesterov=cfg["nesterov"])
     else:
         opt = keras.optimizers.Adam(cfg["learning_rate"])
     if model.dtype_policy.compute_dtype == "float16":
@@ -166,13 +185,14 @@ def make_optimizer(cfg: Mapping, model: keras.Model) -> keras.optimizers.Optimiz
 
 
 def make_train_step(model: keras.Model, optimizer, ema: EMA, strategy: tf.distribute.Strategy,
-                    global_batch_size: int, label_smoothing: float = 0.0) -> Callable:
-    """A compiled step: next batch from a distributed iterator -> (loss, ce, top-1 correct)."""
+                    global_batch_size: int, label_smoothing: float = 0.0, class_weights=None) -> Callable:
+    """The train step: next batch from a distributed iterator -> forward, loss, gradients, update,
+    moving average; returns the global (loss, cross-entropy, top-1 correct)."""
 
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            total, ce = loss(logits, labels, model, global_batch_size, label_smoothing)
+            logits = inference(model, images, training=True)
+            total, ce = loss(logits, labels, model, global_batch_size, label_smoothing, class_weights)
             scaled = optimizer.scale_loss(total)  # total itself unless fp16 loss scaling is on
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -192,8 +212,8 @@ def make_eval_step(model: keras.Model, strategy: tf.distribute.Strategy, top_k: 
     """A compiled step: a batch -> global sums of (cross-entropy, top-1 correct, top-k correct, n)."""
 
     def replica_step(images, labels):
-        logits = model(images, training=False)
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=tf.cast(logits, tf.float32))
+        logits = inference(model, images)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         n = tf.cast(tf.shape(labels)[0], tf.float32)
         return tf.reduce_sum(ce), count_correct(logits, labels, 1), count_correct(logits, labels, top_k), n
 

@@ -4,7 +4,7 @@
         --grid norm=batch,instance,none --grid residual=true,false [--folds K] [--max_epochs E] \\
         [--plan] [--parallel N] [--<config key> V ...]
 
-Each variant (x fold) trains in EXP/<variant>[/fold-i]/ through hw2_train.train: the same loop,
+Each variant (x fold) trains in EXP/<variant>[/fold-i]/ through training.train: the same loop,
 checkpoints, logs and resume as hw2_train.py. RUN/result.json marks a finished run, so running
 the same command again skips finished runs and resumes an interrupted one from its checkpoint.
 A failed run (RUN/error.txt) is reported in the table and does not stop the others.
@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+import run_dir
 import utils
 from utils import UserError
 
@@ -104,7 +105,7 @@ def _listdir(path: str) -> list[str]:
 # ------------------------------------------------------------------------------------ one run
 
 class History:
-    """hw2_train hook: every validation row, kept in RUN/history.json across resumes."""
+    """Training hook: every validation row, kept in RUN/history.json across resumes."""
 
     def __init__(self, train_dir: str):
         self.path = os.path.join(train_dir, HISTORY)
@@ -115,7 +116,7 @@ class History:
         start = info["start_step"]
         self.info = {"params": info["params"], "steps_per_epoch": info["steps_per_epoch"],
                      "global_batch": info["global_batch"]}
-        old = utils.load_json(self.path, "history") if os.path.isfile(self.path) else []
+        old = run_dir.load_json(self.path, "history") if os.path.isfile(self.path) else []
         # Rows after the checkpoint we resume from belong to steps that will run again.
         self.rows = [r for r in old if r["step"] <= start]
         self._first = True
@@ -131,40 +132,26 @@ class History:
         r["warmup"] = self._first
         self._first, self._last_step = False, row["step"]
         self.rows.append(r)
-        utils.save_json(self.path, self.rows)
+        run_dir.save_json(self.path, self.rows)
 
 
 def run_one(run: Run, args, overrides: dict, scan_fn) -> dict:
-    """Train (or resume) one run through hw2_train's own functions; writes RUN/result.json."""
-    import hw2_dataset
-    import hw2_train
-
-    ns = argparse.Namespace(section=args.section, config=args.config, train_dir=run.train_dir, fresh=False)
-    cfg = hw2_train.resolve_config(ns, {**overrides, **run.values})
-    hw2_train.prepare_run_dir(run.train_dir, False)
-    split_path = os.path.join(run.train_dir, "split.json")
-    if os.path.isfile(split_path):
-        split = hw2_dataset.load_split(split_path)
-    else:
-        scan = scan_fn()
-        folds, fold = (args.folds, run.fold) if run.fold is not None else (0, 0)
-        train, val = hw2_dataset.make_split(scan.items, cfg.val_fraction, cfg.seed, folds, fold)
-        hw2_dataset.write_split(split_path, scan, train, val, cfg.seed, cfg.val_fraction, folds, fold)
-        split = hw2_dataset.load_split(split_path)
-    if not split["val"]:
-        raise UserError("the split has no validation images: every class needs at least 2 images")
-    utils.save_json(os.path.join(run.train_dir, "config.json"),
-                    {"section": args.section, "config": cfg, "class_names": split["class_names"]})
+    """Train (or resume) one run with the training loop and run directory of hw2_train.py; writes
+    RUN/result.json. A new run's skipped files go to RUN/bad_images.txt, as hw2_train.py's do."""
+    import run_dir
+    import run_record
+    import training
+    cfg = run_dir.resolve_config(run.train_dir, args.section, {**overrides, **run.values}, args.config)
+    run_dir.prepare(run.train_dir, fresh=False)
+    folds, fold = (args.folds, run.fold) if run.fold is not None else (0, 0)
+    new = not os.path.isfile(os.path.join(run.train_dir, run_dir.SPLIT))
+    split = run_dir.prepare_split(run.train_dir, cfg, folds=folds, fold=fold, scan=scan_fn() if new else None)
+    run_dir.save_config(run.train_dir, args.section, cfg, split["class_names"])
     history = History(run.train_dir)
-    hooks = [history]
-    try:
-        import report  # run.json and summary.csv, as hw2_train.py writes them
-        hooks.append(report.RunRecord(run.train_dir, plot_every_validation=False))
-    except (ImportError, AttributeError):
-        pass
-    best = hw2_train.train(cfg, split, run.train_dir, hooks=hooks)
+    hooks = [history, run_record.RunRecord(run.train_dir, plot_every_validation=False)]
+    best = training.train(cfg, split, run.train_dir, hooks=hooks)
     result = summarize_run(run, history.rows, history.info, best)
-    utils.save_json(os.path.join(run.train_dir, RESULT), result)
+    run_dir.save_json(os.path.join(run.train_dir, RESULT), result)
     return result
 
 
@@ -197,7 +184,7 @@ def collect(runs: list[Run]) -> list[dict]:
         for run in group:
             path = os.path.join(run.train_dir, RESULT)
             if os.path.isfile(path):
-                results.append(utils.load_json(path, "run result"))
+                results.append(run_dir.load_json(path, "run result"))
             elif os.path.isfile(os.path.join(run.train_dir, ERROR)):
                 with open(os.path.join(run.train_dir, ERROR)) as f:
                     errors.append((f.read().strip().splitlines() or ["failed"])[0])
@@ -374,8 +361,8 @@ def run(argv: list[str]) -> int:
             logging.info("=== run %d of %d: %s%s -> %s", i + 1, len(pending), r.variant,
                          "" if r.fold is None else f" fold {r.fold}", r.train_dir)
             _run_guarded(r, args, overrides, scan)
-    if args.only:
-        return 0
+    if args.only:  # a --parallel worker: its exit code tells the parent
+        return 1 if any(run_status(r) == "failed" for r in runs) else 0
     title = f"{os.path.basename(os.path.abspath(args.out))}: section {args.section}"
     table = write_reports(args.out, runs, [k for k, _ in grid], args.folds, title)
     logging.info("wrote %s, %s and %s", *(os.path.join(args.out, f) for f in ("results.csv", "results.md",
@@ -397,10 +384,7 @@ def _run_guarded(r: Run, args, overrides: dict, scan) -> None:
         if not isinstance(e, UserError):
             message = f"{type(e).__name__}: {message}"
             logging.debug("run %s failed", r.train_dir, exc_info=True)
-        os.makedirs(r.train_dir, exist_ok=True)
-        with open(error_path, "w") as f:
-            f.write(message + "\n")
-        logging.error("run %s failed: %s", r.train_dir, message)
+        _write_error(r, message)
     finally:
         import keras
         keras.backend.clear_session()  # each run builds a fresh model; drop the last one's graph
@@ -418,7 +402,9 @@ def _parallel_devices(n: int) -> int:
 
 
 def _run_parallel(pending: list[Run], argv: list[str], workers: int) -> None:
-    """Each run in its own process, pinned to one GPU via CUDA_VISIBLE_DEVICES."""
+    """Each run in its own process, pinned to one GPU via CUDA_VISIBLE_DEVICES. A process that
+    dies before writing its result or error (killed, out of memory) gets an error.txt, so the
+    table marks it failed."""
     argv = [a for i, a in enumerate(argv) if a != "--parallel" and (i == 0 or argv[i - 1] != "--parallel")]
     argv = [a for a in argv if not a.startswith("--parallel=")]
     queue, running = list(pending), {}
@@ -429,11 +415,20 @@ def _run_parallel(pending: list[Run], argv: list[str], workers: int) -> None:
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(device)}
             cmd = [sys.executable, os.path.abspath(__file__), *argv, "--only", r.train_dir]
             logging.info("GPU %d: %s", device, r.train_dir)
-            running[device] = subprocess.Popen(cmd, env=env)
+            running[device] = (r, subprocess.Popen(cmd, env=env))
         time.sleep(2)
-        for device, proc in list(running.items()):
+        for device, (r, proc) in list(running.items()):
             if proc.poll() is not None:
                 del running[device]
+                if proc.returncode != 0 and run_status(r) != "failed":
+                    _write_error(r, f"the run's process exited with code {proc.returncode}")
+
+
+def _write_error(r: Run, message: str) -> None:
+    os.makedirs(r.train_dir, exist_ok=True)
+    with open(os.path.join(r.train_dir, ERROR), "w") as f:
+        f.write(message + "\n")
+    logging.error("run %s failed: %s", r.train_dir, message)
 
 
 def main(argv: list[str] | None = None) -> int:

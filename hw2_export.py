@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 
+import run_dir
 import utils
 from utils import UserError
 
@@ -37,214 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pick_checkpoint(checkpoint_dir: str, run_dir: str, checkpoint: str | None = None) -> str:
-    """--checkpoint, else the best checkpoint, else the newest one in checkpoint_dir."""
-    import tensorflow as tf
-    path = checkpoint or tf.train.latest_checkpoint(os.path.join(run_dir, "best")) \
-        or tf.train.latest_checkpoint(checkpoint_dir)
-    if not path:
-        raise UserError(f"no checkpoint in {checkpoint_dir} (train first)")
-    if not tf.io.gfile.glob(path + ".index"):
-        raise UserError(f"checkpoint not found: {path}")
-    return path
-
-
-def exif_orientation(encoded):
-    """The EXIF orientation tag (1-8) of a JPEG's bytes, 1 when there is none; TensorFlow ops only.
-
-    Reads the APP1 "Exif" block's TIFF header and IFD0 (the tag a phone writes when it stores a
-    photo sideways), looking no further than the first 64 KiB, where APP1 must sit.
-    """
-    import tensorflow as tf
-    head = tf.strings.substr(encoded, 0, 65536)
-    data = tf.cast(tf.io.decode_raw(head + b"\0" * 1024, tf.uint8), tf.int32)  # reads past the end see 0
-    last = tf.size(data) - 1
-    parts = tf.strings.split(head, b"Exif\0\0", maxsplit=1)
-    tiff = tf.strings.length(parts[0]) + 6  # where the TIFF header starts, if `found`
-    found = tf.size(parts) == 2
-
-    def byte(i):
-        return tf.gather(data, tf.clip_by_value(i, 0, last))
-
-    little = tf.equal(byte(tiff), 0x49)  # "II" little-endian, "MM" big-endian
-
-    def u16(i):
-        lo, hi = tf.where(little, byte(i), byte(i + 1)), tf.where(little, byte(i + 1), byte(i))
-        return lo + 256 * hi
-
-    def u32(i):
-        lo, hi = u16(i), u16(i + 2)
-        return tf.where(little, lo + 65536 * hi, hi + 65536 * lo)
-
-    valid = found & tf.reduce_any([byte(tiff) == m for m in (0x49, 0x4D)]) & tf.equal(u16(tiff + 2), 42)
-    ifd = tiff + u32(tiff + 4)
-    entries = ifd + 2 + 12 * tf.range(64)  # tag (2 bytes), type (2), count (4), value (4)
-    match = (tf.range(64) < u16(ifd)) & tf.equal(u16(entries), 0x0112)
-    value = tf.reduce_max(tf.where(match, u16(entries + 8), 0))
-    ok = valid & tf.reduce_any(match) & (value >= 1) & (value <= 8)
-    return tf.where(ok, value, 1)
-
-
-def apply_orientation(image, orientation):
-    """Turns a decoded image upright from its EXIF orientation, as PIL's ImageOps.exif_transpose."""
-    import tensorflow as tf
-    # Moved as float32 (exact for 0..255): oneDNN's transpose logs an error line for integer types.
-    x = tf.cast(image, tf.float32)
-
-    def t(v):
-        return tf.transpose(v, [1, 0, 2])
-
-    flipped = tf.switch_case(tf.convert_to_tensor(orientation, tf.int32) - 1, [
-        lambda: x,
-        lambda: tf.reverse(x, [1]),  # mirrored left-right
-        lambda: tf.reverse(x, [0, 1]),  # 180 degrees
-        lambda: tf.reverse(x, [0]),  # mirrored top-bottom
-        lambda: t(x),  # transpose
-        lambda: tf.reverse(t(x), [1]),  # stored 90 degrees counter-clockwise: turn clockwise
-        lambda: tf.reverse(t(x), [0, 1]),  # transverse
-        lambda: tf.reverse(t(x), [0]),  # turn counter-clockwise
-    ])
-    return tf.cast(flipped, image.dtype)
-
-
-def decode_upright(encoded, short_side: int):
-    """Encoded bytes -> uint8 RGB [H, W, 3] as hw2_dataset.read_image decodes them, before resizing.
-
-    As in that reader, a big JPEG is decoded at 1/2, 1/4 or 1/8 scale where its short side stays
-    >= short_side (PIL's draft mode: libjpeg's scaled IDCT), a JPEG is turned upright by its EXIF
-    orientation, and a PNG's transparency is composited over white. Unlike it, a WebP's or GIF's
-    transparency is dropped and a GIF gives its first frame.
-    """
-    import tensorflow as tf
-
-    def jpeg():
-        shape = tf.io.extract_jpeg_shape(encoded)
-        fit = tf.minimum(shape[0], shape[1]) // short_side
-        # PIL's libjpeg decodes with the accurate integer DCT; TensorFlow's default is the fast one.
-        return tf.switch_case(tf.reduce_sum(tf.cast(fit >= [2, 4, 8], tf.int32)), [
-            lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r, dct_method="INTEGER_ACCURATE")
-            for r in (1, 2, 4, 8)])
-
-    def png_over_white():
-        rgba = tf.cast(tf.io.decode_png(encoded, channels=4), tf.int32)
-        rgb, alpha = rgba[..., :3], rgba[..., 3:]
-        # PIL's paste-with-mask blend, rounding included: (x + 128 + ((x + 128) >> 8)) >> 8 ~ x / 255.
-        blend = rgb * alpha + 255 * (255 - alpha) + 128
-        shift = tf.bitwise.right_shift
-        return tf.cast(shift(blend + shift(blend, 8), 8), tf.uint8)
-
-    is_jpeg = tf.io.is_jpeg(encoded)
-    is_png = tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n")
-    image = tf.case([(is_jpeg, jpeg), (is_png, png_over_white)],
-                    default=lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
-    image.set_shape([None, None, 3])
-    image = apply_orientation(image, tf.cond(is_jpeg, lambda: exif_orientation(encoded), lambda: 1))
-    image.set_shape([None, None, 3])
-    return image
-
-
-def preprocess_bytes(encoded, cfg):
-    """Encoded image bytes -> float32 [S, S, C], as hw2_input.eval_dataset prepares images.
-
-    hw2 decodes with PIL (decode_upright does the same in TensorFlow), resizes the short side to
-    augmentation.base_short_side(cfg) (bicubic up, bilinear down) and rounds to uint8, then applies
-    augmentation.eval_preprocess. Here TensorFlow does the same steps, so pixel values differ by a
-    few levels of rounding and filter detail where a resize is needed.
-    """
-    import tensorflow as tf
-
-    import augmentation
-    short = augmentation.base_short_side(cfg)
-    image = decode_upright(encoded, short)
-    shape = tf.shape(image)
-    h, w = shape[0], shape[1]
-    scale = tf.cast(short, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
-    # Same rounding as hw2_dataset.read_image: the long side is int(x + 0.5).
-    size = tf.where(h <= w,
-                    tf.stack([short, tf.cast(tf.cast(w, tf.float32) * scale + 0.5, tf.int32)]),
-                    tf.stack([tf.cast(tf.cast(h, tf.float32) * scale + 0.5, tf.int32), short]))
-    size = tf.maximum(size, 1)
-
-    def resized():
-        up = tf.image.resize(image, size, method="bicubic")
-        down = tf.image.resize(image, size, method="bilinear", antialias=True)
-        out = tf.where(tf.minimum(h, w) < short, up, down)
-        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-
-    image = tf.cond(tf.equal(tf.minimum(h, w), short), lambda: image, resized)
-    return augmentation.eval_preprocess(image, cfg)
-
-
-def build_serving_module(run_dir: str, checkpoint: str, raw: bool = False, top_k: int | None = None):
-    """A tf.Module whose `serve(images: [N] tf.string)` returns probabilities and the top-k classes."""
-    import tensorflow as tf
-
-    import hw2
-    import layers
-    saved = utils.load_json(os.path.join(run_dir, "config.json"), "run config")
-    cfg, class_names = utils.config_from_json(saved["config"]), saved["class_names"]
-    k = top_k or min(cfg.top_k, len(class_names))
-    if not 1 <= k <= len(class_names):
-        raise UserError(f"--top_k {k} must be between 1 and the number of classes ({len(class_names)})")
-    model = hw2.build_model(cfg, len(class_names))
-    ema = hw2.EMA(model, cfg.ema_decay)
-    try:
-        tf.train.Checkpoint(model=hw2.variables_by_path(model), ema=ema.shadow).restore(checkpoint) \
-            .expect_partial().assert_existing_objects_matched()
-    except (ValueError, AssertionError, tf.errors.OpError) as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise UserError(f"checkpoint {checkpoint} does not match the network in config.json: {first}") from None
-    if not raw:
-        ema.swap()
-    # Same weights through tf.nn.conv2d: the SavedModel then holds only standard ops (no
-    # custom-gradient function of ours) and runs at the native speed of whatever device loads it.
-    layers.set_conv_impl(model, "native")
-    size, channels = cfg.image_size, int(cfg.get("channels", 3))
-
-    class Serving(tf.Module):
-        def __init__(self):
-            super().__init__(name="hw2_serving")
-            self.model = model
-            self.class_names = tf.Variable(class_names, trainable=False, dtype=tf.string, name="class_names")
-            self.image_size = tf.Variable(size, trainable=False, name="image_size")
-            self.top_k = tf.Variable(k, trainable=False, name="top_k")
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-        def serve(self, images):
-            x = tf.map_fn(lambda b: preprocess_bytes(b, cfg), images,
-                          fn_output_signature=tf.TensorSpec([size, size, channels], tf.float32))
-            probabilities = tf.nn.softmax(tf.cast(self.model(x, training=False), tf.float32))
-            top = tf.math.top_k(probabilities, k=k)
-            return {"probabilities": probabilities, "top_k_indices": top.indices,
-                    "top_k_classes": tf.gather(self.class_names, top.indices),
-                    "top_k_probabilities": top.values}
-
-    module = Serving()
-    module.info = {"class_names": class_names, "top_k": k, "image_size": size, "checkpoint": checkpoint,
-                   "weights": "raw" if raw else "ema", "section": saved.get("section"), "config": cfg}
-    return module
-
-
-def export(run_dir: str, checkpoint: str, export_dir: str, raw: bool = False, top_k: int | None = None) -> dict:
-    """Write the SavedModel (plus hw2_export.json describing it) to export_dir; returns that description."""
-    import tensorflow as tf
-
-    import report
-    module = build_serving_module(run_dir, checkpoint, raw, top_k)
-    tmp = export_dir.rstrip("/") + ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
-    info = {**module.info, "hw2_version": report.HW2_VERSION, "tensorflow": tf.__version__,
-            "signature": "serving_default: images [N] tf.string (encoded JPEG/PNG/BMP/GIF) -> "
-                         "probabilities [N, C], top_k_indices, top_k_classes, top_k_probabilities [N, K]"}
-    utils.save_json(os.path.join(tmp, "hw2_export.json"), info)
-    os.chmod(os.path.join(tmp, "hw2_export.json"), 0o644)  # save_json's temp file is owner-only
-    if os.path.isdir(export_dir):
-        shutil.rmtree(export_dir)
-    os.replace(tmp, export_dir)
-    return info
-
-
 def dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
@@ -252,15 +44,15 @@ def dir_size(path: str) -> int:
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     utils.setup_logging()
-    import hw2_eval
-    run_dir = hw2_eval.find_run_dir(args.checkpoint_dir)
+    run = run_dir.find(args.checkpoint_dir)
     if os.path.exists(args.export_dir) and not args.force:
         raise UserError(f"{args.export_dir} exists: pass --force to replace it, or pick another --export_dir")
     parent = os.path.dirname(os.path.abspath(args.export_dir))
     os.makedirs(parent, exist_ok=True)
-    checkpoint = pick_checkpoint(args.checkpoint_dir, run_dir, args.checkpoint)
+    checkpoint = run_dir.pick_checkpoint(args.checkpoint_dir, args.checkpoint, prefer_best=True)
     logging.info("exporting %s (%s weights)", checkpoint, "raw" if args.raw else "EMA")
-    info = export(run_dir, checkpoint, args.export_dir, args.raw, args.top_k)
+    import serving
+    info = serving.export(run, checkpoint, args.export_dir, args.raw, args.top_k)
     print(f"wrote {args.export_dir} ({dir_size(args.export_dir) / 2**20:.1f} MiB): {len(info['class_names'])} "
           f"classes, top-{info['top_k']}, {info['weights']} weights of {checkpoint}", flush=True)
     return 0

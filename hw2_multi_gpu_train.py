@@ -7,8 +7,9 @@ Several machines (MultiWorkerMirroredStrategy), one command per machine:
 (or with TF_CONFIG already set). Worker 0 is the chief: only it writes RUN.
 
 batch_size is per replica: the global batch is batch_size x replicas, and `lr_scaling` says how the
-learning rate follows it. With fewer GPUs than asked (or none), N logical CPU devices are used so
-the multi-device path still runs, and the log says so.
+learning rate follows it. Asking for more GPUs than the machine has is an error; on a machine
+without GPUs (or with --cpu_devices N) logical CPU devices run the same multi-device path, and the
+log says so. Several machines need one RUN they all see (a shared folder): see README.
 """
 from __future__ import annotations
 
@@ -23,27 +24,33 @@ import utils
 from utils import UserError
 
 
-def _local_devices(num_gpus: int) -> list[str]:
-    """num_gpus GPUs, or as many logical CPU devices when the GPUs are missing."""
+def local_devices(num_gpus: int, cpu_devices: int = 0) -> list[str]:
+    """The devices one machine trains on: num_gpus GPUs; N logical CPU devices only when asked for
+    with cpu_devices, or when the machine has no GPU at all (logged). Fewer GPUs than asked for is
+    an error: silently running on CPUs would leave the GPUs idle."""
     import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) >= num_gpus:
+    if not cpu_devices and gpus:
+        if len(gpus) < num_gpus:
+            raise UserError(f"--num_gpus {num_gpus}, but this machine has {len(gpus)} GPU(s): "
+                            f"use --num_gpus {len(gpus)}")
         return [f"/gpu:{i}" for i in range(num_gpus)]
-    if num_gpus > 1:
+    n = cpu_devices or num_gpus
+    if n > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num_gpus)
-    logging.info("%d GPU(s) found, %d asked: running %d logical CPU device(s) instead (this exercises "
-                 "the multi-device path; it is not faster than one device)", len(gpus), num_gpus, num_gpus)
-    return [f"/cpu:{i}" for i in range(num_gpus)]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+    why = "as asked (--cpu_devices)" if cpu_devices else "no GPU here"
+    logging.info("%s: running %d logical CPU device(s) (this exercises the multi-device path; it is not "
+                 "faster than one device)", why, n)
+    return [f"/cpu:{i}" for i in range(n)]
 
 
-def make_strategy(num_gpus: int, multi_worker: bool):
+def make_strategy(num_gpus: int, multi_worker: bool, cpu_devices: int = 0):
     import tensorflow as tf
     if multi_worker:
         spec = json.loads(os.environ["TF_CONFIG"])
-        gpus = tf.config.list_physical_devices("GPU")
-        if not gpus and num_gpus > 1:
-            _local_devices(num_gpus)
+        if cpu_devices or (num_gpus > 1 and not tf.config.list_physical_devices("GPU")):
+            local_devices(num_gpus, cpu_devices)
         # RING all-reduce works everywhere; NCCL is picked automatically for GPUs.
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
@@ -52,7 +59,7 @@ def make_strategy(num_gpus: int, multi_worker: bool):
         logging.info("MultiWorkerMirroredStrategy: %s %s of %s, %d replica(s) in all",
                      task.get("type"), task.get("index"), spec.get("cluster"), strategy.num_replicas_in_sync)
         return strategy
-    devices = _local_devices(num_gpus)
+    devices = local_devices(num_gpus, cpu_devices)
     strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.OneDeviceStrategy(devices[0])
     logging.info("%s over %s", type(strategy).__name__, ", ".join(devices))
     return strategy
@@ -61,6 +68,8 @@ def make_strategy(num_gpus: int, multi_worker: bool):
 def run(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--num_gpus", type=int, default=1)
+    pre.add_argument("--cpu_devices", type=int, default=0,
+                     help="N logical CPU devices instead of GPUs (tests the multi-device path, not faster)")
     pre.add_argument("--worker_hosts", help="host:port,host:port,... of every worker (same order on each)")
     pre.add_argument("--task_index", type=int, help="this machine's index in --worker_hosts (0 = chief)")
     args, rest = pre.parse_known_args(argv)
@@ -68,6 +77,8 @@ def run(argv: list[str]) -> int:
         print(__doc__)
     if args.num_gpus < 1:
         raise UserError(f"--num_gpus must be >= 1, got {args.num_gpus}")
+    if args.cpu_devices < 0:
+        raise UserError(f"--cpu_devices must be >= 0, got {args.cpu_devices}")
     if args.worker_hosts:
         hosts = [h.strip() for h in args.worker_hosts.split(",") if h.strip()]
         if any(":" not in h for h in hosts):
@@ -84,7 +95,7 @@ def run(argv: list[str]) -> int:
             json.loads(os.environ["TF_CONFIG"])["cluster"]
         except (ValueError, KeyError, TypeError):
             raise UserError("TF_CONFIG is set but is not JSON with a 'cluster' entry") from None
-    return hw2_train.run(rest, strategy_fn=lambda: make_strategy(args.num_gpus, multi_worker),
+    return hw2_train.run(rest, strategy_fn=lambda: make_strategy(args.num_gpus, multi_worker, args.cpu_devices),
                          prog="hw2_multi_gpu_train.py")
 
 

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+import run_dir
 import utils
 from utils import UserError
 
@@ -67,11 +68,9 @@ def load_model(args):
         module = tf.saved_model.load(args.model)
         names = [n.decode() for n in module.class_names.numpy()]
         return module, names, int(module.top_k.numpy())
-    import hw2_eval
-    import hw2_export
-    run_dir = hw2_eval.find_run_dir(args.checkpoint_dir)
-    module = hw2_export.build_serving_module(run_dir, hw2_export.pick_checkpoint(args.checkpoint_dir, run_dir),
-                                             raw=args.raw)
+    import serving
+    module = serving.build_serving_module(run_dir.find(args.checkpoint_dir),
+                                          run_dir.pick_checkpoint(args.checkpoint_dir, prefer_best=True), raw=args.raw)
     return module, module.info["class_names"], module.info["top_k"]
 
 
@@ -130,8 +129,7 @@ def run(argv: list[str]) -> int:
     paths = list_images(args.images)
     module, class_names, default_k = load_model(args)
     k = args.top_k or default_k
-    if not 1 <= k <= len(class_names):
-        raise UserError(f"--top_k {k} must be between 1 and the number of classes ({len(class_names)})")
+    run_dir.check_top_k(k, len(class_names))
     results = predict_files(module, paths, args.batch_size)
     bad = [(p, e) for p, (probs, e) in zip(paths, results) if probs is None]
     for p, e in bad:

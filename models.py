@@ -86,7 +86,9 @@ class ConvNorm(keras.layers.Layer):
 
 
 def _conv_args(cfg: Mapping) -> dict:
-    return {"norm": cfg["norm"], "conv_impl": cfg["conv_impl"], "weight_decay": cfg["weight_decay"]}
+    # l2_on = dense: L2 on the fully connected layers only, as the seed and the CIFAR-10 tutorial.
+    wd = cfg["weight_decay"] if cfg["l2_on"] == "all" else 0.0
+    return {"norm": cfg["norm"], "conv_impl": cfg["conv_impl"], "weight_decay": wd}
 
 
 class BasicBlock(keras.layers.Layer):

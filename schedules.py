@@ -1,14 +1,18 @@
-"""Learning-rate schedules as a pure function of the step (config key `lr_schedule`).
+"""The learning rate: schedules as a pure function of the step, and the plateau policy.
 
-`plateau` (the default) is not here: the training loop's PlateauPolicy lowers the LR from
-validation results. Every other schedule is counted in epochs of the *global* batch, so more
-replicas (a bigger global batch, fewer steps per epoch) decay at the same point in the data,
-the CIFAR-10 tutorial's multi-GPU schedule bug.
+`lr_schedule` (config key):
 
+    plateau      lr, lowered by `PlateauPolicy` from validation results (the default)
     constant     lr
     step         lr * lr_gamma ** floor(epoch / lr_step_epochs)     (ResNet: every 7 epochs x0.1)
     exponential  lr * lr_gamma ** (epoch / lr_step_epochs)          (smooth version of step)
     cosine       lr * (1 + cos(pi * step / max_steps)) / 2          (down to 0 at max_steps)
+
+Every schedule is counted in epochs of the *global* batch, so more replicas (a bigger global
+batch, fewer steps per epoch) decay at the same point in the data: the CIFAR-10 tutorial's
+multi-GPU schedule bug. The training loop multiplies the result by the replica scaling and by
+the factors the plateau policy and the NaN guard have applied, so a lowered LR stays lowered
+under any schedule.
 """
 from __future__ import annotations
 
@@ -19,10 +23,10 @@ SCHEDULES = ("plateau", "step", "exponential", "cosine", "constant")
 
 
 def lr_at(cfg: Mapping, step: int, steps_per_epoch: int, max_steps: int | None = None) -> float:
-    """The LR for training step `step` (0 = the first step), for every schedule except plateau."""
+    """The scheduled LR for training step `step` (0 = the first step); plateau is constant here."""
     kind, base = cfg["lr_schedule"], float(cfg["learning_rate"])
     epoch = step / max(1, steps_per_epoch)
-    if kind == "constant":
+    if kind in ("constant", "plateau"):
         return base
     if kind == "step":
         return base * cfg["lr_gamma"] ** math.floor(epoch / cfg["lr_step_epochs"])
@@ -31,4 +35,52 @@ def lr_at(cfg: Mapping, step: int, steps_per_epoch: int, max_steps: int | None =
     if kind == "cosine":
         total = max(1, max_steps if max_steps is not None else cfg["max_steps"])
         return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    raise ValueError(f"lr_schedule {kind!r} is not a step function (plateau is the loop's policy)")
+    raise ValueError(f"unknown lr_schedule {kind!r}")
+
+
+class PlateauPolicy:
+    """When to lower the LR and when to stop, from val top-1 results (counted in validations).
+
+    - A gain is a val top-1 above the reference by more than `min_delta`; it resets both counts.
+    - The LR drops (x lr_factor, by the caller) after `lr_patience` validations without a gain,
+      counted since the last gain or the last drop (Keras ReduceLROnPlateau, no cooldown).
+    - Training stops once `stop_patience` validations have passed without a gain, but never
+      before the last drop has had its `lr_patience` validations: a lowered LR always gets its
+      full chance. With lr_patience 4 and stop_patience 8: drops after 4 and 8 stale validations,
+      stop after 12. With lr_patience > stop_patience: no drop, stop after stop_patience.
+    - The best checkpoint follows any strict improvement, gain or not.
+    """
+
+    FIELDS = ("best", "best_step", "ref", "stale", "since_drop", "lowered")
+
+    def __init__(self, lr_patience: int, stop_patience: int, min_delta: float):
+        self.lr_patience, self.stop_patience, self.min_delta = lr_patience, stop_patience, min_delta
+        self.best, self.best_step, self.ref = -math.inf, -1, -math.inf
+        self.stale, self.since_drop, self.lowered = 0, 0, 0
+
+    def update(self, metric: float, step: int) -> tuple[bool, str]:
+        """Returns (is_new_best, action) with action in 'gain' | 'wait' | 'lower_lr' | 'stop'."""
+        is_best = metric > self.best
+        if is_best:
+            self.best, self.best_step = metric, step
+        if metric > self.ref + self.min_delta:
+            self.ref, self.stale, self.since_drop = metric, 0, 0
+            return is_best, "gain"
+        self.stale += 1
+        self.since_drop += 1
+        drop_due = self.since_drop >= self.lr_patience
+        if drop_due and self.stale <= self.stop_patience:
+            self.since_drop, self.lowered = 0, self.lowered + 1
+            return is_best, "lower_lr"
+        dropped_since_gain = self.since_drop < self.stale
+        if self.stale >= self.stop_patience and (drop_due or not dropped_since_gain):
+            return is_best, "stop"
+        return is_best, "wait"
+
+    def state(self) -> dict[str, float]:
+        return {f: float(getattr(self, f)) for f in self.FIELDS}
+
+    def load(self, state: Mapping[str, float]) -> None:
+        for f in self.FIELDS:
+            value = float(state[f])
+            setattr(self, f, value if f in ("best", "ref") else int(value))

@@ -8,10 +8,11 @@ import configparser
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 from typing import Any, Callable, Sequence
+
+import config_keys
 
 # TensorFlow prints pages of C++ start-up noise; users need our lines, not those.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -46,97 +47,60 @@ class Config(dict):
             raise AttributeError(key) from None
 
 
-# Values that would make a run meaningless; checked once so every script fails the same way.
-POSITIVE = {"image_size", "batch_size", "eval_batch_size", "max_steps", "save_checkpoint_steps",
-            "keep_checkpoints", "lr_patience", "stop_patience", "log_every_steps", "top_k",
-            "dense_units", "conv2", "inception2_bottleneck", "inception3_bottleneck",
-            "learning_rate", "eval_timeout_secs", "width", "fc_units", "lr_step_epochs"}
-NON_NEGATIVE = {"brightness", "contrast", "rotate_deg", "shift_frac", "noise_std", "weight_decay",
-                "min_delta", "momentum", "cache_images_mb", "seed", "nan_retries",
-                "summary_every_steps", "max_epochs"}
-UNIT_INTERVAL = {"keep_prob_1", "keep_prob_2", "keep_prob_dense", "lr_factor", "ema_decay",
-                 "val_fraction", "lr_gamma"}
-# Probabilities and rates where 1 would leave nothing (every input dropped, every label uniform).
-HALF_OPEN_UNIT = {"dropout", "label_smoothing"}
-PROBABILITY = {"flip_ud"}
-CHOICES = {"optimizer": ("adam", "sgd"), "conv_impl": ("im2col", "native"),
-           "lr_scaling": ("none", "linear", "sqrt"), "on_bad_image": ("skip", "fail"),
-           "model": ("hw2_inception", "cifar10_tutorial", "simple_cnn", "resnet14", "resnet18", "resnet34",
-                     "vgg10", "vgg12", "vgg15", "vgg18"),
-           "norm": ("batch", "instance", "none"), "stem": ("7x7", "3x3"), "channels": (1, 3),
-           "lr_schedule": ("plateau", "step", "exponential", "cosine", "constant"),
-           "inception_version": (1, 2), "precision": ("auto", "fp32", "bf16", "fp16"),
-           "class_balance": ("none", "weights", "sampler")}
-
-
-def _infer(text: str) -> Any:
-    """Type of a [default] value decides the type every override must have."""
-    t = text.strip()
-    if t.lower() in ("true", "false"):
-        return t.lower() == "true"
-    if re.fullmatch(r"[+-]?\d+", t):
-        return int(t)
-    if re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?", t):
-        return float(t)
-    if re.fullmatch(r"\d+(\s*,\s*\d+)+", t):
-        return tuple(int(p) for p in t.split(","))
-    return t
-
-
-def _coerce(key: str, text: Any, like: Any, where: str) -> Any:
-    """Parse `text` as the type of `like`; one clear line on mismatch."""
-    if not isinstance(text, str):
-        text = str(text)
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """`value` (text from config.cfg or a flag, or a JSON value) as the declared type of `key`."""
+    kind = config_keys.KEYS[key].type
+    text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
     t = text.strip()
     try:
-        if isinstance(like, bool):
+        if kind is bool:
             if t.lower() in ("true", "1", "yes"):
                 return True
             if t.lower() in ("false", "0", "no"):
                 return False
             raise ValueError
-        if isinstance(like, int):
+        if kind is int:
             return int(t)
-        if isinstance(like, float):
+        if kind is float:
             return float(t)
-        if isinstance(like, tuple):
-            return tuple(int(p) for p in t.split(","))
+        if kind is config_keys.IntList:
+            return tuple(int(p) for p in t.strip("[]()").split(","))
     except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a number",
-                tuple: "a comma-separated list of integers"}[type(like)]
-        raise UserError(f"{where}: '{key}' must be {kind}, got '{text}'") from None
+        what = {bool: "true or false", int: "an integer", float: "a number",
+                config_keys.IntList: "a comma-separated list of integers"}[kind]
+        raise UserError(f"{where}: '{key}' must be {what}, got '{text}'") from None
     return t
 
 
-def _check_ranges(cfg: Config) -> None:
-    for key, value in cfg.items():
-        if key in POSITIVE and not value > 0:
-            raise UserError(f"'{key}' must be > 0, got {value}")
-        if key in NON_NEGATIVE and value < 0:
-            raise UserError(f"'{key}' must be >= 0, got {value}")
-        if key in UNIT_INTERVAL and not 0 < value <= 1:
-            raise UserError(f"'{key}' must be in (0, 1], got {value}")
-        if key in HALF_OPEN_UNIT and not 0 <= value < 1:
-            raise UserError(f"'{key}' must be in [0, 1), got {value}")
-        if key in PROBABILITY and not 0 <= value <= 1:
-            raise UserError(f"'{key}' must be in [0, 1], got {value}")
-        if key in CHOICES and value not in CHOICES[key]:
-            options = "|".join(str(c) for c in CHOICES[key])
-            raise UserError(f"'{key}' must be one of {options}, got '{value}'")
-        if isinstance(value, tuple) and any(v <= 0 for v in value):
-            raise UserError(f"'{key}' must list positive integers, got {value}")
-    if cfg.get("scale_min", 1) > cfg.get("scale_max", 1):
+_CHECKS = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
+           "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"), "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
+           "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+
+
+def _check(cfg: Config) -> None:
+    """Each value against its declaration, then the rules that tie keys together."""
+    for name, key in config_keys.KEYS.items():
+        value = cfg[name]
+        if key.check:
+            ok, text = _CHECKS[key.check]
+            if not ok(value):
+                raise UserError(f"'{name}' must be {text}, got {value}")
+        choices = config_keys.choices_of(key)
+        if choices is not None and value not in choices:
+            raise UserError(f"'{name}' must be one of {'|'.join(str(c) for c in choices)}, got '{value}'")
+        if key.type is config_keys.IntList and (not value or any(v <= 0 for v in value)):
+            raise UserError(f"'{name}' must list positive integers, got {','.join(map(str, value))}")
+    if cfg.scale_min > cfg.scale_max:
         raise UserError(f"scale_min ({cfg.scale_min}) must be <= scale_max ({cfg.scale_max})")
-    if cfg.get("scale_min", 1) < 1:
-        raise UserError(f"scale_min must be >= 1 (crops never upsample past the image), got {cfg.scale_min}")
-    for key in ("inception2", "inception3"):
-        if key in cfg and len(cfg[key]) != 4:
-            raise UserError(f"'{key}' must list 4 tower widths (1x1, 3x3, 5x5, pool), got {cfg[key]}")
+    for name in ("inception2", "inception3"):
+        if len(cfg[name]) != 4:
+            raise UserError(f"'{name}' must list 4 tower widths (1x1, 3x3, 5x5, pool), got {cfg[name]}")
 
 
 def load_config(section: str = "default", overrides: dict[str, str] | None = None,
                 path: str = DEFAULT_CONFIG) -> Config:
-    """[default], then [section], then command-line overrides; unknown keys and bad types stop the run."""
+    """Declared defaults, then config.cfg's [default], then [section], then command-line overrides;
+    an unknown key, a wrong type or a value out of range stops the run with one line naming it."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     parser = configparser.ConfigParser(default_section="__none__", inline_comment_prefixes=("#", ";"))
@@ -144,22 +108,27 @@ def load_config(section: str = "default", overrides: dict[str, str] | None = Non
         parser.read(path)
     except configparser.Error as e:
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
-    if "default" not in parser:
-        raise UserError(f"{path} has no [default] section")
-    if section not in parser:
+    if section not in parser and section != "default":
         known = ", ".join(s for s in parser.sections())
         raise UserError(f"unknown section '{section}' in {path} (known: {known})")
-    cfg = Config((k, _infer(v)) for k, v in parser["default"].items())
-    layers = [(f"[{section}] in {os.path.basename(path)}", dict(parser[section]))] if section != "default" else []
+    cfg = Config((name, key.default) for name, key in config_keys.KEYS.items())
+    name = os.path.basename(path)
+    layers = [(f"[default] in {name}", dict(parser["default"]) if "default" in parser else {})]
+    if section != "default":
+        layers.append((f"[{section}] in {name}", dict(parser[section])))
     layers.append(("command line", overrides or {}))
     for where, values in layers:
-        for key, text in values.items():
-            if key not in cfg:
-                raise UserError(f"{where}: unknown config key '{key}' (see [default] in {os.path.basename(path)})")
-            cfg[key] = _coerce(key, text, cfg[key], where)
+        _apply(cfg, values, where)
+    _check(cfg)
     cfg["section"] = section
-    _check_ranges(cfg)
     return cfg
+
+
+def _apply(cfg: Config, values: dict, where: str) -> None:
+    for key, value in values.items():
+        if key not in config_keys.KEYS:
+            raise UserError(f"{where}: unknown config key '{key}' (see [default] in config.cfg)")
+        cfg[key] = _coerce(key, value, where)
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, str]:
@@ -206,9 +175,13 @@ def load_json(path: str, what: str) -> Any:
         raise UserError(f"cannot read {what} {path}: {e}") from None
 
 
-def config_from_json(obj: dict) -> Config:
-    """A config saved in a run directory, with lists turned back into tuples."""
-    return Config((k, tuple(v) if isinstance(v, list) else v) for k, v in obj.items())
+def config_from_json(obj: dict, where: str = "config.json") -> Config:
+    """A config saved in a run directory: declared types back, and the declared default for a key
+    that an older hw2 did not have yet."""
+    cfg = Config((name, key.default) for name, key in config_keys.KEYS.items())
+    _apply(cfg, {k: v for k, v in obj.items() if k != "section"}, where)
+    cfg["section"] = obj.get("section", "default")
+    return cfg
 
 
 # ---------------------------------------------------------------- command-line glue
@@ -265,6 +238,14 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None, ten
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: files only, no display on training machines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def cpu_line() -> str:

@@ -24,6 +24,7 @@ def child(args) -> None:
     import tensorflow as tf
 
     import hw2
+    import training
     import utils
     if args.devices > 1 and not args.gpu:
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -38,10 +39,7 @@ def child(args) -> None:
     cfg = utils.load_config(args.section)
     replicas = strategy.num_replicas_in_sync
     gb = args.global_batch
-    with strategy.scope():
-        model = hw2.build_model(cfg, 10)
-        opt = hw2.make_optimizer(cfg, model)
-        ema = hw2.EMA(model, cfg.ema_decay)
+    state = training.create_train_state(cfg, 10, strategy)
     rng = np.random.default_rng(0)
     s = cfg.image_size
     # Each element is a global batch: tf.distribute rebatches it into per-worker, per-replica shares.
@@ -51,7 +49,7 @@ def child(args) -> None:
     opts = tf.data.Options()
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     it = iter(strategy.experimental_distribute_dataset(ds.with_options(opts)))
-    step = hw2.make_train_step(model, opt, ema, strategy, gb)
+    step = hw2.make_train_step(state.model, state.optimizer, state.ema, strategy, gb)
     for _ in range(3):
         float(step(it)[0])
     t = time.perf_counter()

@@ -1,7 +1,44 @@
-"""Shared test setup: import the top-level modules, keep TensorFlow quiet."""
+"""Shared test setup: the top-level modules on the path, TensorFlow quiet, and one tiny trained
+run (the [tiny] section, 4 steps on a generated 2-class folder) that every module may read.
+
+A test that changes the run works on a copy (`tiny_run.copy(tmp_path)`).
+"""
+import contextlib
+import io
 import os
+import shutil
 import sys
+from dataclasses import dataclass
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@dataclass
+class TinyRun:
+    data: str  # DATA/dark, DATA/light: 10 images each, PNG and JPEG, mixed sizes
+    run: str  # RUN after `hw2_train.py --section tiny --max_steps 4`
+    best_top1: float  # what training printed for RUN/best
+
+    def copy(self, tmp_path) -> str:
+        target = str(tmp_path / "run-copy")
+        shutil.copytree(self.run, target)
+        return target
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    import hw2_train
+    from helpers import make_image_folder
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    data = make_image_folder(tmp / "data", per_class=10, formats=("png", "jpg", "JPEG"))
+    run = str(tmp / "run")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert hw2_train.main(["--data_dir", data, "--train_dir", run, "--section", "tiny", "--max_steps", "4"]) == 0
+    best_line = out.getvalue().strip().splitlines()[-1]
+    assert best_line.startswith("best val top-1"), best_line
+    return TinyRun(data, run, float(best_line.split()[3]))

@@ -23,6 +23,7 @@ args = p.parse_args()
 import tensorflow as tf  # noqa: E402
 
 import hw2  # noqa: E402
+import training  # noqa: E402
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 if args.devices > 1:
@@ -33,14 +34,11 @@ else:
 # No dropout (its masks differ per replica) and SGD (Adam's first step is ~lr*sign(g), which
 # would blow float round-off up to full steps).
 cfg = utils.load_config("tiny", {"keep_prob_1": "1", "keep_prob_2": "1", "keep_prob_dense": "1",
-                                 "optimizer": "sgd", "learning_rate": "0.1", "momentum": "0"})
+                                 "optimizer": "sgd", "learning_rate": "0.1", "momentum": "0",
+                                 "sync_bn": str(bool(args.sync_bn)), "precision": "fp32"})
 global_batch = 8
-with strategy.scope():
-    model = hw2.build_model(cfg, 3)
-    if args.sync_bn:
-        hw2.synchronize_batch_norm(model)
-    optimizer = hw2.make_optimizer(cfg, model)
-    ema = hw2.EMA(model, 0.9)
+state = training.create_train_state(cfg, 3, strategy)
+model, optimizer, ema = state.model, state.optimizer, state.ema
 if os.path.exists(args.init):
     init = np.load(args.init)
     for i, v in enumerate(model.trainable_variables):

@@ -55,6 +55,47 @@ def test_bad_override_names_the_key(overrides, message):
     assert message in str(e.value)
 
 
+def test_config_cfg_default_section_agrees_with_the_declarations():
+    """config.cfg is what users read: its [default] lists every declared key with its declared default."""
+    import configparser
+
+    import config_keys
+    parser = configparser.ConfigParser(default_section="__none__", inline_comment_prefixes=("#", ";"))
+    parser.read(utils.DEFAULT_CONFIG)
+    in_file = dict(parser["default"])
+    assert sorted(in_file) == sorted(config_keys.KEYS)
+    for name, key in config_keys.KEYS.items():
+        assert utils._coerce(name, in_file[name], "config.cfg") == key.default, name
+        assert key.help, name
+
+
+def test_choices_come_from_the_modules_that_own_them():
+    import hw2
+    import layers
+    import models
+    import precision
+    import schedules
+    for key, owner in [("model", hw2.MODELS), ("lr_schedule", schedules.SCHEDULES), ("norm", models.NORMS),
+                       ("precision", precision.PRECISIONS), ("conv_impl", layers.CONV_IMPLS)]:
+        assert utils.load_config("default", {key: owner[-1]})[key] == owner[-1]
+    assert set(models.ZOO) < set(hw2.MODELS)
+
+
+def test_list_valued_keys_take_lists():
+    cfg = load_config("default", {"conv_stack": "64,64", "inception2": "[8, 8, 8, 8]"})
+    assert cfg.conv_stack == (64, 64) and cfg.inception2 == (8, 8, 8, 8)
+    assert load_config("default", {"conv_stack": "32"}).conv_stack == (32,)
+
+
+def test_a_saved_config_reads_back_with_its_types_and_new_keys_defaulted():
+    import json
+    cfg = load_config("tiny", {"conv_stack": "4,4"})
+    saved = json.loads(json.dumps(cfg))  # what config.json holds: tuples became lists
+    del saved["class_balance"]  # a key an older hw2 did not have
+    back = utils.config_from_json(saved)
+    assert back == cfg and back.conv_stack == (4, 4)
+
+
 def test_unknown_section_lists_the_known_ones():
     with pytest.raises(UserError) as e:
         load_config("nope")
@@ -97,8 +138,9 @@ def test_run_cli_turns_user_errors_into_one_line(capsys):
 
 
 def test_save_json_replaces_atomically(tmp_path):
+    import run_dir
     path = str(tmp_path / "x.json")
-    utils.save_json(path, {"a": (1, 2)})
-    utils.save_json(path, {"a": [3]})
-    assert utils.load_json(path, "x") == {"a": [3]}
+    run_dir.save_json(path, {"a": (1, 2)})
+    run_dir.save_json(path, {"a": [3]})
+    assert run_dir.load_json(path, "x") == {"a": [3]}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind

@@ -3,22 +3,15 @@ import csv
 import math
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import hw2_experiment
+from helpers import make_image_folder
 from utils import UserError
 
 
-def write_folder(root, per_class=8):
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(60 + 120 * c + rng.normal(0, 15, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return str(root)
+def write_folder(root):
+    return make_image_folder(root, classes=("class0", "class1"), sizes=((16, 16),), formats=("png",), noise=15)
 
 
 ARGS = ["--section", "tiny", "--model", "simple_cnn", "--grid", "norm=batch,none", "--grid", "dropout=0.0,0.25",

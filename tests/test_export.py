@@ -16,7 +16,8 @@ from PIL import Image
 import hw2_dataset
 import hw2_export
 import hw2_predict
-import hw2_train
+import serving
+from helpers import make_image_folder
 
 # Reloads the SavedModel with TensorFlow alone and fails if any hw2 module got imported.
 RELOAD = """
@@ -32,44 +33,33 @@ print(json.dumps([[c.decode() for c in row] for row in out["top_k_classes"].nump
 """
 
 
-def make_folder(root, per_class=8, classes=("dark", "light"), short_side=None):
+def make_folder(root, per_class=8, short_side=None):
     """Two classes told apart by brightness. short_side: every image's short side (else mixed sizes)."""
-    rng = np.random.default_rng(2)
-    for c, name in enumerate(classes):
-        os.makedirs(root / name, exist_ok=True)
-        for i in range(per_class):
-            h, w = (short_side, short_side + i % 3 * 4) if short_side else (12 + i % 4 * 9, 30 - i % 3 * 6)
-            pixels = np.clip((60 if c == 0 else 190) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
-    return str(root)
+    sizes = [(short_side, short_side + i * 4) for i in range(3)] if short_side else \
+        [(12 + i % 4 * 9, 30 - i % 3 * 6) for i in range(12)]
+    return make_image_folder(root, per_class=per_class, sizes=sizes, formats=("jpg", "png"), seed=2, noise=25)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tiny_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    data, run_dir = make_folder(tmp / "data"), str(tmp / "run")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny",
-                               "--max_steps", "4"]) == 0
-        assert hw2_export.main(["--checkpoint_dir", run_dir, "--export_dir", str(tmp / "model")]) == 0
-    return tmp, run_dir, str(tmp / "model")
+        assert hw2_export.main(["--checkpoint_dir", tiny_run.run, "--export_dir", str(tmp / "model")]) == 0
+    return tmp, tiny_run.run, str(tmp / "model")
 
 
 def hw2_probabilities(run_dir, data_dir):
     """What hw2_eval.py computes: the run's best checkpoint, EMA weights, hw2's input pipeline."""
-    import hw2_eval
+    import evaluation
     import hw2_input
-    import report
+    import run_dir as run_dirs
     import tensorflow as tf
-    import utils
-    saved = json.load(open(os.path.join(run_dir, "config.json")))
-    cfg, names = utils.config_from_json(saved["config"]), saved["class_names"]
+    cfg, _ = run_dirs.read_config(run_dir)
     files = sorted(os.path.relpath(os.path.join(d, f), data_dir) for d, _, fs in os.walk(data_dir) for f in fs)
     dataset = hw2_input.eval_dataset(data_dir, [(f, 0) for f in files], cfg, 16)
-    evaluator = hw2_eval.Evaluator(cfg, names, 2, precision_name="fp32")  # exports are fp32
-    evaluator.restore(tf.train.latest_checkpoint(os.path.join(run_dir, "best")))
-    evaluator.ema.swap()
-    return [os.path.join(data_dir, f) for f in files], report.predict(evaluator.model, dataset)[1]
+    evaluator = evaluation.Evaluator(run_dir, 2, precision_name="fp32")  # exports are fp32
+    result = evaluator.evaluate(tf.train.latest_checkpoint(os.path.join(run_dir, "best")), dataset)
+    return [os.path.join(data_dir, f) for f in files], result.probabilities
 
 
 def reload_in_fresh_process(model_dir, files, tmp_path):
@@ -148,13 +138,13 @@ def test_exif_orientation_turns_jpegs_upright_like_pil(endian):
     pixels = np.random.default_rng(3).integers(0, 256, (10, 16, 3)).astype(np.uint8)
     for orientation in range(1, 9):
         data = jpeg_with_orientation(pixels, orientation, endian)
-        assert int(hw2_export.exif_orientation(tf.constant(data))) == orientation
+        assert int(serving.exif_orientation(tf.constant(data))) == orientation
         decoded = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
-        upright = hw2_export.apply_orientation(decoded, hw2_export.exif_orientation(tf.constant(data)))
+        upright = serving.apply_orientation(decoded, serving.exif_orientation(tf.constant(data)))
         want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
         np.testing.assert_array_equal(upright.numpy(), want)
     for no_exif in (b"", b"\xff\xd8Exif\0\0II", b"\xff\xd8" + bytes(range(256)) * 4):
-        assert int(hw2_export.exif_orientation(tf.constant(no_exif))) == 1
+        assert int(serving.exif_orientation(tf.constant(no_exif))) == 1
 
 
 @pytest.mark.parametrize("size, short_side", [((170, 330), 20), ((90, 60), 20), ((50, 41), 20), ((30, 30), 20)])
@@ -175,7 +165,7 @@ def test_decode_upright_matches_hw2_reader_before_resizing(size, short_side):
             if is_jpeg:
                 img.draft("RGB", (short_side, short_side))
             want = np.asarray(hw2_dataset._to_rgb(ImageOps.exif_transpose(img)))
-        got = hw2_export.decode_upright(tf.constant(data), short_side).numpy()
+        got = serving.decode_upright(tf.constant(data), short_side).numpy()
         assert sorted(got.shape[:2]) == sorted([-(-h // scale), -(-w // scale)] if is_jpeg else [h, w])
         np.testing.assert_array_equal(got, want)
 

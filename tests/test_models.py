@@ -1,17 +1,17 @@
 """The model zoo: shapes at two input sizes, hand-counted parameters, im2col == native, and a
 real two-step training that lowers the loss."""
-import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 import hw2
 import hw2_input
 import layers
 import models
+import training
 import utils
+from helpers import items_of, make_image_folder
 
 NUM_CLASSES = 3
 
@@ -28,7 +28,7 @@ def test_every_model_builds_at_two_sizes(model, size, channels):
     # The 7x7/2 stem with pooling takes 16 px down to 1x1 at the last stage: still a valid network.
     extra = {"stem": "7x7"} if model == "resnet18" else {}
     cfg = zoo_cfg(model, image_size=size, channels=channels, **extra)
-    net = hw2.build_model(cfg, NUM_CLASSES)
+    net = hw2.create_model(cfg, NUM_CLASSES)
     logits = net(tf.zeros([2, size, size, channels]), training=False)
     assert logits.shape == (2, NUM_CLASSES)
     assert layers.set_conv_impl(net, "im2col") > 0  # every conv is one of ours
@@ -40,7 +40,7 @@ def trainable_params(net):
 
 def test_simple_cnn_parameters_match_a_hand_count():
     cfg = zoo_cfg("simple_cnn", image_size=16, norm="none", fc_units=32)
-    net = hw2.build_model(cfg, NUM_CLASSES)
+    net = hw2.create_model(cfg, NUM_CLASSES)
     conv1 = 3 * 3 * 3 * 8 + 8
     conv2 = 3 * 3 * 8 * 16 + 16
     fc = (16 // 4) ** 2 * 16 * 32 + 32  # two 2x2 pools: 16 -> 4
@@ -51,7 +51,7 @@ def test_simple_cnn_parameters_match_a_hand_count():
 def test_resnet14_parameters_match_a_hand_count():
     # width 1/16: stages of 4, 8, 16, 32 channels; 1-2-2-1 blocks; batch norm (gamma, beta; no bias).
     cfg = zoo_cfg("resnet14", image_size=16, channels=1)
-    net = hw2.build_model(cfg, NUM_CLASSES)
+    net = hw2.create_model(cfg, NUM_CLASSES)
 
     def conv(k, cin, cout):
         return k * k * cin * cout + 2 * cout
@@ -68,8 +68,8 @@ def test_resnet14_parameters_match_a_hand_count():
 
 
 def test_residual_false_drops_the_projections():
-    with_res = trainable_params(hw2.build_model(zoo_cfg("resnet14"), NUM_CLASSES))
-    without = trainable_params(hw2.build_model(zoo_cfg("resnet14", residual="false"), NUM_CLASSES))
+    with_res = trainable_params(hw2.create_model(zoo_cfg("resnet14"), NUM_CLASSES))
+    without = trainable_params(hw2.create_model(zoo_cfg("resnet14", residual="false"), NUM_CLASSES))
     projections = sum(1 * 1 * cin * cout + 2 * cout for cin, cout in ((4, 8), (8, 16), (16, 32)))
     assert with_res - without == projections
 
@@ -79,7 +79,7 @@ def test_residual_false_drops_the_projections():
 def test_im2col_and_native_give_the_same_logits(model, norm):
     extra = {"stem": "7x7"} if model == "resnet14" else {}  # strided 7x7 and 1x1/2 projections
     cfg = zoo_cfg(model, image_size=20, norm=norm, **extra)
-    net = hw2.build_model(cfg, NUM_CLASSES)
+    net = hw2.create_model(cfg, NUM_CLASSES)
     images = tf.random.stateless_normal([3, 20, 20, 3], seed=[1, 2])
     ours = net(images, training=False)
     layers.set_conv_impl(net, "native")
@@ -88,14 +88,8 @@ def test_im2col_and_native_give_the_same_logits(model, norm):
 
 
 def write_folder(root, per_class=8):
-    rng = np.random.default_rng(0)
-    for c in range(NUM_CLASSES):
-        os.makedirs(root / str(c))
-        for i in range(per_class):
-            pixels = np.clip(40 + 80 * c + rng.normal(0, 15, (20, 20, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
-    items = [(f"{c}/{i}.png", c) for c in range(NUM_CLASSES) for i in range(per_class)]
-    return str(root), items
+    data_dir = make_image_folder(root, classes=("0", "1", "2"), per_class=per_class, sizes=((20, 20),), noise=15)
+    return data_dir, items_of(data_dir)
 
 
 @pytest.mark.parametrize("model, channels", [("simple_cnn", 1), ("resnet14", 3), ("vgg10", 3)])
@@ -105,9 +99,9 @@ def test_two_steps_on_a_tiny_folder_lower_the_loss(tmp_path, model, channels):
     strategy = tf.distribute.get_strategy()
     batch = next(iter(hw2_input.train_dataset(data_dir, items, cfg, 12)))
     assert batch[0].shape == (12, 16, 16, channels)
-    net = hw2.build_model(cfg, NUM_CLASSES)
-    optimizer = hw2.make_optimizer(cfg, net)
-    step = hw2.make_train_step(net, optimizer, hw2.EMA(net, 0.9), strategy, 12)
+    state = training.create_train_state(utils.Config({**cfg, "precision": "fp32"}), NUM_CLASSES, strategy)
+    net = state.model
+    step = hw2.make_train_step(net, state.optimizer, state.ema, strategy, 12)
     iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
 
     def loss_now():
@@ -122,7 +116,7 @@ def test_two_steps_on_a_tiny_folder_lower_the_loss(tmp_path, model, channels):
 def test_label_smoothing_matches_the_formula():
     logits = tf.constant([[2.0, 0.0, -1.0]])
     labels = tf.constant([0])
-    net = hw2.build_model(zoo_cfg("simple_cnn"), NUM_CLASSES)  # any model without L2
+    net = hw2.create_model(zoo_cfg("simple_cnn"), NUM_CLASSES)  # any model without L2
     eps = 0.3
     targets = np.array([1 - eps + eps / 3, eps / 3, eps / 3])
     expected = -(targets * tf.nn.log_softmax(logits)[0].numpy()).sum()

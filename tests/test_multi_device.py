@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_train_eval import make_folder
+from helpers import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def test_two_workers_train_one_run_that_eval_restores(tmp_path):
-    data = make_folder(tmp_path / "data")
+    data = make_image_folder(tmp_path / "data")
     run_dir = str(tmp_path / "run")
     hosts = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

@@ -1,5 +1,5 @@
 """The plateau policy on scripted validation sequences."""
-from hw2_train import PlateauPolicy
+from schedules import PlateauPolicy
 
 
 def run(seq, lr_patience=3, stop_patience=7, min_delta=0.01):
@@ -19,9 +19,33 @@ def test_gains_never_lower_the_lr():
 
 
 def test_lowers_every_patience_then_stops():
-    p, actions = run([0.5] + [0.4] * 10)
-    assert actions == ["Bgain", "wait", "wait", "lower_lr", "wait", "wait", "lower_lr", "stop"]
+    p, actions = run([0.5] + [0.4] * 12)
+    # 3/7: drops after 3 and 6 stale validations; 7 have passed, but the second drop gets its 3.
+    assert actions == ["Bgain", "wait", "wait", "lower_lr", "wait", "wait", "lower_lr", "wait", "wait", "stop"]
     assert p.lowered == 2 and p.best == 0.5 and p.best_step == 1
+
+
+def stale_events(lr_patience, stop_patience):
+    """At which stale validation each drop and the stop happen, on a sequence that never gains."""
+    _, actions = run([0.5] + [0.4] * 100, lr_patience, stop_patience)
+    return {a: [i for i, x in enumerate(actions) if x == a] for a in ("lower_lr", "stop")}
+
+
+def test_a_drop_due_with_the_stop_goes_first_and_gets_its_patience():
+    """[demo]'s 4/8: the second drop used to coincide with the stop and never happen."""
+    assert stale_events(4, 8) == {"lower_lr": [4, 8], "stop": [12]}
+    assert stale_events(7, 15) == {"lower_lr": [7, 14], "stop": [21]}  # [default]
+    assert stale_events(4, 6) == {"lower_lr": [4], "stop": [8]}
+
+
+def test_no_drop_when_lr_patience_exceeds_stop_patience():
+    assert stale_events(7, 3) == {"lower_lr": [], "stop": [3]}
+
+
+def test_a_gain_after_a_drop_restarts_both_counts():
+    p, actions = run([0.5, 0.4, 0.4, 0.4, 0.6] + [0.4] * 3)
+    assert actions[3] == "lower_lr" and actions[4] == "Bgain" and actions[-1] == "lower_lr"
+    assert p.stale == 3 and p.lowered == 2
 
 
 def test_gain_below_min_delta_is_best_but_not_progress():
@@ -41,7 +65,7 @@ def test_state_round_trip_continues_identically():
     _, whole = run(seq)
     p, first = run(seq[:4])
     q = PlateauPolicy(3, 7, 0.01)
-    q.load(p.state())
+    q.load({k: float(v) for k, v in p.state().items()})  # as a checkpoint stores them
     rest = []
     for step, m in enumerate(seq[4:], 5):
         b, a = q.update(m, step)

@@ -61,7 +61,7 @@ def test_config_default_is_auto_and_choices_are_checked():
 def _one_step(cfg, model):
     strategy = tf.distribute.get_strategy()
     optimizer = hw2.make_optimizer(cfg, model)
-    ema = hw2.EMA(model, cfg.ema_decay)
+    ema = hw2.EMA(model, cfg.ema_decay)  # the model comes built in a given precision: no create_train_state
     rng = np.random.default_rng(0)
     x = rng.normal(size=(cfg.batch_size, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
     y = rng.integers(0, 3, cfg.batch_size).astype(np.int32)
@@ -74,7 +74,7 @@ def _one_step(cfg, model):
 def test_mixed_precision_step_has_fp32_variables_and_a_finite_loss(name, compute):
     cfg = utils.load_config("tiny")
     with precision.policy(name):
-        model = hw2.build_model(cfg, 3)
+        model = hw2.create_model(cfg, 3)
     assert keras.mixed_precision.global_policy().name == "float32"  # restored for later models
     assert model.dtype_policy.compute_dtype == compute
     assert {v.dtype for v in model.variables} <= {"float32", "int64"}  # int64: dropout seed states
@@ -94,10 +94,10 @@ def test_fp32_path_is_unchanged():
     cfg = utils.load_config("tiny")
     x = tf.random.stateless_normal([2, cfg.image_size, cfg.image_size, 3], seed=[1, 2])
     keras.utils.set_random_seed(0)
-    plain = hw2.build_model(cfg, 3)
+    plain = hw2.create_model(cfg, 3)
     keras.utils.set_random_seed(0)
     with precision.policy("fp32"):
-        chosen = hw2.build_model(cfg, 3)
+        chosen = hw2.create_model(cfg, 3)
     assert chosen.dtype_policy.name == plain.dtype_policy.name == "float32"
     np.testing.assert_array_equal(plain(x).numpy(), chosen(x).numpy())
     optimizer, first, _ = _one_step(cfg, chosen)

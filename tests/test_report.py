@@ -10,20 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import class_report
 import hw2_eval
 import hw2_train
-import report
-
-
-def make_folder(root, per_class=8, classes=("dark", "light")):
-    """Two classes told apart by brightness, sizes around the tiny section's 16x16 input."""
-    rng = np.random.default_rng(1)
-    for c, name in enumerate(classes):
-        os.makedirs(root / name)
-        for i in range(per_class):
-            pixels = np.clip((60 if c == 0 else 190) + rng.normal(0, 20, (20 + i % 3 * 5, 24, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
-    return str(root)
+import run_dir as run_dirs
+import run_record
 
 
 def read_csv(path):
@@ -31,24 +22,14 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("report")
-    data, run_dir = make_folder(tmp / "data"), str(tmp / "run")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny",
-                               "--max_steps", "4"]) == 0
-    return data, run_dir
-
-
 # ------------------------------------------------------------------ hand-computed per-class numbers
 
 def test_confusion_and_per_class_numbers_match_a_hand_computed_case():
     labels = [0, 0, 0, 1, 1, 2]
     predictions = [0, 0, 1, 1, 2, 2]
-    cm = report.confusion_matrix(labels, predictions, 4)  # class "d": never seen, never predicted
+    cm = class_report.confusion_matrix(labels, predictions, 4)  # class "d": never seen, never predicted
     np.testing.assert_array_equal(cm, [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
-    rows = {r["class"]: r for r in report.per_class_metrics(cm, ["a", "b", "c", "d"])}
+    rows = {r["class"]: r for r in class_report.per_class_metrics(labels, predictions, ["a", "b", "c", "d"])}
     expected = {  # precision = tp / predicted, recall = tp / support
         "a": (2 / 2, 2 / 3, 0.8, 3),
         "b": (1 / 2, 1 / 2, 0.5, 2),
@@ -62,18 +43,10 @@ def test_confusion_and_per_class_numbers_match_a_hand_computed_case():
         np.testing.assert_allclose([got["precision"], got["recall"], got["f1"]], [p, r, f1], err_msg=name)
         assert got["support"] == support
 
-    # ... and scikit-learn agrees (zero_division=0 for the empty class).
-    from sklearn.metrics import precision_recall_fscore_support
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(labels, predictions, labels=[0, 1, 2, 3], average=avg,
-                                                     zero_division=0)
-        got = rows[f"{avg} avg"]
-        np.testing.assert_allclose([got["precision"], got["recall"], got["f1"]], [p, r, f])
-
 
 def test_class_report_files_and_tensorboard_image(tmp_path):
     probabilities = np.array([[.9, .1, 0], [.2, .7, .1], [.6, .3, .1], [0, .1, .9]])
-    report.write_class_report([0, 1, 1, 2], probabilities, ["cat", "dog", "eel"], str(tmp_path), step=7)
+    class_report.write_class_report([0, 1, 1, 2], probabilities, ["cat", "dog", "eel"], str(tmp_path), step=7)
     with open(tmp_path / "confusion.csv") as f:
         assert f.read().splitlines() == ["true \\ predicted,cat,dog,eel", "cat,1,0,0", "dog,1,1,0", "eel,0,0,1"]
     per_class = {r["class"]: r for r in read_csv(tmp_path / "per_class.csv")}
@@ -91,8 +64,8 @@ def test_confusion_png_scales_to_100_classes(tmp_path):
     rng = np.random.default_rng(0)
     names = [f"class_{i:03d}_with_a_long_name" for i in range(100)]
     labels = rng.integers(0, 100, 2000)
-    cm = report.confusion_matrix(labels, np.where(rng.random(2000) < .8, labels, rng.integers(0, 100, 2000)), 100)
-    png = report.plot_confusion(cm, names, "100 classes")
+    cm = class_report.confusion_matrix(labels, np.where(rng.random(2000) < .8, labels, rng.integers(0, 100, 2000)), 100)
+    png = class_report.plot_confusion(cm, names, "100 classes")
     (tmp_path / "c100.png").write_bytes(png)
     w, h = Image.open(tmp_path / "c100.png").size
     assert w >= 2000 and h >= 2000  # ~25 px per class row: names stay legible
@@ -101,30 +74,27 @@ def test_confusion_png_scales_to_100_classes(tmp_path):
 # ------------------------------------------------------------------ run record of a real run
 
 def test_run_json_and_summary_of_a_tiny_run(tiny_run):
-    data, run_dir = tiny_run
+    run_dir = tiny_run.run
     record = json.load(open(os.path.join(run_dir, "run.json")))
     assert record["hw2_version"] == "0.1.0" and record["section"] == "tiny"
     assert record["config"]["max_steps"] == 4 and record["start_step"] == 0
     assert record["tensorflow"].startswith("2.") and record["python"].count(".") == 2
     assert any("CPU" in d for d in record["devices"])
-    assert record["split_sha1"] == report.file_sha1(os.path.join(run_dir, "split.json"))
+    assert record["split_sha1"] == run_record.file_sha1(os.path.join(run_dir, "split.json"))
     assert len(record["split_sha1"]) == 40 and "git_commit" in record
     rows = read_csv(os.path.join(run_dir, "summary.csv"))
-    assert list(rows[0]) == report.SUMMARY_COLUMNS
+    assert list(rows[0]) == run_record.SUMMARY_COLUMNS
     assert [int(r["step"]) for r in rows] == [2, 4]  # save_checkpoint_steps = 2 in [tiny]
     for r in rows:
         assert 0 <= float(r["val_top1_ema"]) <= float(r["val_topk_ema"]) == 1.0  # top-2 of 2 classes
         assert float(r["lr"]) == pytest.approx(1e-3) and float(r["train_loss"]) > 0
         assert r["top_k"] == "2"
-    assert float(rows[1]["epoch"]) == pytest.approx(4 / 1)  # 12 train images // batch 8 = 1 step per epoch
+    assert float(rows[1]["epoch"]) == pytest.approx(4 / 2)  # 16 train images // batch 8 = 2 steps per epoch
     assert Image.open(os.path.join(run_dir, "curves.png")).size[0] > 600
 
 
 def test_resume_appends_to_summary_and_keeps_the_earlier_start(tiny_run, tmp_path):
-    import shutil
-    data, run_dir = tiny_run
-    resumed = str(tmp_path / "resumed")
-    shutil.copytree(run_dir, resumed)
+    resumed = tiny_run.copy(tmp_path)
     with contextlib.redirect_stdout(io.StringIO()):
         assert hw2_train.main(["--train_dir", resumed, "--section", "tiny", "--max_steps", "6"]) == 0
     assert [int(r["step"]) for r in read_csv(os.path.join(resumed, "summary.csv"))] == [2, 4, 6]
@@ -136,8 +106,8 @@ def test_resume_drops_summary_rows_after_the_checkpoint(tmp_path):
     """A run that died after logging step 6 but resumes from ckpt-4 must not list step 6 twice."""
     (tmp_path / "split.json").write_text("{}")
     rows = [[s, 1, 1e-3, 1, .5, 1, .5, 1, 2, 0, 1, "t"] for s in (2, 4, 6)]
-    report.write_csv(str(tmp_path / "summary.csv"), report.SUMMARY_COLUMNS, rows)
-    hook = report.RunRecord(str(tmp_path))
+    run_dirs.write_csv(str(tmp_path / "summary.csv"), run_record.SUMMARY_COLUMNS, rows)
+    hook = run_record.RunRecord(str(tmp_path))
     hook.on_start({"cfg": {"section": "tiny"}, "split": {"data_dir": "d", "class_names": ["a"], "train": [],
                    "val": []}, "start_step": 4, "replicas": 1, "global_batch": 8, "steps_per_epoch": 1,
                    "params": 10})
@@ -151,7 +121,7 @@ def test_resume_drops_summary_rows_after_the_checkpoint(tmp_path):
 # ------------------------------------------------------------------ hw2_eval.py
 
 def test_eval_writes_the_per_class_report(tiny_run, tmp_path, capsys):
-    data, run_dir = tiny_run
+    run_dir = tiny_run.run
     assert hw2_eval.main(["--checkpoint_dir", run_dir, "--eval_dir", str(tmp_path)]) == 0
     assert "per-class report (EMA weights, step 4)" in capsys.readouterr().out
     per_class = read_csv(tmp_path / "per_class.csv")
@@ -163,7 +133,7 @@ def test_eval_writes_the_per_class_report(tiny_run, tmp_path, capsys):
 
 
 def test_all_checkpoints_table(tiny_run, tmp_path, capsys):
-    data, run_dir = tiny_run
+    run_dir = tiny_run.run
     assert hw2_eval.main(["--checkpoint_dir", run_dir, "--all_checkpoints", "--eval_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = read_csv(tmp_path / "all_checkpoints.csv")

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from test_train_eval import make_folder
+from helpers import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +47,7 @@ def run_to_end(cmd, kill_when=None, timeout=240):
 
 
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
-    data = make_folder(tmp_path / "data")
+    data = make_image_folder(tmp_path / "data")
     ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
     done, ref_out = run_to_end(command(data, ref_dir))
     ref_path, ref = final_state(ref_dir)
@@ -80,7 +80,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
 
 
 def test_deterministic_runs_are_identical(tmp_path):
-    data = make_folder(tmp_path / "data")
+    data = make_image_folder(tmp_path / "data")
     states = []
     for name in ("a", "b"):
         run_to_end(command(data, str(tmp_path / name))[:-4] + ["--max_steps", "3", "--deterministic", "true"])
@@ -90,7 +90,7 @@ def test_deterministic_runs_are_identical(tmp_path):
 
 
 def test_unreadable_newest_checkpoint_falls_back_with_a_warning(tmp_path):
-    data = make_folder(tmp_path / "data")
+    data = make_image_folder(tmp_path / "data")
     run_dir = str(tmp_path / "run")
     cmd = command(data, run_dir)[:-6] + ["--max_steps", "4", "--save_checkpoint_steps", "2"]
     run_to_end(cmd)

@@ -1,9 +1,7 @@
 """LR schedules on scripted steps, and the training loop following one."""
 import math
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import schedules
 import utils
@@ -38,9 +36,8 @@ def test_cosine_falls_to_zero_at_max_steps_and_stays():
     assert lrs(cfg("cosine"), [25], max_steps=100)[0] == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
 
 
-def test_plateau_is_the_loop_policy_not_a_function():
-    with pytest.raises(ValueError, match="plateau"):
-        schedules.lr_at(cfg("plateau"), 0, 10)
+def test_plateau_is_constant_until_the_policy_lowers_it():
+    assert lrs(cfg("plateau"), [0, 5, 500]) == pytest.approx([0.1] * 3)
 
 
 def test_unknown_schedule_is_one_config_line():
@@ -50,14 +47,10 @@ def test_unknown_schedule_is_one_config_line():
 
 def test_the_loop_follows_the_step_schedule(tmp_path):
     import hw2_dataset
-    import hw2_train
+    import training
+    from helpers import make_image_folder
 
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (tmp_path / "data" / str(c)).mkdir(parents=True)
-        for i in range(10):
-            pixels = np.clip(60 + 120 * c + rng.normal(0, 15, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "data" / str(c) / f"{i}.png")
+    make_image_folder(tmp_path / "data", classes=("0", "1"), per_class=10, sizes=((16, 16),), formats=("png",))
     scan = hw2_dataset.scan_dataset(str(tmp_path / "data"))
     train, val = hw2_dataset.make_split(scan.items, 0.2, 0)
     hw2_dataset.write_split(str(tmp_path / "split.json"), scan, train, val, 0, 0.2)
@@ -74,7 +67,7 @@ def test_the_loop_follows_the_step_schedule(tmp_path):
             self.rows.append(row)
 
     hook = Rows()
-    hw2_train.train(c, split, str(tmp_path / "run"), hooks=[hook])
+    training.train(c, split, str(tmp_path / "run"), hooks=[hook])
     # the LR in force at each validation is the last step's: steps 1, 3, 5 (0-based) of 6
     assert [r["step"] for r in hook.rows] == [2, 4, 6]
     assert [r["lr"] for r in hook.rows] == pytest.approx([0.01, 0.005, 0.0025])

@@ -1,54 +1,23 @@
 """A real train -> checkpoint -> resume -> eval on a tiny generated folder with the [tiny] section."""
-import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import hw2_eval
 import hw2_train
+from helpers import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_folder(root, per_class=10, classes=("cat", "dog")):
-    """Two visually distinct classes (dark vs bright), mixed formats and sizes."""
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
-        os.makedirs(root / name)
-        for i in range(per_class):
-            base = 60 if c == 0 else 190
-            h, w = 20 + i % 3 * 7, 24 + i % 4 * 5
-            pixels = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
-            ext = (".png", ".jpg", ".JPEG")[i % 3]
-            Image.fromarray(pixels).save(root / name / f"{i}{ext}")
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    data = make_folder(tmp / "data")
-    run_dir = str(tmp / "run")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny", "--max_steps", "4"])
-    assert rc == 0
-    best_line = out.getvalue().strip().splitlines()[-1]
-    assert best_line.startswith("best val top-1"), best_line
-    return data, run_dir, float(best_line.split()[3])
-
-
-def test_run_dir_holds_config_split_checkpoints_and_summaries(trained):
-    data, run_dir, best_top1 = trained
+def test_run_dir_holds_config_split_checkpoints_and_summaries(tiny_run):
+    run_dir = tiny_run.run
     saved = json.load(open(os.path.join(run_dir, "config.json")))
     assert saved["section"] == "tiny" and saved["config"]["max_steps"] == 4
-    assert saved["class_names"] == ["cat", "dog"]
+    assert saved["class_names"] == ["dark", "light"]
     split = json.load(open(os.path.join(run_dir, "split.json")))
     assert len(split["train"]) + len(split["val"]) == 20
     import tensorflow as tf
@@ -58,24 +27,22 @@ def test_run_dir_holds_config_split_checkpoints_and_summaries(trained):
     assert any(f.startswith("events") for f in os.listdir(os.path.join(run_dir, "val")))
 
 
-def test_eval_of_best_reproduces_the_training_measurement(trained, capsys):
-    data, run_dir, best_top1 = trained
-    assert hw2_eval.main(["--checkpoint_dir", os.path.join(run_dir, "best"), "--eval_dir", str(run_dir) + "/e2"]) == 0
+def test_eval_of_best_reproduces_the_training_measurement(tiny_run, tmp_path, capsys):
+    assert hw2_eval.main(["--checkpoint_dir", os.path.join(tiny_run.run, "best"), "--eval_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert f"top-1 {best_top1:.4f}" in out, out
+    assert f"top-1 {tiny_run.best_top1:.4f}" in out, out
 
 
-def test_rerun_resumes_and_continues(trained, capsys):
-    data, run_dir, best_top1 = trained
+def test_rerun_resumes_and_continues(tiny_run, tmp_path, capsys):
+    data, run_dir = tiny_run.data, tiny_run.copy(tmp_path)
     assert hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny", "--max_steps", "6"]) == 0
     assert "resuming from step 4" in capsys.readouterr().err
     import tensorflow as tf
     assert tf.train.latest_checkpoint(run_dir).endswith("ckpt-6")
 
 
-def test_eval_prints_and_records_top_k(trained, capsys):
-    data, run_dir, best_top1 = trained
-    eval_dir = os.path.join(run_dir, "my_eval")
+def test_eval_prints_and_records_top_k(tiny_run, tmp_path, capsys):
+    run_dir, eval_dir = tiny_run.run, str(tmp_path / "my_eval")
     assert hw2_eval.main(["--checkpoint_dir", run_dir, "--eval_dir", eval_dir]) == 0
     out = capsys.readouterr().out
     assert "top-1" in out and "top-2 1.0000 n=4" in out  # 2 classes: top-2 is always right
@@ -91,7 +58,7 @@ def test_checkpoint_holds_every_model_variable(tmp_path):
     import hw2
     from utils import load_config
     cfg = load_config("tiny")
-    a, b = hw2.build_model(cfg, 3), hw2.build_model(cfg, 3)
+    a, b = hw2.create_model(cfg, 3), hw2.create_model(cfg, 3)
     rng = np.random.default_rng(0)
     for v in a.variables:
         v.assign(rng.normal(size=v.shape).astype(v.dtype) if "float" in str(v.dtype) else v.numpy() + 7)
@@ -102,8 +69,8 @@ def test_checkpoint_holds_every_model_variable(tmp_path):
         np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
 
 
-def test_watch_mode_evaluates_then_times_out(trained, tmp_path, capsys):
-    data, run_dir, best_top1 = trained
+def test_watch_mode_evaluates_then_times_out(tiny_run, tmp_path, capsys):
+    run_dir = tiny_run.run
     eval_dir = str(tmp_path / "watch")
     assert hw2_eval.main(["--checkpoint_dir", run_dir, "--run_once", "0", "--eval_timeout_secs", "1",
                           "--eval_dir", eval_dir]) == 0
@@ -112,23 +79,19 @@ def test_watch_mode_evaluates_then_times_out(trained, tmp_path, capsys):
     assert len(open(os.path.join(eval_dir, "results.csv")).read().splitlines()) == 2
 
 
-def test_fresh_moves_the_old_run_aside(trained, tmp_path, capsys):
-    import shutil
-    data, run_dir, _ = trained
-    copy = str(tmp_path / "run")
-    shutil.copytree(run_dir, copy)
-    assert hw2_train.main(["--data_dir", data, "--train_dir", copy, "--section", "tiny", "--max_steps", "2",
+def test_fresh_moves_the_old_run_aside(tiny_run, tmp_path, capsys):
+    copy = tiny_run.copy(tmp_path)
+    assert hw2_train.main(["--data_dir", tiny_run.data, "--train_dir", copy, "--section", "tiny", "--max_steps", "2",
                            "--fresh"]) == 0
-    moved = [p for p in os.listdir(tmp_path) if p.startswith("run-old-")]
+    moved = [p for p in os.listdir(tmp_path) if p.startswith("run-copy-old-")]
     assert len(moved) == 1 and os.path.isdir(os.path.join(tmp_path, moved[0], "best"))
     assert "moved the previous run to" in capsys.readouterr().err
 
 
-def test_eval_on_a_test_folder_and_the_best_checkpoint(trained, tmp_path, capsys):
-    data, run_dir, best_top1 = trained
-    test = make_folder(tmp_path / "test", per_class=3)
-    assert hw2_eval.main(["--checkpoint_dir", os.path.join(run_dir, "best"), "--test_data_path", test,
-                          "--raw", "--num_examples", "5"]) == 0
+def test_eval_on_a_test_folder_and_the_best_checkpoint(tiny_run, tmp_path, capsys):
+    test = make_image_folder(tmp_path / "test", per_class=3)
+    assert hw2_eval.main(["--checkpoint_dir", os.path.join(tiny_run.run, "best"), "--test_data_path", test,
+                          "--raw", "--num_examples", "5", "--eval_dir", str(tmp_path / "e")]) == 0
     assert "n=5" in capsys.readouterr().out
 
 
@@ -137,26 +100,25 @@ def test_eval_on_a_test_folder_and_the_best_checkpoint(trained, tmp_path, capsys
     (["--test_data_path", "{other}"], "test classes not seen in training: bird"),
     (["--checkpoint", "{run}/ckpt-999"], "checkpoint not found"),
 ])
-def test_eval_user_errors(trained, tmp_path, capsys, argv, message):
-    data, run_dir, best_top1 = trained
-    other = make_folder(tmp_path / "other", per_class=2, classes=("bird", "cat"))
+def test_eval_user_errors(tiny_run, tmp_path, capsys, argv, message):
+    run_dir = tiny_run.run
+    other = make_image_folder(tmp_path / "other", per_class=2, classes=("bird", "dark"))
     argv = [a.format(other=other, run=run_dir) for a in argv]
     assert hw2_eval.main(["--checkpoint_dir", run_dir] + argv) == 2
     assert message in capsys.readouterr().err
 
 
-def test_eval_of_a_run_without_checkpoints(trained, tmp_path, capsys):
+def test_eval_of_a_run_without_checkpoints(tiny_run, tmp_path, capsys):
     import shutil
-    data, run_dir, best_top1 = trained
+    run_dir = tiny_run.run
     for name in ("config.json", "split.json"):
         shutil.copy(os.path.join(run_dir, name), tmp_path / name)
     assert hw2_eval.main(["--checkpoint_dir", str(tmp_path)]) == 2
     assert "no checkpoint in" in capsys.readouterr().err
 
 
-def test_changed_network_on_resume_is_refused(trained, capsys):
-    data, run_dir, best_top1 = trained
-    assert hw2_train.main(["--train_dir", run_dir, "--section", "tiny", "--dense_units", "16"]) == 2
+def test_changed_network_on_resume_is_refused(tiny_run, capsys):
+    assert hw2_train.main(["--train_dir", tiny_run.run, "--section", "tiny", "--dense_units", "16"]) == 2
     assert "was trained with dense_units=8, now dense_units=16" in capsys.readouterr().err
 
 

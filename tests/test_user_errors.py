@@ -9,7 +9,7 @@ from PIL import Image
 
 import hw2_eval
 import hw2_train
-from test_train_eval import make_folder
+from helpers import make_image_folder
 
 
 def train(capsys, *argv):
@@ -36,7 +36,7 @@ def test_empty_data_dir(tmp_path, capsys):
 
 
 def test_class_with_only_bad_files_is_named(tmp_path, capsys):
-    data = make_folder(tmp_path / "data", per_class=3)
+    data = make_image_folder(tmp_path / "data", per_class=3)
     os.makedirs(tmp_path / "data" / "zebra")
     (tmp_path / "data" / "zebra" / "x.jpg").write_bytes(b"")
     rc, out = train(capsys, "--data_dir", data, "--train_dir", str(tmp_path / "r"))
@@ -44,12 +44,12 @@ def test_class_with_only_bad_files_is_named(tmp_path, capsys):
 
 
 def test_split_naming_missing_files(tmp_path, capsys):
-    data = make_folder(tmp_path / "data", per_class=3)
+    data = make_image_folder(tmp_path / "data", per_class=3)
     import hw2_dataset
     assert hw2_dataset.main(["--data_dir", data, "--out", str(tmp_path / "split.json")]) == 0
-    os.remove(tmp_path / "data" / "cat" / "1.jpg")
+    os.remove(tmp_path / "data" / "dark" / "1.jpg")
     rc, out = train(capsys, "--split", str(tmp_path / "split.json"), "--train_dir", str(tmp_path / "r"))
-    assert rc == 2 and "cat/1.jpg" in out.err
+    assert rc == 2 and "dark/1.jpg" in out.err
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -57,35 +57,25 @@ def test_split_naming_missing_files(tmp_path, capsys):
     ("--max_steps", "0", "'max_steps' must be > 0"),
     ("--learning_rate", "abc", "'learning_rate' must be a number"),
     ("--no_such_key", "1", "unknown config key 'no_such_key'"),
-    ("--top_k", "5", "--top_k 5 is larger than the number of classes (2)"),
+    ("--top_k", "5", "--top_k 5 must be between 1 and the number of classes (2)"),
 ])
 def test_bad_flags(tmp_path, capsys, flag, value, message):
-    data = make_folder(tmp_path / "data", per_class=3)
+    data = make_image_folder(tmp_path / "data", per_class=3)
     rc, out = train(capsys, "--data_dir", data, "--train_dir", str(tmp_path / "r"), "--section", "tiny", flag, value)
     assert rc == 2 and message in out.err
 
 
 def test_unwritable_train_dir(tmp_path, capsys):
-    data = make_folder(tmp_path / "data", per_class=3)
+    data = make_image_folder(tmp_path / "data", per_class=3)
     (tmp_path / "file").write_text("not a directory")
     rc, out = train(capsys, "--data_dir", data, "--train_dir", str(tmp_path / "file" / "run"))
     assert rc == 2 and "cannot create train_dir" in out.err
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("errs")
-    data = make_folder(tmp / "data", per_class=4)
-    run_dir = str(tmp / "run")
-    assert hw2_train.main(["--data_dir", data, "--train_dir", run_dir, "--section", "tiny", "--max_steps", "2"]) == 0
-    return data, run_dir
-
-
 @pytest.mark.parametrize("key, value", [("dense_units", 16), ("class_names", ["a", "b", "c"])])
 def test_checkpoint_of_another_network(tiny_run, tmp_path, capsys, key, value):
-    data, run_dir = tiny_run
     other = tmp_path / "other"
-    shutil.copytree(run_dir, other)
+    shutil.copytree(tiny_run.run, other)
     saved = json.loads((other / "config.json").read_text())
     if key == "class_names":
         saved["class_names"] = value
@@ -97,13 +87,12 @@ def test_checkpoint_of_another_network(tiny_run, tmp_path, capsys, key, value):
     (other / "config.json").write_text(json.dumps(saved))
     assert hw2_eval.main(["--checkpoint_dir", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "does not match the network in config.json" in err and "ckpt-2" in err
+    assert "does not match the network in config.json" in err and "ckpt-4" in err
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_run, tmp_path, capsys, monkeypatch):
     import tensorflow as tf
-    data, _ = tiny_run
-    run_dir = str(tmp_path / "run")
+    data, run_dir = tiny_run.data, str(tmp_path / "run")
     real_save = tf.train.CheckpointManager.save
 
     def save(self, checkpoint_number=None, **kw):
@@ -121,8 +110,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_run, tmp_path
 
 def test_nan_loss_restores_lowers_lr_then_stops_with_saved_state_intact(tiny_run, tmp_path, capsys):
     import tensorflow as tf
-    data, _ = tiny_run
-    run_dir = str(tmp_path / "run")
+    data, run_dir = tiny_run.data, str(tmp_path / "run")
     rc, out = train(capsys, "--data_dir", data, "--train_dir", run_dir, "--section", "tiny", "--optimizer", "sgd",
                     "--learning_rate", "1e30", "--nan_retries", "2", "--max_steps", "6")
     assert rc == 2
@@ -131,20 +119,20 @@ def test_nan_loss_restores_lowers_lr_then_stops_with_saved_state_intact(tiny_run
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir))
     for name in reader.get_variable_to_shape_map():
         value = reader.get_tensor(name)
-        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not name.startswith("policy"):
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not name.startswith("state/"):
             assert np.isfinite(value).all(), name
 
 
 def test_bad_zoo_is_skipped_and_listed(tmp_path, capsys):
-    data = make_folder(tmp_path / "data", per_class=5)
-    cat = tmp_path / "data" / "cat"
+    data = make_image_folder(tmp_path / "data", per_class=5)
+    cat = tmp_path / "data" / "dark"
     (cat / "empty.jpg").write_bytes(b"")
     (cat / "text.png").write_text("this is not an image")
     good = (cat / "0.png").read_bytes()
     (cat / "truncated.png").write_bytes(good[: len(good) // 2])
     Image.new("RGB", (3, 3)).save(cat / "tiny.png")
     (cat / "notes.txt").write_text("hello")
-    shutil.copy(cat / "1.jpg", tmp_path / "data" / "dog" / "copy_of_cat.jpg")
+    shutil.copy(cat / "1.jpg", tmp_path / "data" / "light" / "copy_of_dark.jpg")
     run_dir = tmp_path / "run"
     rc, out = train(capsys, "--data_dir", data, "--train_dir", str(run_dir), "--section", "tiny", "--max_steps", "2")
     assert rc == 0

@@ -1,0 +1,256 @@
+"""The run directory (RUN, a hw2_train.py --train_dir): what lands in it, and how to read it back.
+
+    RUN/config.json      the resolved config, section and class names (eval rebuilds the model from it)
+    RUN/split.json       the train/val split
+    RUN/bad_images.txt   files the scan skipped and train/val duplicates
+    RUN/ckpt-N.*         the last keep_checkpoints checkpoints; RUN/best/best-N.* the best one
+    RUN/run.json, summary.csv, curves.png, train/, val/, eval/   records, logs and evaluations
+
+Every file written here is written whole or not at all (`atomic_write_text`). This module is
+the only one that knows these names; it imports TensorFlow only inside the functions that
+restore checkpoints, so the data tools stay quick to start.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Sequence
+
+import utils
+from utils import UserError
+
+CONFIG, SPLIT, BAD_IMAGES = "config.json", "split.json", "bad_images.txt"
+BEST, EVAL = "best", "eval"
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write then rename: a kill or a full disk mid-write never leaves half a file where a good one was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_json(path: str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, default=list, ensure_ascii=False) + "\n")
+
+
+def load_json(path: str, what: str) -> Any:
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}") from None
+
+
+def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    buffer = io.StringIO()
+    w = csv.writer(buffer)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------- config and split
+
+def find(checkpoint_dir: str) -> str:
+    """The run directory of a checkpoint dir: RUN itself or RUN/best (it holds config.json)."""
+    if not os.path.isdir(checkpoint_dir):
+        raise UserError(f"checkpoint_dir not found: {checkpoint_dir}")
+    for d in (checkpoint_dir, os.path.dirname(os.path.abspath(checkpoint_dir))):
+        if os.path.isfile(os.path.join(d, CONFIG)):
+            return d
+    raise UserError(f"{checkpoint_dir} is not a hw2 run directory (no {CONFIG}): "
+                    "point --checkpoint_dir at a hw2_train.py --train_dir")
+
+
+def save_config(run: str, section: str, cfg: dict, class_names: Sequence[str]) -> None:
+    save_json(os.path.join(run, CONFIG), {"section": section, "config": cfg, "class_names": list(class_names)})
+
+
+def read_config(run: str) -> tuple[utils.Config, list[str]]:
+    """(config, class names) the run was trained with."""
+    saved = load_json(os.path.join(run, CONFIG), "run config")
+    return utils.config_from_json(saved["config"], os.path.join(run, CONFIG)), saved["class_names"]
+
+
+def resolve_config(train_dir: str, section: str, overrides: dict, config_path: str = utils.DEFAULT_CONFIG,
+                   fresh: bool = False) -> utils.Config:
+    """The config of a new or resumed run. On resume the keys that shape the network must not
+    change (its checkpoints would not fit); anything else may."""
+    import config_keys
+    cfg = utils.load_config(section, overrides, config_path)
+    if fresh or not os.path.isfile(os.path.join(train_dir, CONFIG)):
+        return cfg
+    saved, _ = read_config(train_dir)
+    changed = [k for k in config_keys.MODEL_KEYS if saved[k] != cfg[k]]
+    # fp16 wraps the optimizer in a loss scaler: its checkpoints don't restore into fp32/bf16 runs.
+    if "fp16" in (saved.precision, cfg.precision) and saved.precision != cfg.precision:
+        changed.append("precision")
+    if changed:
+        k = changed[0]
+        raise UserError(f"{train_dir} was trained with {k}={_show(saved[k])}, now {k}={_show(cfg[k])}: "
+                        "use the same --section/flags, --fresh, or a new --train_dir")
+    return cfg
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def prepare(train_dir: str, fresh: bool, chief: bool = True) -> None:
+    """Create RUN; with `fresh`, the chief first moves an old RUN aside (never deletes it)."""
+    if fresh and chief and os.path.isdir(train_dir) and os.listdir(train_dir):
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        old = f"{train_dir.rstrip('/')}-old-{stamp}"
+        os.rename(train_dir, old)
+        logging.info("--fresh: moved the previous run to %s", old)
+    try:
+        os.makedirs(train_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create train_dir {train_dir}: {e.strerror}") from None
+    if not os.access(train_dir, os.W_OK):
+        raise UserError(f"train_dir {train_dir} is not writable")
+
+
+def prepare_split(train_dir: str, cfg, data_dir: str | None = None, split_file: str | None = None,
+                  folds: int = 0, fold: int = 0, scan=None) -> dict:
+    """The run's split: RUN/split.json when resuming, else a copy of `split_file`, else a new
+    split of `data_dir` (its skipped files and train/val duplicates listed in RUN/bad_images.txt).
+    `scan` reuses a scan of data_dir already made (hw2_experiment scans once for all its runs)."""
+    import hw2_dataset
+    run_split = os.path.join(train_dir, SPLIT)
+    if os.path.isfile(run_split):
+        split = hw2_dataset.load_split(run_split)
+        if data_dir and os.path.abspath(data_dir) != os.path.abspath(split["data_dir"]):
+            raise UserError(f"{train_dir} was trained on {split['data_dir']}, not {data_dir}: "
+                            "use --fresh or a new --train_dir")
+    elif split_file:
+        split = hw2_dataset.load_split(split_file)
+        save_json(run_split, split)  # RUN keeps its own copy: eval and resume need no flags
+    else:
+        if not data_dir and scan is None:
+            raise UserError("--data_dir is required for a new run")
+        scan = scan or hw2_dataset.scan_dataset(data_dir)
+        train, val = hw2_dataset.make_split(scan.items, cfg.val_fraction, cfg.seed, folds, fold)
+        report_bad_images(scan, train, val, train_dir, cfg.on_bad_image)
+        hw2_dataset.write_split(run_split, scan, train, val, cfg.seed, cfg.val_fraction, folds, fold)
+        split = hw2_dataset.load_split(run_split, check_files=False)  # the scan just read every file
+    if not split["val"]:
+        raise UserError("the split has no validation images: every class needs at least 2 images")
+    return split
+
+
+def report_bad_images(scan, train, val, train_dir: str, on_bad_image: str) -> None:
+    """Skipped files and train/val duplicates go to RUN/bad_images.txt; `fail` stops instead."""
+    import hw2_dataset
+    lines = [f"{path}\t{why}" for path, why in scan.bad]
+    val_paths, train_paths = {p for p, _ in val}, {p for p, _ in train}
+    for group in hw2_dataset.find_duplicates(scan):
+        if any(p in val_paths for p in group) and any(p in train_paths for p in group):
+            lines.append(f"{group[0]}\tsame content as {', '.join(group[1:])} (in both train and val)")
+    if not lines:
+        return
+    bad_path = os.path.join(train_dir, BAD_IMAGES)
+    atomic_write_text(bad_path, "\n".join(lines) + "\n")
+    example = lines[0].replace("\t", ": ")
+    if on_bad_image == "fail":
+        raise UserError(f"{len(lines)} unusable or duplicate files, e.g. {example} "
+                        f"(all in {bad_path}; --on_bad_image skip to train without them)")
+    logging.warning("%d files skipped or duplicated across train/val (listed in %s), e.g. %s",
+                    len(lines), bad_path, example)
+
+
+def check_top_k(k: int, num_classes: int, flag: str = "--top_k") -> None:
+    if not 1 <= k <= num_classes:
+        raise UserError(f"{flag} {k} must be between 1 and the number of classes ({num_classes})")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def pick_checkpoint(checkpoint_dir: str, checkpoint: str | None = None, prefer_best: bool = False) -> str:
+    """--checkpoint, else (with prefer_best) RUN/best's, else the newest in checkpoint_dir."""
+    import tensorflow as tf
+    run = find(checkpoint_dir)
+    path = checkpoint or (prefer_best and tf.train.latest_checkpoint(os.path.join(run, BEST))) \
+        or tf.train.latest_checkpoint(checkpoint_dir)
+    if not path:
+        raise UserError(f"no checkpoint in {checkpoint_dir} (train first, or pass RUN/best)")
+    if not tf.io.gfile.glob(path + ".index"):
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def readable_checkpoint(path: str) -> str:
+    """`path` if it reads, else the newest older checkpoint that does (with a warning)."""
+    import tensorflow as tf
+    directory = os.path.dirname(path)
+    state = tf.train.get_checkpoint_state(directory)
+    older = [p for p in reversed(list(state.all_model_checkpoint_paths if state else [])) if p != path]
+    for p in [path] + older:
+        try:
+            tf.train.load_checkpoint(p).get_variable_to_shape_map()
+        except (tf.errors.OpError, ValueError):
+            continue
+        if p != path:
+            logging.warning("checkpoint %s is unreadable: falling back to %s", path, p)
+        return p
+    raise UserError(f"no readable checkpoint in {directory} (newest: {path}): use --fresh to start over")
+
+
+def checkpoint_step(path: str) -> int:
+    """The training step a checkpoint was written at (-1 if it does not say)."""
+    import tensorflow as tf
+    reader = tf.train.load_checkpoint(path)
+    key = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+    return int(reader.get_tensor(key)) if reader.has_tensor(key) else -1
+
+
+class RunModel:
+    """A run's network, rebuilt from config.json, into which any of its checkpoints restores.
+
+    `restore(path, averaged=True)` leaves the moving-average weights (or the raw ones) in
+    `model`, each time from the checkpoint itself, so a sequence of restores never mixes them.
+    """
+
+    def __init__(self, run: str, precision_name: str | None = None):
+        import hw2
+        import precision
+        self.cfg, self.class_names = read_config(run)
+        # The run's precision on this machine by default, so a checkpoint scores what training measured.
+        self.precision = precision_name or precision.for_this_machine(self.cfg.precision)[0]
+        with precision.policy(self.precision):
+            self.model = hw2.create_model(self.cfg, len(self.class_names))
+        self.ema = hw2.EMA(self.model, self.cfg.ema_decay)
+
+    def restore(self, path: str, averaged: bool = True) -> int:
+        """Load `path`; returns its step."""
+        import tensorflow as tf
+
+        import hw2
+        try:
+            tf.train.Checkpoint(model=hw2.variables_by_path(self.model), ema=self.ema.shadow).restore(path) \
+                .expect_partial().assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as e:
+            first = str(e).strip().splitlines()[0][:200]
+            raise UserError(f"checkpoint {path} does not match the network in {CONFIG}: {first}") from None
+        if averaged:
+            self.ema.copy_to_model()
+        return checkpoint_step(path)

@@ -1,0 +1,458 @@
+"""The training loop, one for every script: hw2_train.py (the default tf.distribute strategy),
+hw2_multi_gpu_train.py (Mirrored / MultiWorkerMirrored) and hw2_experiment.py.
+
+`train()` reads top to bottom; the pieces it is made of are named for their job:
+`create_train_state` (model, optimizer, moving average, run state: also used by the benches
+and tests), `Checkpoints` (restore-or-init, saves, best copy, NaN rollback), `Validator`,
+`Meter` (log windows) and `set_learning_rate`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import tensorflow as tf
+
+import hw2
+import hw2_input
+import precision as precisions
+import schedules
+import run_dir
+from run_dir import BEST
+from utils import UserError
+
+# What a checkpoint holds beyond the weights, the optimizer and the moving averages: the plateau
+# policy's counters, the replica LR scale in force, the factor the policy and the NaN guard have
+# applied to the LR, how many NaN retries were used, the seconds trained so far and which kind of
+# optimizer (an index in OPTIMIZER_KINDS) filled the optimizer's slots.
+STATE_FIELDS = {**{f: 0.0 for f in schedules.PlateauPolicy.FIELDS}, "best": -math.inf, "ref": -math.inf,
+                "best_step": -1.0, "lr_scale": 1.0, "lr_multiplier": 1.0, "nan_retries": 0.0,
+                "train_seconds": 0.0, "optimizer_kind": 0.0}
+OPTIMIZER_KINDS = ("adam", "sgd with momentum", "sgd")  # each has its own slot variables
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds."""
+    model: object
+    optimizer: object
+    ema: hw2.EMA
+    vars: dict  # name -> scalar float64 tf.Variable (STATE_FIELDS)
+
+    def checkpoint(self, with_optimizer: bool = True) -> tf.train.Checkpoint:
+        parts = {"model": hw2.variables_by_path(self.model), "ema": self.ema.shadow, "state": self.vars}
+        return tf.train.Checkpoint(**parts, **({"optimizer": self.optimizer} if with_optimizer else {}))
+
+    def get(self, name: str) -> float:
+        return float(self.vars[name].numpy())
+
+    def set(self, **values: float) -> None:
+        for name, value in values.items():
+            self.vars[name].assign(value)
+
+
+def optimizer_kind(cfg: Mapping) -> str:
+    """What decides the optimizer's slot variables: a checkpoint of another kind cannot fill them."""
+    if cfg["optimizer"] == "sgd":
+        return "sgd with momentum" if cfg["momentum"] > 0 else "sgd"
+    return cfg["optimizer"]
+
+
+def create_train_state(cfg: Mapping, num_classes: int, strategy=None, precision: str | None = None) -> TrainState:
+    """Model, optimizer, moving average and run state, created under `strategy`, computing in
+    `precision` (default: what --precision auto picks for this machine, logged)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    precision = precision or precisions.for_this_machine(cfg["precision"])[0]
+    with strategy.scope():
+        with precisions.policy(precision):  # the model keeps it; the loss stays fp32
+            model = hw2.create_model(cfg, num_classes)
+        if cfg["sync_bn"]:
+            hw2.synchronize_batch_norm(model)
+        optimizer = hw2.make_optimizer(cfg, model)
+        ema = hw2.EMA(model, cfg["ema_decay"])
+        initial = {**STATE_FIELDS, "optimizer_kind": OPTIMIZER_KINDS.index(optimizer_kind(cfg))}
+        variables = {name: tf.Variable(value, dtype=tf.float64, trainable=False, name=name)
+                     for name, value in initial.items()}
+    return TrainState(model, optimizer, ema, variables)
+
+
+@dataclass
+class Plan:
+    """The sizes of a run: batches, steps, classes, replicas."""
+    replicas: int
+    global_batch: int
+    steps_per_epoch: int
+    max_steps: int
+    num_classes: int
+    top_k: int
+    lr_scale: float
+
+
+def make_plan(cfg: Mapping, split: Mapping, strategy) -> Plan:
+    replicas = strategy.num_replicas_in_sync
+    global_batch = cfg["batch_size"] * replicas  # batch_size is per replica
+    steps_per_epoch = max(1, len(split["train"]) // global_batch)
+    # max_epochs counts epochs of the global batch: the same data on any replica count.
+    max_steps = cfg["max_epochs"] * steps_per_epoch if cfg["max_epochs"] > 0 else cfg["max_steps"]
+    num_classes = len(split["class_names"])
+    lr_scale = {"none": 1.0, "linear": float(replicas), "sqrt": math.sqrt(replicas)}[cfg["lr_scaling"]]
+    return Plan(replicas, global_batch, steps_per_epoch, max_steps, num_classes, min(cfg["top_k"], num_classes),
+                lr_scale)
+
+
+def set_learning_rate(state: TrainState, cfg: Mapping, plan: Plan, step: int) -> float:
+    """The LR for `step`: the schedule x the replica scaling x what the policy and NaN guard applied."""
+    lr = schedules.lr_at(cfg, step, plan.steps_per_epoch, plan.max_steps) * plan.lr_scale \
+        * state.get("lr_multiplier")
+    state.optimizer.learning_rate.assign(lr)
+    return lr
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+class Checkpoints:
+    """RUN's regular checkpoints and best/ copy. Every worker takes part in a save (it is a
+    collective); only the chief's land in RUN, the others write to a temporary folder."""
+
+    def __init__(self, state: TrainState, train_dir: str, strategy, keep: int):
+        self.state, self.train_dir = state, train_dir
+        self.chief, self.write_dir = _chief_and_write_dir(strategy, train_dir)
+        ckpt = state.checkpoint()
+        self.manager = tf.train.CheckpointManager(ckpt, self.write_dir, max_to_keep=keep, checkpoint_name="ckpt")
+        self.best = tf.train.CheckpointManager(ckpt, os.path.join(self.write_dir, BEST), max_to_keep=1,
+                                               checkpoint_name="best")
+
+    def restore_or_init(self) -> int:
+        """Resume from RUN's newest readable checkpoint (workers read the chief's), else save ckpt-0
+        so a NaN in the first steps has a state to return to. Returns the step to start from."""
+        latest = tf.train.latest_checkpoint(self.train_dir)
+        start = self.restore(latest) if latest else 0
+        if start:
+            logging.info("resuming from step %d (%s)", start, latest)
+        elif not self.manager.latest_checkpoint:
+            self.save(0)
+        return start
+
+    def restore(self, path: str) -> int:
+        path = run_dir.readable_checkpoint(path)
+        kind = self.state.get("optimizer_kind")
+        saved_kind = tf.train.load_checkpoint(path).get_tensor("state/optimizer_kind/.ATTRIBUTES/VARIABLE_VALUE")
+        if saved_kind == kind:
+            self.state.checkpoint().restore(path).assert_existing_objects_matched()
+        else:  # fresh slots for the new optimizer; weights, step, averages and policy carry over
+            self.state.checkpoint(with_optimizer=False).restore(path).expect_partial() \
+                .assert_existing_objects_matched()
+            self.state.optimizer.iterations.assign(run_dir.checkpoint_step(path))
+            self.state.set(optimizer_kind=kind)
+            logging.info("optimizer changed from %s to %s: its state starts fresh (weights, step, moving "
+                         "averages and LR policy carry over)", OPTIMIZER_KINDS[int(saved_kind)],
+                         OPTIMIZER_KINDS[int(kind)])
+        return int(self.state.optimizer.iterations.numpy())
+
+    def save(self, step: int) -> None:
+        _save(self.manager, step)
+
+    def save_best(self, step: int) -> None:
+        _save(self.best, step, self.manager.latest_checkpoint)
+
+    def finish(self) -> None:
+        if not self.chief:
+            shutil.rmtree(self.write_dir, ignore_errors=True)
+
+
+def _save(manager, step: int, last_good: str | None = None) -> None:
+    """CheckpointManager writes the files, then atomically updates `checkpoint`: a kill or a
+    full disk mid-save leaves the previous checkpoint the newest readable one."""
+    try:
+        manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as e:
+        previous = last_good or manager.latest_checkpoint or "none"
+        raise UserError(f"could not save checkpoint at step {step} in {manager.directory} "
+                        f"({str(e).strip().splitlines()[0][:120]}); the last saved one is intact: {previous}") from None
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes RUN: the only one, or worker 0 / the chief of a cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker"
+                                             and resolver.task_id == 0)
+
+
+def _chief_and_write_dir(strategy, train_dir: str) -> tuple[bool, str]:
+    """(is this the chief, where this worker's checkpoints go): non-chiefs write to a temp dir."""
+    if is_chief(strategy):
+        return True, train_dir
+    resolver = strategy.cluster_resolver
+    return False, tempfile.mkdtemp(prefix=f"hw2-{resolver.task_type}{resolver.task_id}-")
+
+
+# ------------------------------------------------------------------------------ validation
+
+class Validator:
+    """Validation with the averaged weights, its TensorBoard scalars and the weight histograms."""
+
+    def __init__(self, state: TrainState, split: Mapping, cfg: Mapping, plan: Plan, strategy, writers: dict):
+        self.state, self.strategy, self.writers, self.top_k = state, strategy, writers, plan.top_k
+        self.dataset = hw2_input.eval_dataset(split["data_dir"], split["val"], cfg, cfg["eval_batch_size"])
+        self.eval_step = hw2.make_eval_step(state.model, strategy, plan.top_k)
+
+    def measure(self) -> dict:
+        self.state.ema.swap()  # validation and the best checkpoint judge the averaged weights
+        try:
+            return hw2.evaluate(self.eval_step, self.dataset, self.strategy)
+        finally:
+            self.state.ema.swap()
+
+    def __call__(self, step: int) -> dict:
+        result = self.measure()
+        with self.writers["val"].as_default(step=step):
+            tf.summary.scalar("loss", result["loss"])
+            tf.summary.scalar("top1", result["top1"])
+            tf.summary.scalar(f"top{self.top_k}", result["topk"])
+        with self.writers["train"].as_default(step=step):
+            for v in self.state.model.trainable_variables:
+                tf.summary.histogram(v.path, v.value)
+        return result
+
+
+class Meter:
+    """Sums of loss and top-1 hits over a window of steps, with its img/s (the first step after a
+    start traces the graph and is left out of the timing)."""
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.correct, self.steps, self.untimed, self.t = 0.0, 0.0, 0, 0, time.time()
+
+    def add(self, loss: float, correct: float, untimed: bool = False) -> None:
+        if untimed:
+            self.untimed, self.t = self.untimed + 1, time.time()
+        self.loss += loss
+        self.correct += correct
+        self.steps += 1
+
+    def means(self) -> tuple[float, float]:
+        n = max(self.steps, 1)
+        return self.loss / n, self.correct / (n * self.global_batch)
+
+    def images_per_sec(self) -> float:
+        timed, dt = self.steps - self.untimed, time.time() - self.t
+        return timed * self.global_batch / dt if timed > 0 and dt > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------ the loop
+
+def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Sequence = ()) -> dict:
+    """Train (or resume) a run in train_dir. Returns the best validation {'top1', 'topk', 'step', 'checkpoint'}.
+
+    `hooks` observe the run without changing it: each may define on_start(info),
+    on_validation(row) and on_end(best), all taking plain dicts.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    plan = make_plan(cfg, split, strategy)
+    _seed(cfg)
+    state = create_train_state(cfg, plan.num_classes, strategy)
+    ckpts = Checkpoints(state, train_dir, strategy, cfg["keep_checkpoints"])
+    hooks = hooks if ckpts.chief else ()  # hooks write files: one writer per run
+    start = _start(state, ckpts, plan)
+    writers = {name: tf.summary.create_file_writer(os.path.join(train_dir, name)) if ckpts.chief
+               else tf.summary.create_noop_writer() for name in ("train", "val")}
+    validate = Validator(state, split, cfg, plan, strategy, writers)
+    train_step = hw2.make_train_step(state.model, state.optimizer, state.ema, strategy, plan.global_batch,
+                                     cfg["label_smoothing"])
+    iterator = _train_iterator(cfg, split, plan, strategy, start)
+    policy = schedules.PlateauPolicy(cfg["lr_patience"], cfg["stop_patience"], cfg["min_delta"])
+    policy.load({f: state.get(f) for f in policy.FIELDS})
+    if start == 0 and ckpts.chief:
+        _write_sample_images(writers["train"], split, cfg)
+    _log_start(cfg, split, plan, state)
+    _call(hooks, "on_start", {"cfg": cfg, "split": split, "train_dir": train_dir, "model": state.model,
+                              "replicas": plan.replicas, "global_batch": plan.global_batch,
+                              "start_step": start, "steps_per_epoch": plan.steps_per_epoch,
+                              "params": _params(state.model)})
+    bar = _progress_bar(start, plan.max_steps)
+    log = bar.write if bar else logging.info
+    window, since_val = Meter(plan.global_batch), Meter(plan.global_batch)
+    step, stop_reason = start, f"reached max_steps={plan.max_steps}"
+    while step < plan.max_steps:
+        lr = set_learning_rate(state, cfg, plan, step)
+        total, _, correct = (float(t) for t in train_step(iterator))
+        step += 1
+        if not math.isfinite(total):
+            step = _recover_from_nan(state, ckpts, cfg, total, step, log)
+            iterator = _train_iterator(cfg, split, plan, strategy, step)  # the stream rewinds with the step
+            continue
+        for meter in (window, since_val):
+            meter.add(total, correct, untimed=step == start + 1)
+        if bar:
+            bar.update(1)
+        if step % cfg["log_every_steps"] == 0 or step == plan.max_steps:
+            _log_window(window, step, plan, lr, writers["train"], log, bar)
+        if step % cfg["save_checkpoint_steps"] == 0 or step == plan.max_steps:
+            action = _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, since_val, hooks, log)
+            if action == "stop":
+                stop_reason = f"no val top-1 gain for {policy.stale} validations"
+                break
+    if bar:
+        bar.close()
+    for w in writers.values():
+        w.flush()
+    return _finish(state, ckpts, policy, validate, plan, stop_reason, hooks)
+
+
+def _seed(cfg: Mapping) -> None:
+    import keras
+    keras.utils.set_random_seed(cfg["seed"])  # initial weights and dropout masks follow the seed
+    if cfg["deterministic"]:
+        tf.config.experimental.enable_op_determinism()
+
+
+def _start(state: TrainState, ckpts: Checkpoints, plan: Plan) -> int:
+    """Restore or init. The LR follows the replica count of this start (set_learning_rate), so a
+    run resumed on another number of devices is rescaled; the log says so."""
+    start = ckpts.restore_or_init()
+    if start and state.get("lr_scale") != plan.lr_scale:
+        logging.info("resumed on %d replica(s): LR scale %.3g instead of %.3g", plan.replicas, plan.lr_scale,
+                     state.get("lr_scale"))
+    state.set(lr_scale=plan.lr_scale)
+    return start
+
+
+def _train_iterator(cfg: Mapping, split: Mapping, plan: Plan, strategy, step: int):
+    """The training stream from `step` on: a pure function of the seed and the step."""
+    dataset = strategy.distribute_datasets_from_function(
+        lambda ctx: hw2_input.train_dataset(split["data_dir"], split["train"], cfg, plan.global_batch, ctx,
+                                            start_example=step * plan.global_batch))
+    return iter(dataset)
+
+
+def _recover_from_nan(state: TrainState, ckpts: Checkpoints, cfg: Mapping, total: float, step: int, log) -> int:
+    """A NaN/Inf loss: back to the newest checkpoint with a lower LR, or stop when retries run out.
+    Returns the step restored; nothing saved is touched."""
+    retries = state.get("nan_retries") + 1
+    lr_now = float(state.optimizer.learning_rate.numpy())
+    if retries > cfg["nan_retries"] or not ckpts.manager.latest_checkpoint:
+        raise UserError(f"loss became {total} at step {step}{' again' if retries > 1 else ''}: lower "
+                        f"--learning_rate (now {lr_now:g}); saved checkpoints are intact")
+    multiplier = state.get("lr_multiplier") * cfg["lr_factor"]
+    restored = ckpts.restore(ckpts.manager.latest_checkpoint)
+    state.set(lr_multiplier=multiplier, nan_retries=retries)  # kept by the next checkpoint
+    log(f"loss became {total} at step {step}: restored step {restored}, lr lowered to {lr_now * cfg['lr_factor']:g}")
+    return restored
+
+
+def _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, since_val, hooks, log) -> str:
+    """Validate the averaged weights, apply the plateau policy, save best/ (first) and the checkpoint."""
+    val = validate(step)
+    is_best, action = policy.update(val["top1"], step)
+    if action == "lower_lr":
+        state.set(lr_multiplier=state.get("lr_multiplier") * cfg["lr_factor"])
+    state.set(**policy.state())
+    # Best first: a kill between the two saves then resumes from the previous checkpoint and
+    # replays this validation, instead of trusting a best copy that was never written.
+    if is_best:
+        ckpts.save_best(step)
+    ckpts.save(step)
+    next_lr = schedules.lr_at(cfg, step, plan.steps_per_epoch, plan.max_steps) * plan.lr_scale \
+        * state.get("lr_multiplier")
+    note = {"gain": "", "wait": f" (no gain for {policy.stale})",
+            "lower_lr": f" (no gain for {policy.stale}: lr -> {next_lr:g})",
+            "stop": f" (no gain for {policy.stale}: stopping)"}[action]
+    log(f"step {step}: val loss {val['loss']:.4f} top-1 {val['top1']:.4f} top-{plan.top_k} "
+        f"{val['topk']:.4f} n={val['n']} (EMA){' best' if is_best else ''}{note}")
+    train_loss, train_top1 = since_val.means()
+    _call(hooks, "on_validation", {
+        "step": step, "epoch": step / plan.steps_per_epoch, "lr": lr, "train_loss": train_loss,
+        "train_top1": train_top1, "val_loss": val["loss"], "val_top1": val["top1"], "val_topk": val["topk"],
+        "top_k": plan.top_k, "is_best": is_best, "seconds": time.time() - since_val.t})
+    since_val.reset()
+    return action
+
+
+def _finish(state, ckpts, policy, validate, plan, stop_reason, hooks) -> dict:
+    """Re-measure the best checkpoint (cheap, and exact even after a resume) and report it."""
+    if policy.best_step < 0:
+        logging.info("no validation ran (max_steps=%d already reached)", plan.max_steps)
+        ckpts.finish()
+        return {"top1": float("nan"), "topk": float("nan"), "step": -1}
+    state.checkpoint(with_optimizer=False).restore(ckpts.best.latest_checkpoint).expect_partial() \
+        .assert_existing_objects_matched()
+    result = validate.measure()
+    ckpts.finish()
+    logging.info("stopped: %s", stop_reason)
+    best = {"top1": result["top1"], "topk": result["topk"], "step": policy.best_step,
+            "checkpoint": ckpts.best.latest_checkpoint}
+    _call(hooks, "on_end", best)
+    print(f"best val top-1 {best['top1']:.4f} top-{plan.top_k} {best['topk']:.4f} at step {best['step']} "
+          f"({best['checkpoint']})", flush=True)
+    return best
+
+
+# ------------------------------------------------------------------------------ logging
+
+def _params(model) -> int:
+    return sum(int(tf.size(v)) for v in model.trainable_variables)
+
+
+def _log_start(cfg: Mapping, split: Mapping, plan: Plan, state: TrainState) -> None:
+    if plan.replicas > 1 or cfg["lr_scaling"] != "none":
+        logging.info("%d replicas x batch %d = global batch %d; lr_scaling=%s: lr %g x %.3g = %g; sync_bn=%s",
+                     plan.replicas, cfg["batch_size"], plan.global_batch, cfg["lr_scaling"], cfg["learning_rate"],
+                     plan.lr_scale, cfg["learning_rate"] * plan.lr_scale, cfg["sync_bn"])
+    logging.info("model %s: %d classes, %s parameters, input %dx%d, conv_impl=%s, %d replica(s), "
+                 "batch %d, %d train / %d val images", cfg["model"], plan.num_classes, f"{_params(state.model):,}",
+                 cfg["image_size"], cfg["image_size"], cfg["conv_impl"], plan.replicas, plan.global_batch,
+                 len(split["train"]), len(split["val"]))
+
+
+def _log_window(window: Meter, step: int, plan: Plan, lr: float, writer, log, bar) -> None:
+    if window.steps == 0:
+        return
+    loss, top1 = window.means()
+    ips = window.images_per_sec()
+    log(f"step {step} (epoch {step / plan.steps_per_epoch:.1f}): loss {loss:.4f} train top-1 {top1:.4f} "
+        f"lr {lr:.2e} {ips:.0f} img/s {plan.global_batch / ips if ips > 0 else float('nan'):.3f} sec/batch")
+    if bar:
+        bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.3f}", refresh=False)
+    with writer.as_default(step=step):
+        tf.summary.scalar("loss", loss)
+        tf.summary.scalar("top1", top1)
+        tf.summary.scalar("learning_rate", lr)
+        tf.summary.scalar("images_per_sec", ips)
+    window.reset()
+
+
+def _write_sample_images(writer, split: Mapping, cfg: Mapping) -> None:
+    """A few augmented training inputs in TensorBoard, rescaled from standardized to [0, 1]."""
+    items = split["train"]
+    images, _ = next(iter(hw2_input.train_dataset(split["data_dir"], items[:64], cfg, min(8, len(items)))))
+    lo = tf.reduce_min(images, axis=[1, 2, 3], keepdims=True)
+    hi = tf.reduce_max(images, axis=[1, 2, 3], keepdims=True)
+    with writer.as_default(step=0):
+        tf.summary.image("input_images", (images - lo) / tf.maximum(hi - lo, 1e-6), max_outputs=8)
+
+
+def _progress_bar(start: int, total: int):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
+
+
+def _call(hooks, event: str, payload) -> None:
+    for hook in hooks:
+        fn = getattr(hook, event, None)
+        if fn is not None:
+            fn(payload)
