@@ -6,6 +6,9 @@ pipeline calls `read_image` through tf.numpy_function.
     python hw2_dataset.py --make_demo demo_data
     python hw2_dataset.py --data_dir demo_data --out split.json [--val_fraction 0.2 --seed 0]
     python hw2_dataset.py --data_dir demo_data --check
+
+Layout: the label is the top-level folder; images at any depth below it belong to it. Hidden files
+and dot-folders are skipped; symlinks are followed, except to a folder already walked (a loop).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import sys
@@ -20,7 +24,7 @@ import tempfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,11 +32,22 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from utils import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # matched case-insensitively
-JUNK_FILES = ("thumbs.db", "desktop.ini")  # written by Windows Explorer into image folders
+# Written by Windows Explorer into image folders, and by macOS into the zips it makes.
+JUNK_FILES = ("thumbs.db", "desktop.ini", "__macosx")
 SPLIT_VERSION = 1
 _REQUIRED_SPLIT_KEYS = ("data_dir", "class_names", "train", "val")
 
 Item = tuple[str, int]
+
+
+class ImageInfo(NamedTuple):
+    """What the scan learnt about one file: stored size, PIL format and mode, and why it cannot be
+    used (None: usable). Fields stay at their zero values when the file never opened."""
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    mode: str = ""
+    problem: str | None = None
 
 
 @dataclass
@@ -41,6 +56,9 @@ class Scan:
     class_names: list[str]  # sorted
     items: list[Item]  # (path relative to data_dir with '/' separators, label index), sorted
     bad: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    # Left out on purpose, not bad: hidden and system files, links to a folder already walked.
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
+    info: dict[str, ImageInfo] = field(default_factory=dict)  # relative path -> ImageInfo, when checked
 
     def empty_classes(self) -> list[str]:
         """Names of classes left without a single usable image."""
@@ -70,9 +88,9 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
     if not os.path.isdir(data_dir):
         raise UserError(f"data_dir {data_dir} is not a folder")
 
-    class_names, stray = [], []
-    for entry in _list_dir(data_dir):
-        if entry.is_dir():
+    class_names, stray, skipped = [], [], []
+    for entry in _list_dir(data_dir, skipped):
+        if _is(entry.is_dir):
             class_names.append(entry.name)
         elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
             stray.append(entry.name)
@@ -85,8 +103,7 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
     bad = [(name, "not inside a class folder") for name in stray]
     candidates: list[Item] = []
     for label, name in enumerate(class_names):
-        for rel, is_file in _walk(os.path.join(data_dir, name)):
-            rel = f"{name}/{rel}"
+        for rel, is_file in _walk(data_dir, name, skipped):
             ext = os.path.splitext(rel)[1]
             if not is_file:
                 bad.append((rel, "broken link or not a regular file"))
@@ -95,41 +112,62 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
             else:
                 bad.append((rel, f"unsupported format ({ext or 'no extension'})"))
 
-    items = candidates
+    items, info = candidates, {}
     if check_images:
         paths = [os.path.join(data_dir, rel) for rel, _ in candidates]
-        reasons = _map(lambda p: check_image(p, min_size), paths, workers)
-        items = [item for item, reason in zip(candidates, reasons) if reason is None]
-        bad += [(rel, reason) for (rel, _), reason in zip(candidates, reasons) if reason is not None]
-    return Scan(data_dir, class_names, sorted(items), sorted(bad))
+        infos = _map(lambda p: inspect_image(p, min_size), paths, workers)
+        info = {rel: i for (rel, _), i in zip(candidates, infos)}
+        items = [item for item, i in zip(candidates, infos) if i.problem is None]
+        bad += [(rel, i.problem) for (rel, _), i in zip(candidates, infos) if i.problem is not None]
+    return Scan(data_dir, class_names, sorted(items), sorted(bad), sorted(skipped), info)
 
 
-def _list_dir(path: str) -> list[os.DirEntry]:
-    """Non-hidden, non-junk entries of a folder."""
+def _list_dir(path: str, skipped: list[tuple[str, str]] | None = None, rel: str = "") -> list[os.DirEntry]:
+    """Non-hidden, non-junk entries of a folder; the others go to `skipped` as (rel path, why)."""
     try:
         with os.scandir(path) as it:
-            return [e for e in it if not e.name.startswith(".") and e.name.lower() not in JUNK_FILES]
+            entries = list(it)
     except OSError as e:
         raise UserError(f"cannot read folder {path}: {e.strerror}") from None
+    kept = []
+    for e in entries:
+        if e.name.startswith(".") or e.name.lower() in JUNK_FILES:
+            if skipped is not None:
+                why = "hidden" if e.name.startswith(".") else "system file"
+                skipped.append((f"{rel}/{e.name}" if rel else e.name, why))
+        else:
+            kept.append(e)
+    return kept
 
 
-def _walk(class_dir: str) -> Iterator[tuple[str, bool]]:
-    """Yield (path relative to class_dir, is a regular file) for everything below it, recursively."""
+def _walk(data_dir: str, class_name: str, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, bool]]:
+    """Yield (path relative to data_dir, is a regular file) for everything below one class folder,
+    at any depth; symlinks are followed, but a folder already walked is not walked again."""
     seen = set()
-    pending = [""]
+    pending = [class_name]
     while pending:
         rel = pending.pop()
-        full = os.path.join(class_dir, rel)
+        full = os.path.join(data_dir, rel)
         st = os.stat(full)
         if (st.st_dev, st.st_ino) in seen:  # a symlink loop would otherwise recurse forever
+            skipped.append((rel, "link to a folder already scanned"))
             continue
         seen.add((st.st_dev, st.st_ino))
-        for entry in _list_dir(full):
-            child = f"{rel}/{entry.name}" if rel else entry.name
-            if entry.is_dir():
+        for entry in _list_dir(full, skipped, rel):
+            child = f"{rel}/{entry.name}"
+            if _is(entry.is_dir):
                 pending.append(child)
             else:
-                yield child, entry.is_file()
+                yield child, _is(entry.is_file)
+
+
+def _is(test) -> bool:
+    """DirEntry.is_dir / is_file, following symlinks; False for a link that cannot be resolved,
+    including a cycle of links (where Python raises ELOOP instead of answering)."""
+    try:
+        return test()
+    except OSError:
+        return False
 
 
 def _map(fn, values: Sequence, workers: int) -> list:
@@ -142,13 +180,20 @@ def _map(fn, values: Sequence, workers: int) -> list:
 
 def check_image(path: str, min_size: int = 8) -> str | None:
     """Why the image file at path cannot be used, or None when it decodes and is big enough."""
+    return inspect_image(path, min_size).problem
+
+
+def inspect_image(path: str, min_size: int = 8) -> ImageInfo:
+    """Size, format and mode of the image file at path, and why it cannot be used (or None)."""
+    info = ImageInfo()
     try:
         if os.path.getsize(path) == 0:
-            return "empty file"
+            return info._replace(problem="empty file")
         with Image.open(path) as img:
             w, h = img.size
+            info = ImageInfo(w, h, img.format or "", img.mode)
             if min(w, h) < min_size:
-                return f"too small ({w}x{h})"
+                return info._replace(problem=f"too small ({w}x{h})")
             if img.format == "JPEG":
                 # Decode at 1/8 DCT scale: libjpeg still entropy-decodes every block, so truncated and
                 # most corrupt files still fail, but it skips most of the IDCT and colour work, which
@@ -157,21 +202,70 @@ def check_image(path: str, min_size: int = 8) -> str | None:
                 img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
             img.load()
     except UnidentifiedImageError:
-        return "not an image"
+        return info._replace(problem="not an image")
     except Image.DecompressionBombError as e:
-        return f"too large: {_short(e)}"
+        return info._replace(problem=f"too large: {_short(e)}")
     except OSError as e:
         if e.errno is not None:  # a real I/O error (permissions, disk), not a decoder complaint
-            return f"unreadable: {e.strerror}"
-        return f"corrupt: {_short(e)}"
+            return info._replace(problem=f"unreadable: {e.strerror}")
+        return info._replace(problem=f"corrupt: {_short(e)}")
     except Exception as e:  # plugins raise SyntaxError, ValueError, struct.error on broken headers
-        return f"corrupt: {_short(e)}"
-    return None
+        return info._replace(problem=f"corrupt: {_short(e)}")
+    return info
 
 
 def _short(error: BaseException, limit: int = 80) -> str:
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -------------------------------------------------------------------------------- class balance
+
+# From this largest/smallest class ratio on, training suggests --class_balance (and the report flags it).
+IMBALANCE_WARNING_RATIO = 3.0
+
+
+def class_counts(items: Iterable[Item], num_classes: int) -> np.ndarray:
+    """Number of items of each label, int64 [num_classes]."""
+    counts = np.zeros(num_classes, np.int64)
+    for _, label in items:
+        counts[label] += 1
+    return counts
+
+
+def class_weights(items: Iterable[Item], num_classes: int) -> np.ndarray:
+    """Inverse-frequency loss weights for --class_balance weights, float32 [num_classes].
+
+    weight[c] is proportional to 1 / count[c], so every class adds the same total weight to an
+    epoch's loss, and the weights average 1 over the classes that have items. A class without items
+    gets 0: it never appears in the loss.
+    """
+    counts = class_counts(items, num_classes).astype(np.float64)
+    present = counts > 0
+    if not present.any():
+        raise UserError("no images to compute class weights from")
+    inverse = np.where(present, 1.0 / np.maximum(counts, 1.0), 0.0)
+    return (inverse * (present.sum() / inverse.sum())).astype(np.float32)
+
+
+def imbalance_ratio(counts: Sequence[int]) -> float:
+    """Largest class count / smallest class count; inf when a class has none."""
+    counts = np.asarray(counts)
+    return float("inf") if counts.min() == 0 else float(counts.max() / counts.min())
+
+
+def imbalance_note(counts: Sequence[int], class_names: Sequence[str]) -> str | None:
+    """One line saying that the largest class is IMBALANCE_WARNING_RATIO x the smallest or more, with
+    both named, and suggesting --class_balance; None for classes closer to balance."""
+    counts = np.asarray(counts)
+    ratio = imbalance_ratio(counts)
+    if ratio < IMBALANCE_WARNING_RATIO:
+        return None
+    big, small = int(counts.argmax()), int(counts.argmin())
+    times = "infinitely many times" if math.isinf(ratio) else f"{ratio:.1f}x"
+    return (f"class imbalance: the largest class '{class_names[big]}' ({counts[big]} images) is "
+            f"{times} the smallest '{class_names[small]}' ({counts[small]}): "
+            f"consider --class_balance weights or sampler")
 
 
 # ---------------------------------------------------------------------------------------- split
@@ -402,11 +496,16 @@ def make_demo(out_dir: str) -> int:
     return len(images)
 
 
-# ------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------ duplicates
 
 def find_duplicates(scan: Scan, workers: int = 8) -> list[list[str]]:
     """Groups (two or more relative paths) of usable images whose bytes are identical."""
-    paths = [rel for rel, _ in scan.items]
+    by_size: dict[int, list[str]] = defaultdict(list)
+    for rel, _ in scan.items:
+        by_size[os.path.getsize(os.path.join(scan.data_dir, rel))].append(rel)
+    # Only files that share their size can be identical: in a folder of photos that is almost none,
+    # so this reads a few files instead of every byte of the dataset.
+    paths = [rel for group in by_size.values() if len(group) > 1 for rel in group]
 
     def sha1(rel: str) -> str:
         h = hashlib.sha1()
@@ -420,6 +519,8 @@ def find_duplicates(scan: Scan, workers: int = 8) -> list[list[str]]:
         groups[digest].append(rel)
     return sorted(sorted(g) for g in groups.values() if len(g) > 1)
 
+
+# ------------------------------------------------------------------------------------------- CLI
 
 def _check_command(args: argparse.Namespace) -> int:
     scan = _scan(args.data_dir, True, args.min_size, args.workers)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,96 @@ def test_scan_names_a_class_with_only_bad_images(tmp_path: Path):
     (tmp_path / "broken" / "b.jpg").write_bytes(b"")
     with pytest.raises(UserError, match=r"class 'broken' has no usable images \(1 skipped"):
         ds.scan_dataset(str(tmp_path))
+
+
+# -------------------------------------------------------------------- nested folders and links
+
+def scan_within(seconds: float, *args, **kwargs) -> ds.Scan:
+    """scan_dataset in a daemon thread, so a walk that loops fails the test instead of hanging it."""
+    result = []
+
+    def scan():
+        try:
+            result.append(ds.scan_dataset(*args, **kwargs))
+        except BaseException as e:
+            result.append(e)
+
+    thread = threading.Thread(target=scan, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the scan did not finish: a symlink loop was followed"
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def test_files_at_any_depth_belong_to_the_top_level_class_and_hidden_ones_are_skipped(tmp_path: Path):
+    save(tmp_path / "cats" / "a.png")
+    save(tmp_path / "cats" / "2023" / "summer" / "b.png")
+    save(tmp_path / "cats" / ".cache" / "thumb.png")  # a dot-folder: editors' and tools' caches
+    save(tmp_path / "cats" / "2023" / ".c.png")
+    save(tmp_path / "dogs" / "x" / "y" / "z" / "d.png")
+    save(tmp_path / "__MACOSX" / "cats" / "._a.png")  # what macOS puts into the zips it makes
+    save(tmp_path / ".git" / "e.png")
+    scan = ds.scan_dataset(str(tmp_path))
+    assert scan.class_names == ["cats", "dogs"]
+    assert scan.items == [("cats/2023/summer/b.png", 0), ("cats/a.png", 0), ("dogs/x/y/z/d.png", 1)]
+    assert scan.bad == []
+    assert scan.skipped == [(".git", "hidden"), ("__MACOSX", "system file"), ("cats/.cache", "hidden"),
+                            ("cats/2023/.c.png", "hidden")]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32", reason="needs POSIX symlinks")
+def test_symlinked_files_and_folders_are_followed_but_loops_are_not(tmp_path: Path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    save(elsewhere / "shared.png")
+    save(elsewhere / "album" / "in_album.png")
+    save(data / "cats" / "a.png")
+    os.symlink(elsewhere / "shared.png", data / "cats" / "linked.png")
+    os.symlink(elsewhere / "album", data / "cats" / "album")
+    os.symlink(data / "cats", data / "cats" / "loop")  # a link to its own class folder
+    (data / "cats" / "deep").mkdir()
+    os.symlink("..", data / "cats" / "deep" / "up")  # and one to a parent, relative
+    os.symlink(data / "cats" / "b_link", data / "cats" / "a_link")  # a <-> b: a cycle of links
+    os.symlink(data / "cats" / "a_link", data / "cats" / "b_link")
+    os.symlink(tmp_path / "gone.png", data / "cats" / "dangling.png")
+    save(data / "dogs" / "d.png")
+    scan = scan_within(30, str(data))
+    assert scan.items == [("cats/a.png", 0), ("cats/album/in_album.png", 0), ("cats/linked.png", 0), ("dogs/d.png", 1)]
+    assert dict(scan.bad) == {"cats/a_link": "broken link or not a regular file",
+                              "cats/b_link": "broken link or not a regular file",
+                              "cats/dangling.png": "broken link or not a regular file"}
+    assert sorted(rel for rel, why in scan.skipped if why == "link to a folder already scanned") == \
+        ["cats/deep/up", "cats/loop"]
+
+
+# -------------------------------------------------------------------------------- class balance
+
+def test_class_weights_are_inverse_frequency_with_mean_1():
+    items = synthetic_items((50, 10, 5))
+    assert ds.class_counts(items, 3).tolist() == [50, 10, 5]
+    w = ds.class_weights(items, 3)
+    assert w.dtype == np.float32 and w.shape == (3,)
+    np.testing.assert_allclose(w.mean(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(w * [50, 10, 5], w[0] * 50, rtol=1e-6)  # every class weighs the same in all
+    np.testing.assert_allclose(ds.class_weights(synthetic_items((7, 7)), 2), [1.0, 1.0])
+
+
+def test_class_weights_of_a_class_without_items_is_0():
+    w = ds.class_weights(synthetic_items((30, 10)), 3)  # label 2 has no training image
+    assert w[2] == 0 and w[1] == pytest.approx(3 * w[0]) and w[:2].mean() == pytest.approx(1.0)
+    with pytest.raises(UserError, match="no images"):
+        ds.class_weights([], 2)
+
+
+def test_imbalance_ratio_and_the_note_that_suggests_class_balance():
+    assert ds.imbalance_ratio([30, 10, 20]) == 3.0
+    assert ds.imbalance_ratio([4, 0]) == float("inf")
+    assert ds.imbalance_note([29, 10, 20], ["a", "b", "c"]) is None
+    note = ds.imbalance_note([30, 10, 20], ["a", "b", "c"])
+    assert note == ("class imbalance: the largest class 'a' (30 images) is 3.0x the smallest 'b' (10): "
+                    "consider --class_balance weights or sampler")
+    assert "infinitely many times the smallest 'b' (0)" in ds.imbalance_note([3, 0], ["a", "b"])
 
 
 # ---------------------------------------------------------------------------------------- split
@@ -290,6 +381,15 @@ def test_cli_check_lists_bad_files_and_duplicates(messy: Path, capsys):
     out = capsys.readouterr().out
     assert "cats/truncated.jpg: corrupt" in out and "dogs/readme.txt" in out
     assert "duplicate: cats/a.JPG = dogs/copy.JPG  (in different classes!)" in out
+
+
+def test_duplicates_are_identical_bytes_not_equal_sizes(tmp_path: Path):
+    save(tmp_path / "a" / "red.bmp", color=(255, 0, 0))
+    save(tmp_path / "a" / "green.bmp", color=(0, 255, 0))  # a BMP's size depends only on its pixel count
+    save(tmp_path / "b" / "red_again.bmp", color=(255, 0, 0))
+    save(tmp_path / "b" / "big.png", size=(30, 30))
+    assert os.path.getsize(tmp_path / "a" / "red.bmp") == os.path.getsize(tmp_path / "a" / "green.bmp")
+    assert ds.find_duplicates(ds.scan_dataset(str(tmp_path)), workers=2) == [["a/red.bmp", "b/red_again.bmp"]]
 
 
 def test_cli_check_of_a_clean_folder_exits_0(tmp_path: Path):
