@@ -3,6 +3,8 @@
 Every function takes one image of dynamic shape and works inside a `tf.data` map (graph mode).
 Randomness comes only from the `seed` tensor passed in, so a given seed always gives the same
 output: a training run can be replayed exactly, and a test can pin an augmentation.
+The cfg keys (image_size, channels, scale_min, ..., noise_std) are config.cfg's: every one must be
+there, so a config built by hand that forgets one fails with a KeyError instead of a silent default.
 """
 
 import math
@@ -10,35 +12,16 @@ from typing import Any, Mapping
 
 import tensorflow as tf
 
-DEFAULTS: dict[str, Any] = {
-    "image_size": 100,
-    "channels": 3,
-    "scale_min": 1.0,
-    "scale_max": 1.25,
-    "eval_scale": 1.14,
-    "flip_lr": True,
-    "flip_ud": 0.0,
-    "brightness": 0.25,
-    "contrast": 0.3,
-    "rotate_deg": 0.0,
-    "shift_frac": 0.0,
-    "noise_std": 0.0,
-}
-
 # One sub-seed per random op, so switching one op on or off leaves the draws of the others alone.
 # New ops go at the end: stateless_split's first outputs do not depend on `num`.
 _SCALE, _CROP, _FLIP, _BRIGHTNESS, _CONTRAST, _ANGLE, _SHIFT, _NOISE, _FLIP_UD = range(9)
 _NUM_OPS = 9
 
 
-def _get(cfg: Mapping[str, Any], key: str) -> Any:
-    return cfg.get(key, DEFAULTS[key])
-
-
 def base_short_side(cfg: Mapping[str, Any]) -> int:
     """Short side that images are decoded to: big enough for the largest train scale and for eval."""
-    size = int(_get(cfg, "image_size"))
-    scale = max(float(_get(cfg, "scale_max")), float(_get(cfg, "eval_scale")), 1.0)
+    size = int(cfg["image_size"])
+    scale = max(float(cfg["scale_max"]), float(cfg["eval_scale"]), 1.0)
     # round() first: 100 * 1.1 is 110.00000000000001 in floating point, and ceil would make it 111.
     return math.ceil(round(size * scale, 6))
 
@@ -108,26 +91,26 @@ def train_preprocess(
 ) -> tf.Tensor:
     """Random scale + crop, flip, colour jitter and optional rotate/shift/noise of a uint8 [H,W,3]
     image; returns float32 [S,S,C], per-image standardized (or in 0..1 if `standardize` is False)."""
-    size = int(_get(cfg, "image_size"))
-    channels = int(_get(cfg, "channels"))
+    size = int(cfg["image_size"])
+    channels = int(cfg["channels"])
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=_NUM_OPS)
 
     image = _to_unit_float(image, channels)
     u = tf.random.stateless_uniform(
-        [], seeds[_SCALE], minval=float(_get(cfg, "scale_min")), maxval=float(_get(cfg, "scale_max"))
+        [], seeds[_SCALE], minval=float(cfg["scale_min"]), maxval=float(cfg["scale_max"])
     )
     # A short side below S would leave nothing to crop from.
     short = tf.maximum(size, tf.cast(tf.round(size * u), tf.int32))
     image = _resize_short_side(image, short)
     image = tf.image.stateless_random_crop(image, [size, size, channels], seeds[_CROP])
-    if _get(cfg, "flip_lr"):
+    if cfg["flip_lr"]:
         image = tf.image.stateless_random_flip_left_right(image, seeds[_FLIP])
-    flip_ud = float(_get(cfg, "flip_ud"))
+    flip_ud = float(cfg["flip_ud"])
     if flip_ud > 0:
         flip = tf.random.stateless_uniform([], seeds[_FLIP_UD]) < flip_ud
         image = tf.cond(flip, lambda: tf.image.flip_up_down(image), lambda: image)
 
-    rotate_deg, shift_frac = float(_get(cfg, "rotate_deg")), float(_get(cfg, "shift_frac"))
+    rotate_deg, shift_frac = float(cfg["rotate_deg"]), float(cfg["shift_frac"])
     if rotate_deg > 0 or shift_frac > 0:
         max_angle = math.radians(rotate_deg)
         angle = tf.random.stateless_uniform([], seeds[_ANGLE], -max_angle, max_angle)
@@ -139,14 +122,14 @@ def train_preprocess(
     # uniform brightness shift and contrast scale, so jitter applied after it would do nothing
     # (the mistake users reported in the CIFAR-10 tutorial). Clipping to 0..1 is what makes a
     # brightness change survive standardization: bright pixels saturate.
-    brightness, contrast = float(_get(cfg, "brightness")), float(_get(cfg, "contrast"))
+    brightness, contrast = float(cfg["brightness"]), float(cfg["contrast"])
     if brightness > 0:
         image = tf.image.stateless_random_brightness(image, brightness, seeds[_BRIGHTNESS])
     if contrast > 0:
         image = tf.image.stateless_random_contrast(
             image, max(0.0, 1.0 - contrast), 1.0 + contrast, seeds[_CONTRAST]
         )
-    noise_std = float(_get(cfg, "noise_std"))
+    noise_std = float(cfg["noise_std"])
     if noise_std > 0:
         image += noise_std * tf.random.stateless_normal(tf.shape(image), seeds[_NOISE])
     image = tf.clip_by_value(image, 0.0, 1.0)
@@ -157,10 +140,10 @@ def train_preprocess(
 
 def eval_preprocess(image: tf.Tensor, cfg: Mapping[str, Any], standardize: bool = True) -> tf.Tensor:
     """Short-side resize to round(S * eval_scale), central S x S crop, per-image standardization."""
-    size = int(_get(cfg, "image_size"))
-    channels = int(_get(cfg, "channels"))
+    size = int(cfg["image_size"])
+    channels = int(cfg["channels"])
     image = _to_unit_float(image, channels)
-    short = max(size, round(size * float(_get(cfg, "eval_scale"))))
+    short = max(size, round(size * float(cfg["eval_scale"])))
     image = _resize_short_side(image, short)
     shape = tf.shape(image)
     top, left = (shape[0] - size) // 2, (shape[1] - size) // 2

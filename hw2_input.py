@@ -1,4 +1,8 @@
-"""tf.data pipelines that read `DATA_DIR/<class>/<image>` files for training and evaluation."""
+"""tf.data pipelines that read `DATA_DIR/<class>/<image>` files for training and evaluation.
+
+Every cfg key used here must be present (a config from utils.load_config has them all): a missing
+key raises KeyError instead of silently falling back to a default that may differ from config.cfg.
+"""
 
 import logging
 import os
@@ -60,7 +64,7 @@ def _fits_in_cache(num_images: int, cfg: Mapping[str, Any]) -> bool:
     """Whether the decoded images fit under cache_images_mb; 1.5 allows for non-square images."""
     side = base_short_side(cfg)
     estimate = num_images * side * side * 1.5 * 3
-    return estimate < float(cfg.get("cache_images_mb", 1024)) * 2**20
+    return estimate < float(cfg["cache_images_mb"]) * 2**20
 
 
 def decode_dataset(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any]) -> tf.data.Dataset:
@@ -105,7 +109,7 @@ def train_dataset(
     batch) at no cost. With `input_context` (from `strategy.distribute_datasets_from_function`)
     this pipeline takes every num_pipelines-th example and `batch_size` is the global batch.
     """
-    seed = int(cfg.get("seed", 0))
+    seed = int(cfg["seed"])
     if not items:
         raise UserError(f"no images to read in {data_dir}")
     pipeline_id, num_pipelines = 0, 1
@@ -161,8 +165,8 @@ def _drop_ok(image, label, ok):
 
 
 def _output_shape(cfg: Mapping[str, Any]) -> list[int]:
-    size = int(cfg.get("image_size", 100))
-    return [size, size, int(cfg.get("channels", 3))]
+    size = int(cfg["image_size"])
+    return [size, size, int(cfg["channels"])]
 
 
 def eval_dataset(

@@ -5,34 +5,31 @@ import logging
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 import augmentation
 import hw2_input
+import utils
+from helpers import items_of, make_image_folder
 from utils import UserError
 
-S = 16  # network input size for these tests: small keeps the whole file fast on 2 cores
-CFG = {"image_size": S, "scale_min": 1.0, "scale_max": 1.25, "eval_scale": 1.14, "seed": 0}
-ALL_OFF = {
-    "image_size": S, "scale_min": 1.0, "scale_max": 1.0, "eval_scale": 1.0, "flip_lr": False,
-    "brightness": 0.0, "contrast": 0.0, "rotate_deg": 0.0, "shift_frac": 0.0, "noise_std": 0.0,
-}
+S = 16  # the [tiny] network input size: small keeps the whole file fast on 2 cores
 
 
-def write_images(root, n: int, classes: int = 2,
-                 sizes=((20, 30), (30, 20), (24, 24))) -> list[tuple[str, int]]:
-    """n random PNG/JPEG files under root/<class>/, returned as (relative path, label) items."""
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(n):
-        label = i % classes
-        h, w = sizes[i % len(sizes)]
-        ext = ".png" if i % 2 else ".jpg"
-        rel = f"c{label}/img{i:03d}{ext}"
-        (root / f"c{label}").mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / rel)
-        items.append((rel, label))
-    return items
+def config(section: str = "tiny", **overrides) -> utils.Config:
+    """A full config, as the scripts build it: a missing key is a bug the code must not paper over."""
+    return utils.load_config(section, {k: str(v) for k, v in overrides.items()})
+
+
+CFG = config()
+OFF = {"scale_max": 1.0, "eval_scale": 1.0, "flip_lr": False, "brightness": 0.0, "contrast": 0.0}
+ALL_OFF = config(**OFF)
+
+
+def folder(root, per_class: int, classes=("c0", "c1"), noise: float = 80.0, **kwargs) -> list[tuple[str, int]]:
+    """make_image_folder's files as (relative path, label) items, classes in order; strong noise,
+    so that every image keeps a standard deviation that per-image standardization scales to 1."""
+    make_image_folder(root, classes, per_class, noise=noise, **kwargs)
+    return items_of(root)
 
 
 def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -53,9 +50,9 @@ def assert_standardized(images: np.ndarray) -> None:
 # -------------------------------------------------------------------------------------- eval
 
 def test_eval_yields_each_example_once_in_order(tmp_path):
-    items = write_images(tmp_path, 13)
+    items = folder(tmp_path, 7)
     out = batches(hw2_input.eval_dataset(str(tmp_path), items, CFG, batch_size=4))
-    assert [len(y) for _, y in out] == [4, 4, 4, 1]
+    assert [len(y) for _, y in out] == [4, 4, 4, 2]
     labels = np.concatenate([y for _, y in out])
     assert labels.tolist() == [label for _, label in items]
     for x, y in out:
@@ -64,7 +61,7 @@ def test_eval_yields_each_example_once_in_order(tmp_path):
 
 
 def test_eval_num_examples_caps_and_is_repeatable(tmp_path):
-    items = write_images(tmp_path, 13)
+    items = folder(tmp_path, 7)
     ds = hw2_input.eval_dataset(str(tmp_path), items, CFG, batch_size=4, num_examples=6)
     first, second = batches(ds), batches(ds)  # second pass reads the cache
     assert [len(y) for _, y in first] == [4, 2]
@@ -82,10 +79,10 @@ def test_no_items_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("cache_mb", [1024, 0])
 def test_unreadable_file_is_skipped_with_a_warning(tmp_path, caplog, cache_mb):
-    items = write_images(tmp_path, 5)
+    items = folder(tmp_path, 3)
     (tmp_path / "c0" / "bad.png").write_bytes(b"this is not a png")
     items.insert(2, ("c0/bad.png", 0))
-    cfg = {**CFG, "cache_images_mb": cache_mb}
+    cfg = config(cache_images_mb=cache_mb)
     with caplog.at_level(logging.WARNING):
         labels = np.concatenate([y for _, y in batches(hw2_input.eval_dataset(str(tmp_path), items, cfg, 4))])
         train = batches(hw2_input.train_dataset(str(tmp_path), items, cfg, batch_size=4), n=3)
@@ -97,7 +94,7 @@ def test_unreadable_file_is_skipped_with_a_warning(tmp_path, caplog, cache_mb):
 
 
 def test_decode_dataset_gives_uint8_at_base_short_side(tmp_path):
-    items = write_images(tmp_path, 3)
+    items = folder(tmp_path, 2)[:3]
     side = augmentation.base_short_side(CFG)
     for (image, label), (_, want) in zip(hw2_input.decode_dataset(str(tmp_path), items, CFG), items):
         assert image.dtype == tf.uint8 and min(image.shape[:2]) == side and image.shape[2] == 3
@@ -107,7 +104,7 @@ def test_decode_dataset_gives_uint8_at_base_short_side(tmp_path):
 # ------------------------------------------------------------------------------------- train
 
 def test_train_batches_are_static_and_repeat(tmp_path):
-    items = write_images(tmp_path, 5, classes=3)  # fewer items than one batch: repeat must fill it
+    items = folder(tmp_path, 2, classes=("a", "b", "c"))  # fewer items than one batch: repeat must fill it
     ds = hw2_input.train_dataset(str(tmp_path), items, CFG, batch_size=8)
     assert ds.element_spec[0].shape.as_list() == [8, S, S, 3]
     assert ds.element_spec[1].shape.as_list() == [8] and ds.element_spec[1].dtype == tf.int32
@@ -119,11 +116,10 @@ def test_train_batches_are_static_and_repeat(tmp_path):
 
 
 def test_train_same_seed_reproduces_and_other_seed_differs(tmp_path):
-    items = write_images(tmp_path, 12)
-    cfg = {**CFG, "deterministic": True}
+    items = folder(tmp_path, 6)
 
     def first_batch(seed):
-        return batches(hw2_input.train_dataset(str(tmp_path), items, {**cfg, "seed": seed}, 4), n=1)[0]
+        return batches(hw2_input.train_dataset(str(tmp_path), items, config(seed=seed), 4), n=1)[0]
 
     a, b, c = first_batch(0), first_batch(0), first_batch(1)
     np.testing.assert_array_equal(a[0], b[0])
@@ -132,8 +128,7 @@ def test_train_same_seed_reproduces_and_other_seed_differs(tmp_path):
 
 
 def test_input_context_pipelines_read_disjoint_shards(tmp_path):
-    items = write_images(tmp_path, 10)
-    items = [(rel, i) for i, (rel, _) in enumerate(items)]  # label = file index identifies the file
+    items = [(rel, i) for i, (rel, _) in enumerate(folder(tmp_path, 5))]  # label = file index identifies it
     seen = []
     for pipeline_id in range(2):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
@@ -164,7 +159,7 @@ def test_colour_jitter_survives_standardization():
     image = random_image(S, S)
     off = augmentation.train_preprocess(image, ALL_OFF, seed(0)).numpy()
     for key, value in [("brightness", 0.25), ("contrast", 0.3)]:
-        cfg = {**ALL_OFF, key: value}
+        cfg = config(**{**OFF, key: value})
         raw = [augmentation.train_preprocess(image, cfg, seed(i), standardize=False).numpy()
                for i in range(4)]
         assert all(not np.allclose(r, image / 255, atol=1e-3) for r in raw), key
@@ -178,7 +173,7 @@ def test_colour_jitter_survives_standardization():
 def test_flip_flips():
     image = random_image(S, S)
     plain = augmentation.train_preprocess(image, ALL_OFF, seed(0)).numpy()
-    cfg = {**ALL_OFF, "flip_lr": True}
+    cfg = config(**{**OFF, "flip_lr": True})
     outs = [augmentation.train_preprocess(image, cfg, seed(i)).numpy() for i in range(16)]
     flipped = [np.allclose(o, plain[:, ::-1], atol=1e-5) for o in outs]
     unflipped = [np.allclose(o, plain, atol=1e-5) for o in outs]
@@ -196,7 +191,7 @@ def test_rotation_matches_rot90_and_shift_moves_pixels():
 
 @pytest.mark.parametrize("hw", [(40, 90), (300, 120), (S, S), (17, 16)])
 def test_output_shape_for_any_input_size_in_graph_mode(hw):
-    cfg = {**CFG, "rotate_deg": 10.0, "shift_frac": 0.1, "noise_std": 0.05}
+    cfg = config(rotate_deg=10.0, shift_frac=0.1, noise_std=0.05)
     ds = tf.data.Dataset.from_generator(lambda: iter([random_image(*hw)]),
                                         output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
     train = ds.map(lambda x: augmentation.train_preprocess(x, cfg, seed(0)))
@@ -208,6 +203,13 @@ def test_output_shape_for_any_input_size_in_graph_mode(hw):
 
 
 def test_base_short_side():
-    assert augmentation.base_short_side({"image_size": 100}) == 125
-    assert augmentation.base_short_side({"image_size": 100, "scale_max": 1.1, "eval_scale": 1.1}) == 110
-    assert augmentation.base_short_side({"image_size": 100, "scale_max": 1.0, "eval_scale": 1.14}) == 114
+    assert augmentation.base_short_side(config("default")) == 125
+    assert augmentation.base_short_side(config("default", scale_max=1.1, eval_scale=1.1)) == 110
+    assert augmentation.base_short_side(config("default", scale_max=1.0, eval_scale=1.14)) == 114
+
+
+@pytest.mark.parametrize("key", ["noise_std", "flip_ud", "channels"])
+def test_a_missing_config_key_fails_loudly(key):
+    cfg = {k: v for k, v in CFG.items() if k != key}
+    with pytest.raises(KeyError, match=key):
+        augmentation.train_preprocess(random_image(S, S), cfg, seed(0))
