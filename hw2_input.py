@@ -90,7 +90,42 @@ def _preload(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any]
         log.info("decoded %d training images into RAM (%.0f MiB) in %.1fs", len(labels),
                  offsets[-1] / 2**20, time.time() - t)
     return (tf.constant(np.concatenate(flat)), tf.constant(offsets, tf.int64),
-            tf.constant(np.array(shapes, np.int32)), tf.constant(np.array(labels, np.int32)))
+            tf.constant(np.array(shapes, np.int32)), np.array(labels, np.int32))
+
+
+def _shuffled_order(n: int, seed: int):
+    """Example i -> file index: every epoch of n examples is a fresh permutation (index_shuffle)."""
+    def pick(i: tf.Tensor) -> tf.Tensor:
+        epoch, pos = i // n, i % n
+        return tf.random.experimental.index_shuffle(pos, tf.stack([tf.constant(seed, tf.int64), epoch]), n - 1)
+    return pick
+
+
+def _class_balanced_order(labels: np.ndarray, seed: int):
+    """Example i -> file index, every class drawn equally often (class_balance = sampler).
+
+    Examples come in rounds of C (the number of classes with files): round r = i // C holds every
+    class once, in the order of a permutation seeded by (seed, r). Class c's r-th draw is its file
+    at position r mod n_c of a permutation seeded by (seed, c, r // n_c), so a small class cycles
+    through all its files before repeating one. A pure function of (seed, i), like _shuffled_order.
+    """
+    counts = np.unique(labels, return_counts=True)[1]  # of the classes that have files
+    by_class = tf.constant(np.argsort(labels, kind="stable"), tf.int64)  # file indices grouped by class
+    starts = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]), tf.int64)
+    sizes = tf.constant(counts, tf.int64)
+    num_classes = len(counts)
+    fold_in = tf.random.experimental.stateless_fold_in
+
+    def pick(i: tf.Tensor) -> tf.Tensor:
+        seed_t = tf.constant(seed, tf.int64)
+        rnd, pos = i // num_classes, i % num_classes
+        c = tf.random.experimental.index_shuffle(
+            pos, fold_in(tf.stack([seed_t, rnd]), tf.constant(1, tf.int64)), num_classes - 1)
+        n_c = sizes[c]
+        cycle_seed = fold_in(fold_in(tf.stack([seed_t, rnd // n_c]), tf.constant(2, tf.int64)), c)
+        j = tf.random.experimental.index_shuffle(rnd % n_c, cycle_seed, n_c - 1)
+        return by_class[starts[c] + j]
+    return pick
 
 
 def train_dataset(
@@ -106,8 +141,10 @@ def train_dataset(
     Example i of the stream is file index_shuffle(i mod n, seed=(seed, epoch)) augmented with
     seed (seed, i): every epoch is a full permutation, and the stream is a pure function of the
     seed, so a resumed run continues exactly where it stopped (`start_example` = step x global
-    batch) at no cost. With `input_context` (from `strategy.distribute_datasets_from_function`)
-    this pipeline takes every num_pipelines-th example and `batch_size` is the global batch.
+    batch) at no cost. With cfg["class_balance"] == "sampler", example i is drawn by
+    _class_balanced_order instead: every class equally often, still a pure function of (seed, i).
+    With `input_context` (from `strategy.distribute_datasets_from_function`) this pipeline takes
+    every num_pipelines-th example and `batch_size` is the global batch.
     """
     seed = int(cfg["seed"])
     if not items:
@@ -118,16 +155,16 @@ def train_dataset(
         batch_size = input_context.get_per_replica_batch_size(batch_size)
 
     if _fits_in_cache(len(items), cfg):
-        flat, offsets, shapes, labels = _preload(data_dir, items, cfg)
-        n = int(labels.shape[0])
+        flat, offsets, shapes, label_array = _preload(data_dir, items, cfg)
+        labels = tf.constant(label_array)
 
         def fetch(k):
             image = tf.reshape(flat[offsets[k]:offsets[k + 1]], shapes[k])
             return image, labels[k], tf.constant(True)
     else:
-        n = len(items)
         paths = tf.constant([os.path.join(data_dir, path) for path, _ in items])
-        all_labels = tf.constant(np.array([label for _, label in items], np.int32))
+        label_array = np.array([label for _, label in items], np.int32)
+        all_labels = tf.constant(label_array)
         short_side = base_short_side(cfg)
 
         def fetch(k):
@@ -138,10 +175,13 @@ def train_dataset(
             ok.set_shape([])
             return image, all_labels[k], ok
 
+    if cfg["class_balance"] == "sampler":
+        pick = _class_balanced_order(label_array, seed)
+    else:
+        pick = _shuffled_order(len(label_array), seed)
+
     def example(i):
-        epoch, pos = i // n, i % n
-        k = tf.random.experimental.index_shuffle(pos, tf.stack([tf.constant(seed, tf.int64), epoch]), n - 1)
-        image, label, ok = fetch(k)
+        image, label, ok = fetch(pick(i))
         image = tf.cond(ok, lambda: train_preprocess(image, cfg, tf.stack([tf.constant(seed, tf.int64), i])),
                         lambda: tf.zeros(_output_shape(cfg)))
         return image, label, ok

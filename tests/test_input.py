@@ -141,6 +141,67 @@ def test_input_context_pipelines_read_disjoint_shards(tmp_path):
     assert seen[0] | seen[1] == set(range(10))
 
 
+# ----------------------------------------------------------------------- class_balance sampler
+
+def imbalanced(root) -> list[tuple[str, int]]:
+    """12, 3 and 1 images in classes a, b and c."""
+    for seed, (name, n) in enumerate((("a", 12), ("b", 3), ("c", 1))):
+        make_image_folder(root, (name,), n, seed=seed, noise=80.0)
+    return items_of(root)
+
+
+def flat(ds: tf.data.Dataset, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first n batches, unbatched: (images, labels) of examples in stream order."""
+    out = batches(ds, n)
+    return np.concatenate([x for x, _ in out]), np.concatenate([y for _, y in out])
+
+
+def test_sampler_draws_every_class_equally_often(tmp_path):
+    items = imbalanced(tmp_path)
+    _, plain = flat(hw2_input.train_dataset(str(tmp_path), items, CFG, batch_size=16), 1)  # one epoch
+    assert np.bincount(plain).tolist() == [12, 3, 1]
+    ds = hw2_input.train_dataset(str(tmp_path), items, config(class_balance="sampler"), batch_size=6)
+    _, labels = flat(ds, 6)  # 36 examples: 12 rounds of one image per class
+    assert np.bincount(labels).tolist() == [12, 12, 12]
+    assert all(sorted(labels[r:r + 3]) == [0, 1, 2] for r in range(0, 36, 3))
+
+
+def test_sampler_cycles_through_each_class_before_repeating_a_file():
+    labels = np.array([1, 0, 2, 0, 0, 1, 0, 0], np.int32)  # class 0: files 1,3,4,6,7; class 1: 0,5; class 2: 2
+    pick = hw2_input._class_balanced_order(labels, seed=3)
+    files = list(tf.data.Dataset.range(30).map(pick).as_numpy_iterator())  # in graph mode, as in the pipeline
+    draws = {c: [f for f in files if labels[f] == c] for c in range(3)}
+    assert [len(draws[c]) for c in range(3)] == [10, 10, 10]
+    for c, n in ((0, 5), (1, 2), (2, 1)):
+        cycles = [sorted(draws[c][i:i + n]) for i in range(0, 10 - n + 1, n)]
+        assert all(cycle == sorted(np.flatnonzero(labels == c)) for cycle in cycles), c
+    assert files != list(tf.data.Dataset.range(30).map(hw2_input._class_balanced_order(labels, 4)).as_numpy_iterator())
+
+
+@pytest.mark.parametrize("balance, cache_mb", [("none", 1024), ("sampler", 1024), ("sampler", 0)])
+def test_a_stream_resumed_at_any_example_continues_exactly(tmp_path, balance, cache_mb):
+    items = imbalanced(tmp_path)
+    cfg = config(class_balance=balance, cache_images_mb=cache_mb)
+    x, y = flat(hw2_input.train_dataset(str(tmp_path), items, cfg, batch_size=4), 5)
+    k = 7  # not a multiple of the batch, nor of the sampler's rounds of 3
+    x_k, y_k = flat(hw2_input.train_dataset(str(tmp_path), items, cfg, batch_size=4, start_example=k), 3)
+    np.testing.assert_array_equal(y_k, y[k:k + 12])
+    np.testing.assert_array_equal(x_k, x[k:k + 12])
+
+
+def test_sampler_pipelines_split_the_single_stream(tmp_path):
+    items = imbalanced(tmp_path)
+    cfg = config(class_balance="sampler")
+    x, y = flat(hw2_input.train_dataset(str(tmp_path), items, cfg, batch_size=1), 12)
+    for pipeline_id in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
+                                         num_replicas_in_sync=2)
+        x_p, y_p = flat(hw2_input.train_dataset(str(tmp_path), items, cfg, batch_size=2, input_context=ctx), 6)
+        # Pipeline p reads examples p, p + 2, p + 4, ... of the one stream: disjoint, nothing left out.
+        np.testing.assert_array_equal(y_p, y[pipeline_id::2])
+        np.testing.assert_array_equal(x_p, x[pipeline_id::2])
+
+
 # ------------------------------------------------------------------------------ augmentation
 
 def seed(i: int) -> tf.Tensor:
