@@ -6,6 +6,7 @@ key raises KeyError instead of silently falling back to a default that may diffe
 
 import logging
 import os
+import random
 from typing import Any, Mapping
 
 import numpy as np
@@ -209,6 +210,16 @@ def _output_shape(cfg: Mapping[str, Any]) -> list[int]:
     return [size, size, int(cfg["channels"])]
 
 
+def sample_items(items: list[tuple[str, int]], num_examples: int | None, seed: int) -> list[tuple[str, int]]:
+    """num_examples of `items` drawn at random across the whole set (seeded: the same seed and
+    number give the same sample), in their original order; all of them when num_examples is None
+    or not below len(items)."""
+    if num_examples is None or num_examples >= len(items):
+        return list(items)
+    keep = sorted(random.Random(f"{seed}/eval").sample(range(len(items)), max(0, num_examples)))
+    return [items[i] for i in keep]
+
+
 def eval_dataset(
     data_dir: str,
     items: list[tuple[str, int]],
@@ -216,10 +227,10 @@ def eval_dataset(
     batch_size: int,
     num_examples: int | None = None,
 ) -> tf.data.Dataset:
-    """Every example of `items` (or of its first `num_examples`) exactly once, in order, as
-    (float32 [b,S,S,C], int32 [b]) batches; the last batch may be smaller."""
-    if num_examples is not None:
-        items = items[:num_examples]
+    """Every example of `items` (or of sample_items(items, num_examples, cfg["seed"]): a seeded random
+    sample across all classes) exactly once, in order, as (float32 [b,S,S,C], int32 [b]) batches;
+    the last batch may be smaller."""
+    items = sample_items(items, num_examples, int(cfg["seed"]))
     ds = decode_dataset(data_dir, items, cfg)
     if _fits_in_cache(len(items), cfg):
         ds = ds.cache()

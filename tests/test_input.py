@@ -60,11 +60,19 @@ def test_eval_yields_each_example_once_in_order(tmp_path):
         assert_standardized(x)
 
 
-def test_eval_num_examples_caps_and_is_repeatable(tmp_path):
-    items = folder(tmp_path, 7)
-    ds = hw2_input.eval_dataset(str(tmp_path), items, CFG, batch_size=4, num_examples=6)
+def test_eval_num_examples_is_a_seeded_sample_across_all_classes(tmp_path):
+    items = folder(tmp_path, 6, classes=("a", "b", "c", "d"))  # sorted by class: the first 8 are a and b
+    sample = hw2_input.sample_items(items, 8, seed=0)
+    assert len(sample) == 8 and sample == sorted(sample) and set(sample) <= set(items)
+    assert len({label for _, label in sample}) >= 3
+    assert sample == hw2_input.sample_items(items, 8, seed=0)
+    assert sample != hw2_input.sample_items(items, 8, seed=1)
+    assert hw2_input.sample_items(items, 30, seed=0) == items == hw2_input.sample_items(items, None, 0)
+
+    ds = hw2_input.eval_dataset(str(tmp_path), items, CFG, batch_size=4, num_examples=8)
     first, second = batches(ds), batches(ds)  # second pass reads the cache
-    assert [len(y) for _, y in first] == [4, 2]
+    assert [len(y) for _, y in first] == [4, 4]
+    assert np.concatenate([y for _, y in first]).tolist() == [label for _, label in sample]
     for (x1, y1), (x2, y2) in zip(first, second):
         np.testing.assert_array_equal(x1, x2)
         np.testing.assert_array_equal(y1, y2)
