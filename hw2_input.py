@@ -53,10 +53,16 @@ def _decode(files: tf.data.Dataset, cfg: Mapping[str, Any]) -> tf.data.Dataset:
     return files.map(read, num_parallel_calls=tf.data.AUTOTUNE).filter(_is_ok).map(_drop_ok)
 
 
+def _paths(data_dir: str, items: list[tuple[str, int]]) -> list[bytes]:
+    # As bytes: a file name that is not valid UTF-8 comes from os.scandir as a str with surrogate
+    # escapes, which tf.constant cannot encode; os.fsencode restores the bytes on disk.
+    return [os.fsencode(os.path.join(data_dir, path)) for path, _ in items]
+
+
 def _file_list(data_dir: str, items: list[tuple[str, int]]) -> tf.data.Dataset:
     if not items:
         raise UserError(f"no images to read in {data_dir}")
-    paths = [os.path.join(data_dir, path) for path, _ in items]
+    paths = _paths(data_dir, items)
     labels = np.array([label for _, label in items], np.int32)
     return tf.data.Dataset.from_tensor_slices((paths, labels))
 
@@ -163,7 +169,7 @@ def train_dataset(
             image = tf.reshape(flat[offsets[k]:offsets[k + 1]], shapes[k])
             return image, labels[k], tf.constant(True)
     else:
-        paths = tf.constant([os.path.join(data_dir, path) for path, _ in items])
+        paths = tf.constant(_paths(data_dir, items))
         label_array = np.array([label for _, label in items], np.int32)
         all_labels = tf.constant(label_array)
         short_side = base_short_side(cfg)

@@ -1,12 +1,14 @@
 """The tf.data pipelines and augmentations, on small real image files written into tmp_path."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import augmentation
+import hw2_dataset
 import hw2_input
 import utils
 from helpers import items_of, make_image_folder
@@ -147,6 +149,35 @@ def test_input_context_pipelines_read_disjoint_shards(tmp_path):
         seen.append({int(v) for _, y in batches(ds, n=5) for v in y})
     assert seen[0].isdisjoint(seen[1])
     assert seen[0] | seen[1] == set(range(10))
+
+
+def test_non_ascii_names_scan_split_and_decode(tmp_path, caplog):
+    data = tmp_path / "données"
+    make_image_folder(data, ("café", "猫"), per_class=3, noise=80.0)
+    (data / "café" / "0.png").rename(data / "café" / "naïve ü 0.png")
+    (data / "猫" / "sub ñ").mkdir()
+    (data / "猫" / "1.jpg").rename(data / "猫" / "sub ñ" / "写真 1.jpg")
+    names = {"café/naïve ü 0.png", "猫/sub ñ/写真 1.jpg"}
+    try:  # a name that is not UTF-8 (Latin-1 from an old camera or zip): kept as the bytes on disk
+        os.rename(data / "猫" / "2.png", os.fsencode(data / "猫") + b"/caf\xe9.png")
+        names.add("猫/" + os.fsdecode(b"caf\xe9.png"))
+    except (OSError, UnicodeError):  # file systems that insist on UTF-8 names
+        pass
+
+    scan = hw2_dataset.scan_dataset(str(data))
+    assert scan.class_names == ["café", "猫"] and not scan.bad
+    assert names <= {rel for rel, _ in scan.items} and len(scan.items) == 6
+    train, val = hw2_dataset.make_split(scan.items, val_fraction=0.5)
+    split_path = str(tmp_path / "split.json")
+    hw2_dataset.write_split(split_path, scan, train, val, seed=0, val_fraction=0.5)
+    doc = hw2_dataset.load_split(split_path)
+    assert (doc["class_names"], doc["train"], doc["val"]) == (["café", "猫"], train, val)
+
+    with caplog.at_level(logging.WARNING):
+        decoded = list(hw2_input.decode_dataset(doc["data_dir"], scan.items, CFG))
+        streamed = batches(hw2_input.train_dataset(doc["data_dir"], scan.items, config(cache_images_mb=0), 6), 1)
+    assert [int(label) for _, label in decoded] == [label for _, label in scan.items]
+    assert streamed[0][0].shape == (6, S, S, 3) and not caplog.records  # every file read, none skipped
 
 
 # ----------------------------------------------------------------------- class_balance sampler
