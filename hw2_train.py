@@ -36,7 +36,8 @@ def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
     cfg = run_dir.resolve_config(args.train_dir, args.section, overrides, args.config, args.fresh)
     import training
     strategy = strategy_fn() if strategy_fn else None
-    run_dir.prepare(args.train_dir, args.fresh, chief=strategy is None or training.is_chief(strategy))
+    chief = strategy is None or training.is_chief(strategy)
+    run_dir.prepare(args.train_dir, args.fresh, chief)
     split = run_dir.prepare_split(args.train_dir, cfg, args.data_dir, args.split)
     num_classes = len(split["class_names"])
     if "top_k" in overrides:
@@ -45,7 +46,8 @@ def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
         logging.info("top_k %d > %d classes: reporting top-%d", cfg.top_k, num_classes, num_classes)
     run_dir.save_config(args.train_dir, args.section, cfg, split["class_names"])
     import run_record
-    training.train(cfg, split, args.train_dir, strategy, hooks=[run_record.RunRecord(args.train_dir)])
+    training.train(cfg, split, args.train_dir, strategy, hooks=[run_record.RunRecord(args.train_dir)],
+                   resume=chief or not args.fresh)
     return 0
 
 

@@ -129,11 +129,12 @@ class Checkpoints:
         self.best = tf.train.CheckpointManager(ckpt, os.path.join(self.write_dir, BEST), max_to_keep=1,
                                                checkpoint_name="best")
 
-    def restore_or_init(self) -> int:
+    def restore_or_init(self, strategy, resume: bool = True) -> int:
         """Resume from RUN's newest readable checkpoint (workers read the chief's), else save ckpt-0
         so a NaN in the first steps has a state to return to. Returns the step to start from."""
-        latest = tf.train.latest_checkpoint(self.train_dir)
+        latest = tf.train.latest_checkpoint(self.train_dir) if resume else None
         start = self.restore(latest) if latest else 0
+        _check_workers_agree(strategy, start, self.train_dir)
         if start:
             logging.info("resuming from step %d (%s)", start, latest)
         elif not self.manager.latest_checkpoint:
@@ -165,6 +166,21 @@ class Checkpoints:
     def finish(self) -> None:
         if not self.chief:
             shutil.rmtree(self.write_dir, ignore_errors=True)
+
+
+def _check_workers_agree(strategy, start: int, train_dir: str) -> None:
+    """Several workers must resume from the same step. A worker whose RUN is not the chief's
+    (a local folder, not a shared one) would otherwise wait forever in a save the others never
+    join; here every worker stops with the same one line instead."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return
+    steps = strategy.run(lambda: tf.constant(float(start), tf.float64))
+    total = float(strategy.reduce("SUM", steps, axis=None))
+    if total != start * strategy.num_replicas_in_sync:
+        raise UserError(f"the workers found different checkpoints in {train_dir} (this one, {resolver.task_type} "
+                        f"{resolver.task_id}, would resume at step {start}): --train_dir must be one folder "
+                        "that every worker sees (a shared file system), not a local folder on each machine")
 
 
 def _save(manager, step: int, last_good: str | None = None) -> None:
@@ -254,8 +270,12 @@ class Meter:
 
 # ------------------------------------------------------------------------------ the loop
 
-def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Sequence = ()) -> dict:
+def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Sequence = (),
+          resume: bool = True) -> dict:
     """Train (or resume) a run in train_dir. Returns the best validation {'top1', 'topk', 'step', 'checkpoint'}.
+
+    resume=False starts at step 0 whatever train_dir holds (a --fresh worker that is not the
+    chief: the chief may not have moved the old run aside yet).
 
     `hooks` observe the run without changing it: each may define on_start(info),
     on_validation(row) and on_end(best), all taking plain dicts.
@@ -266,12 +286,12 @@ def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Se
     state = create_train_state(cfg, plan.num_classes, strategy)
     ckpts = Checkpoints(state, train_dir, strategy, cfg["keep_checkpoints"])
     hooks = hooks if ckpts.chief else ()  # hooks write files: one writer per run
-    start = _start(state, ckpts, plan)
+    start = _start(state, ckpts, plan, strategy, resume)
     writers = {name: tf.summary.create_file_writer(os.path.join(train_dir, name)) if ckpts.chief
                else tf.summary.create_noop_writer() for name in ("train", "val")}
     validate = Validator(state, split, cfg, plan, strategy, writers)
     train_step = hw2.make_train_step(state.model, state.optimizer, state.ema, strategy, plan.global_batch,
-                                     cfg["label_smoothing"])
+                                     cfg["label_smoothing"], _class_weights(cfg, split, plan))
     iterator = _train_iterator(cfg, split, plan, strategy, start)
     policy = schedules.PlateauPolicy(cfg["lr_patience"], cfg["stop_patience"], cfg["min_delta"])
     policy.load({f: state.get(f) for f in policy.FIELDS})
@@ -319,15 +339,30 @@ def _seed(cfg: Mapping) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def _start(state: TrainState, ckpts: Checkpoints, plan: Plan) -> int:
+def _start(state: TrainState, ckpts: Checkpoints, plan: Plan, strategy, resume: bool) -> int:
     """Restore or init. The LR follows the replica count of this start (set_learning_rate), so a
     run resumed on another number of devices is rescaled; the log says so."""
-    start = ckpts.restore_or_init()
+    start = ckpts.restore_or_init(strategy, resume)
     if start and state.get("lr_scale") != plan.lr_scale:
         logging.info("resumed on %d replica(s): LR scale %.3g instead of %.3g", plan.replicas, plan.lr_scale,
                      state.get("lr_scale"))
     state.set(lr_scale=plan.lr_scale)
     return start
+
+
+def _class_weights(cfg: Mapping, split: Mapping, plan: Plan):
+    """Inverse-frequency loss weights for --class_balance weights; else None, with a hint when the
+    classes are 3x apart or more."""
+    import hw2_dataset
+    counts = hw2_dataset.class_counts(split["train"], plan.num_classes)
+    if cfg["class_balance"] == "weights":
+        weights = hw2_dataset.class_weights(split["train"], plan.num_classes)
+        logging.info("class_balance weights: %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(split["class_names"], weights)))
+        return weights
+    note = hw2_dataset.imbalance_note(counts, split["class_names"])
+    if note and cfg["class_balance"] == "none":
+        logging.warning(note)
+    return None
 
 
 def _train_iterator(cfg: Mapping, split: Mapping, plan: Plan, strategy, step: int):

@@ -1,11 +1,11 @@
-"""Config, errors and small helpers shared by every hw2 script.
+"""Small helpers shared by every hw2 module: loading the config (config.cfg + flags, checked
+against config_keys), the one-line user errors, logging, the command-line wrapper, the CPU line.
 
-Kept free of TensorFlow so that `hw2_dataset.py` and `--help` stay fast.
+Kept free of TensorFlow at import time so that `hw2_dataset.py` and `--help` stay fast.
 """
 from __future__ import annotations
 
 import configparser
-import json
 import logging
 import os
 import sys
@@ -148,31 +148,6 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
         out[key.replace("-", "_")] = value
         i += 1
     return out
-
-
-def save_json(path: str, obj: Any) -> None:
-    """Write then rename, so a kill mid-write never leaves a half file where a good one was."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=list)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_json(path: str, what: str) -> Any:
-    if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {what} {path}: {e}") from None
 
 
 def config_from_json(obj: dict, where: str = "config.json") -> Config:

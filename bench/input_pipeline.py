@@ -61,8 +61,8 @@ def main() -> None:
         items = write_jpegs(root, args.images)
         batches_per_epoch = args.images // args.batch_size
         n = batches_per_epoch * args.batch_size
-        for name, extra in [("cached", {}), ("streamed", {"cache_images_mb": 0})]:
-            cfg = {"image_size": args.image_size, **extra}
+        for name, extra in [("cached", {}), ("streamed", {"cache_images_mb": "0"})]:
+            cfg = utils.load_config("default", {"image_size": str(args.image_size), **extra})
             start = time.perf_counter()
             it = iter(hw2_input.train_dataset(root, items, cfg, args.batch_size))  # cached: decodes all here
             built = time.perf_counter() - start

@@ -20,7 +20,11 @@ ARGS = ["--section", "tiny", "--model", "simple_cnn", "--grid", "norm=batch,none
 
 def test_grid_times_folds_gives_one_row_per_variant_and_a_rerun_skips_all(tmp_path, capsys):
     data, out = write_folder(tmp_path / "data"), str(tmp_path / "exp")
+    (tmp_path / "data" / "class0" / "broken.png").write_bytes(b"not a png")
     assert hw2_experiment.main(["--data_dir", data, "--out", out, *ARGS]) == 0
+    # Each run lists what its scan skipped, as hw2_train.py does.
+    listed = open(os.path.join(out, "norm-batch_dropout-0.0", "fold-0", "bad_images.txt")).read()
+    assert "class0/broken.png\tnot an image" in listed
     with open(os.path.join(out, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
@@ -67,3 +71,16 @@ def test_grid_typos_stop_before_training(tmp_path):
         hw2_experiment.run(["--out", str(tmp_path), "--grid", "norm=batch,group"])
     with pytest.raises(UserError, match="KEY=V1,V2"):
         hw2_experiment.run(["--out", str(tmp_path), "--grid", "norm"])
+
+
+def test_a_parallel_worker_that_dies_is_marked_failed_and_the_experiment_exits_1(tmp_path, capsys):
+    """--parallel runs each variant in a child process: a child that exits non-zero without writing
+    its error (here a flag it refuses) must still count as failed."""
+    data, out = write_folder(tmp_path / "data"), str(tmp_path / "exp")
+    runs = hw2_experiment.plan_runs(out, [("norm", ["batch"])], 0)
+    argv = ["--data_dir", data, "--out", out, "--section", "tiny", "--grid", "norm=batch", "--no_such_key", "1"]
+    hw2_experiment._run_parallel(runs, argv, workers=2)
+    assert hw2_experiment.run_status(runs[0]) == "failed"
+    assert "exited with code 2" in open(os.path.join(runs[0].train_dir, "error.txt")).read()
+    table = hw2_experiment.write_reports(out, runs, ["norm"], 0, "t")
+    assert table[0]["failed"] == 1 and "failed" in table[0]["status"]

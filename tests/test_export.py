@@ -260,18 +260,25 @@ def test_non_editable_install_finds_its_config(tmp_path):
     """`pip install .` copies the modules away from config.cfg; the installed utils must still find
     it (PREFIX/share/hw2) and load every section's defaults, run from another folder."""
     import shutil
-    import subprocess
+    import site
     import venv
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and *.egg-info there
     skip = (".*", "tests", "bench", "runs", "saved_model", "demo_*", "build", "*.egg-info", "__pycache__")
     shutil.copytree(root, src, ignore=shutil.ignore_patterns(*skip))
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)  # sees this TensorFlow, setuptools
+    # A bare venv that sees this interpreter's packages (TensorFlow, setuptools) through a .pth
+    # file. system_site_packages would not do: inside a virtualenv it shows the base interpreter's
+    # packages, not the virtualenv's (so the build lacked setuptools' bdist_wheel).
+    venv.create(env_dir, with_pip=False)
     python = str(env_dir / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                              "--no-index", str(src)], capture_output=True, text=True, cwd=tmp_path,
-                             env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "outer.pth"), "w") as f:
+        f.write("\n".join(site.getsitepackages()) + "\n")
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                              "--no-index", "--prefix", str(env_dir), str(src)], capture_output=True, text=True,
+                             cwd=tmp_path, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     assert install.returncode == 0, install.stderr[-2000:]
     code = ("import utils, sys; cfg = utils.load_config('demo'); "
             "assert not utils.HERE.startswith(sys.argv[1]), utils.HERE; print(utils.DEFAULT_CONFIG, cfg.image_size)")

@@ -122,3 +122,19 @@ def test_label_smoothing_matches_the_formula():
     expected = -(targets * tf.nn.log_softmax(logits)[0].numpy()).sum()
     _, ce = hw2.loss(logits, labels, net, 1, label_smoothing=eps)
     assert float(ce) == pytest.approx(expected, rel=1e-5)
+
+
+def test_class_weights_scale_each_examples_cross_entropy(tmp_path, caplog):
+    """--class_balance weights: the loss of a known batch, and the weights the loop computes and logs."""
+    import hw2_dataset
+    logits = tf.constant([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 3.0], [0.5, 0.0, 0.0]])
+    labels = tf.constant([0, 1, 2, 1])
+    weights = np.array([0.5, 2.0, 0.5], np.float32)
+    net = hw2.create_model(zoo_cfg("simple_cnn", weight_decay=0.0), NUM_CLASSES)
+    per_example = -tf.nn.log_softmax(logits).numpy()[np.arange(4), labels.numpy()]
+    _, ce = hw2.loss(logits, labels, net, 4, class_weights=weights)
+    assert float(ce) == pytest.approx((weights[labels.numpy()] * per_example).sum() / 4, rel=1e-6)
+    # 9, 3 and 1 images: weights 1/n normalised to mean 1 over the classes
+    items = [(f"{c}/{i}.png", c) for c, n in enumerate((9, 3, 1)) for i in range(n)]
+    w = hw2_dataset.class_weights(items, 3)
+    assert w.mean() == pytest.approx(1.0) and w[0] * 9 == pytest.approx(w[1] * 3) == pytest.approx(w[2] * 1)

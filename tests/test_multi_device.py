@@ -44,24 +44,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_workers_train_one_run_that_eval_restores(tmp_path):
-    data = make_image_folder(tmp_path / "data")
-    run_dir = str(tmp_path / "run")
+def two_workers(data, run_dirs, max_steps):
+    """Run worker 0 and worker 1 on 127.0.0.1, each with its own --train_dir; (exit codes, outputs)."""
     hosts = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_CONFIG", None)
     procs = [subprocess.Popen([sys.executable, "hw2_multi_gpu_train.py", "--data_dir", data, "--train_dir", run_dir,
-                               "--section", "tiny", "--max_steps", "4", "--worker_hosts", hosts,
+                               "--section", "tiny", "--max_steps", str(max_steps), "--worker_hosts", hosts,
                                "--task_index", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                              stderr=subprocess.STDOUT, text=True) for i, run_dir in enumerate(run_dirs)]
     try:
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    return [p.returncode for p in procs], outs
+
+
+def test_two_workers_train_one_run_that_eval_restores(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    codes, outs = two_workers(data, [run_dir, run_dir], 4)
+    assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "2 replica(s) in all" in outs[0]
     import tensorflow as tf
     assert tf.train.latest_checkpoint(run_dir).endswith("ckpt-4")
@@ -69,3 +75,23 @@ def test_two_workers_train_one_run_that_eval_restores(tmp_path):
     p = subprocess.run([sys.executable, "hw2_eval.py", "--checkpoint_dir", run_dir], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == 0 and "top-1" in p.stdout and "step 4" in p.stdout, p.stderr[-2000:]
+
+    # A restarted worker whose RUN is a local folder (not the chief's) must not hang in a save
+    # the chief never joins: both stop with one line that says why.
+    codes, outs = two_workers(data, [run_dir, str(tmp_path / "local")], 6)
+    assert codes == [2, 2], outs
+    for out in outs:
+        last = out.strip().splitlines()[-1]
+        assert last.startswith("error: the workers found different checkpoints") and "shared" in last, out[-2000:]
+
+
+def test_more_gpus_than_present_is_an_error_and_cpu_devices_only_when_asked(monkeypatch):
+    import tensorflow as tf
+
+    import hw2_multi_gpu_train
+    from utils import UserError
+    two_gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2)]
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: two_gpus if kind == "GPU" else [])
+    with pytest.raises(UserError, match="--num_gpus 4, but this machine has 2 GPU"):
+        hw2_multi_gpu_train.local_devices(4)
+    assert hw2_multi_gpu_train.local_devices(2) == ["/gpu:0", "/gpu:1"]

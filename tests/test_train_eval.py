@@ -134,3 +134,73 @@ def test_cli_mistakes_are_one_line_without_traceback(tmp_path):
         lines = [l for l in p.stderr.splitlines() if l.strip()]
         assert lines[-1].startswith("error:") and needle in lines[-1], p.stderr
         assert "Traceback" not in p.stderr
+
+
+def test_tied_logits_are_not_all_correct():
+    """in_top_k counted every class tied at the boundary as a hit: equal logits scored top-1 1.0."""
+    import numpy as np
+    import tensorflow as tf
+
+    import evaluation
+    import hw2
+    labels = [0, 1, 2, 0, 1, 2]
+    logits = tf.zeros([6, 3])
+    assert float(hw2.count_correct(logits, labels, 1)) == 2  # the lowest class wins a tie, as argmax
+    assert float(hw2.count_correct(logits, labels, 2)) == 4
+    m = evaluation.metrics(np.array(labels), tf.nn.softmax(logits).numpy(), 2)
+    assert m["top1"] == pytest.approx(1 / 3) and m["topk"] == pytest.approx(2 / 3)
+
+
+def test_eval_of_a_model_with_equal_logits_agrees_with_its_per_class_report(tiny_run, tmp_path, capsys):
+    import csv
+
+    import tensorflow as tf
+
+    import run_dir as run_dirs
+    import training
+    copy = tiny_run.copy(tmp_path)
+    cfg, names = run_dirs.read_config(copy)
+    state = training.create_train_state(cfg, len(names))
+    ckpts = training.Checkpoints(state, copy, None, keep=5)
+    step = ckpts.restore(os.path.join(copy, "ckpt-4"))
+    logits_layer = [v for v in state.model.trainable_variables if "softmax_linear" in v.path]
+    for v in logits_layer + [s for s, v in zip(state.ema.shadow, state.model.trainable_variables)
+                             if "softmax_linear" in v.path]:
+        v.assign(tf.zeros_like(v))
+    ckpts.save(step + 1)
+    assert hw2_eval.main(["--checkpoint_dir", copy, "--eval_dir", str(tmp_path / "e")]) == 0
+    assert "top-1 0.5000 " in capsys.readouterr().out  # every image predicted "dark": half the val set
+    recall = {r["class"]: r["recall"] for r in csv.DictReader(open(tmp_path / "e" / "per_class.csv"))}
+    assert recall["dark"] == "1.0000" and recall["light"] == "0.0000"
+
+
+def test_another_optimizer_on_resume_carries_the_run_over(tiny_run, tmp_path, capsys):
+    copy = tiny_run.copy(tmp_path)
+    assert hw2_train.main(["--train_dir", copy, "--section", "tiny", "--max_steps", "6", "--optimizer", "sgd"]) == 0
+    err = capsys.readouterr().err
+    assert "optimizer changed from adam to sgd with momentum: its state starts fresh" in err
+    assert "resuming from step 4" in err
+    assert hw2_train.main(["--train_dir", copy, "--section", "tiny", "--max_steps", "8", "--optimizer", "sgd"]) == 0
+    assert "optimizer changed" not in capsys.readouterr().err  # now it is the run's own
+
+
+def test_the_seed_eval_command_line(tiny_run, tmp_path, monkeypatch, capsys):
+    """The seed report's command, as its users type it (a 1 s timeout instead of waiting 10 minutes)."""
+    monkeypatch.chdir(tmp_path)
+    test = make_image_folder(tmp_path / "test", per_class=6)
+    argv = ["--section", "ecm", "--eval_dir", "./eval_dir", "--checkpoint_dir", tiny_run.run, "--test_data_path",
+            test, "--num_examples", "900", "--top_k", "1", "--run_once", "0", "--eval_timeout_secs", "1"]
+    assert hw2_eval.main(argv) == 0
+    assert "top-1" in capsys.readouterr().out and os.path.isfile(tmp_path / "eval_dir" / "results.csv")
+    argv[1] = "nope"
+    assert hw2_eval.main(argv) == 2
+    assert capsys.readouterr().err.strip().startswith("error: unknown section 'nope'")
+
+
+def test_class_balance_weights_reach_the_loop(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    for i in range(3, 12):  # 12 dark, 3 light
+        os.remove(os.path.join(data, "light", f"{i}.{'png' if i % 2 == 0 else 'jpg'}"))
+    assert hw2_train.main(["--data_dir", data, "--train_dir", str(tmp_path / "run"), "--section", "tiny",
+                           "--max_steps", "1", "--class_balance", "weights"]) == 0
+    assert "class_balance weights: dark 0.33, light 1.67" in capsys.readouterr().err  # 10 and 2 train images

@@ -144,3 +144,52 @@ def test_bad_zoo_is_skipped_and_listed(tmp_path, capsys):
     rc, out = train(capsys, "--data_dir", data, "--train_dir", str(tmp_path / "r2"), "--section", "tiny",
                     "--on_bad_image", "fail")
     assert rc == 2 and "bad_images.txt" in out.err
+
+
+def test_nan_under_a_cosine_schedule_retries_at_a_lower_lr_from_the_restored_step(tiny_run, tmp_path, monkeypatch):
+    """The LR the NaN guard lowers must survive the schedule, and the input stream must restart
+    at the restored step (the stream is a pure function of the seed and the step)."""
+    import tensorflow as tf
+
+    import hw2
+    import run_dir as run_dirs
+    import schedules
+    import training
+    import utils
+    real_step, calls = hw2.make_train_step, []
+
+    def make_train_step(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+
+        def once_nan(iterator):
+            calls.append(1)
+            out = step(iterator)
+            return (tf.constant(float("nan")),) + tuple(out[1:]) if len(calls) == 4 else out
+        return once_nan
+
+    starts, real_iterator = [], training._train_iterator
+
+    def train_iterator(cfg, split, plan, strategy, step):
+        starts.append(step)
+        return real_iterator(cfg, split, plan, strategy, step)
+
+    monkeypatch.setattr(hw2, "make_train_step", make_train_step)
+    monkeypatch.setattr(training, "_train_iterator", train_iterator)
+    cfg = utils.load_config("tiny", {"lr_schedule": "cosine", "learning_rate": "0.01", "max_steps": "6"})
+    run = str(tmp_path / "run")
+    run_dirs.prepare(run, False)
+    split = run_dirs.prepare_split(run, cfg, tiny_run.data)
+
+    class Rows:
+        rows = []
+
+        def on_validation(self, row):
+            self.rows.append(row)
+
+    training.train(cfg, split, run, hooks=[Rows()])
+    assert starts == [0, 2]  # step 4 was NaN: back to ckpt-2, and the stream with it
+    plan_lr = [schedules.lr_at(cfg, s, 2, 6) for s in (1, 3, 5)]  # the LR of the step before each validation
+    assert [r["lr"] for r in Rows.rows] == pytest.approx([plan_lr[0], plan_lr[1] / 2, plan_lr[2] / 2])
+    reader = tf.train.load_checkpoint(os.path.join(run, "ckpt-6"))
+    assert reader.get_tensor("state/lr_multiplier/.ATTRIBUTES/VARIABLE_VALUE") == 0.5
+    assert reader.get_tensor("state/nan_retries/.ATTRIBUTES/VARIABLE_VALUE") == 1
