@@ -55,7 +55,7 @@ class Evaluator:
         self.saved = run_dir.RunModel(run, precision_name)
         model = self.saved.model
 
-        @tf.function(reduce_retracing=True)  # any batch size, one trace
+        @tf.function(reduce_retracing=True, autograph=False)  # any batch size, one trace
         def probabilities(images):
             p = tf.nn.softmax(hw2.inference(model, images))
             if tta == "flip":  # the mean of the image's and its mirror's probabilities

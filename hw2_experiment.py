@@ -148,7 +148,7 @@ def run_one(run: Run, args, overrides: dict, scan_fn) -> dict:
     split = run_dir.prepare_split(run.train_dir, cfg, folds=folds, fold=fold, scan=scan_fn() if new else None)
     run_dir.save_config(run.train_dir, args.section, cfg, split["class_names"])
     history = History(run.train_dir)
-    hooks = [history, run_record.RunRecord(run.train_dir, plot_every_validation=False)]
+    hooks = [history, run_record.RunRecord(run.train_dir, plot_every_seconds=math.inf)]
     best = training.train(cfg, split, run.train_dir, hooks=hooks)
     result = summarize_run(run, history.rows, history.info, best)
     run_dir.save_json(os.path.join(run.train_dir, RESULT), result)

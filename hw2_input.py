@@ -50,7 +50,7 @@ def _decode(files: tf.data.Dataset, cfg: Mapping[str, Any]) -> tf.data.Dataset:
         ok.set_shape([])
         return image, label, ok
 
-    return files.map(read, num_parallel_calls=tf.data.AUTOTUNE).filter(_is_ok).map(_drop_ok)
+    return files.map(_plain(read), num_parallel_calls=tf.data.AUTOTUNE).filter(_is_ok).map(_drop_ok)
 
 
 def _paths(data_dir: str, items: list[tuple[str, int]]) -> list[bytes]:
@@ -194,13 +194,19 @@ def train_dataset(
         return image, label, ok
 
     ds = tf.data.Dataset.range(start_example + pipeline_id, 2**62, num_pipelines)
-    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_plain(example), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.filter(_is_ok).map(_drop_ok)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     # Order must be reproducible for an exact resume; prefetch hides the rare slow image.
     options.deterministic = True
     return ds.with_options(options)
+
+
+def _plain(fn):
+    """Map functions run as written: they branch with tf.cond, never on tensors in Python, and
+    AutoGraph's conversion of the augmentation code cost ~1 s per pipeline built."""
+    return tf.autograph.experimental.do_not_convert(fn)
 
 
 def _is_ok(image, label, ok):
@@ -240,7 +246,7 @@ def eval_dataset(
     ds = decode_dataset(data_dir, items, cfg)
     if _fits_in_cache(len(items), cfg):
         ds = ds.cache()
-    ds = ds.map(lambda image, label: (eval_preprocess(image, cfg), label),
+    ds = ds.map(_plain(lambda image, label: (eval_preprocess(image, cfg), label)),
                 num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     # Results are reported per example and in order, whatever the train setting says.

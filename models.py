@@ -143,10 +143,12 @@ class ResNet(keras.Model):
 
     def call(self, images, training=False):
         x = self.stem(images, training=training)
+        self.taps = {"stem": x}  # each stage's output, for the activation histograms
         if self.stem_pool is not None:
             x = self.stem_pool(x)
         for block in self.blocks:
             x = block(x, training=training)
+            self.taps[block.name.split("_")[0]] = x
         return self.logits(self.dropout(self.pool(x), training=training))
 
 
@@ -175,9 +177,10 @@ class VGG(keras.Model):
         x = images
         for layer in self.features:
             x = layer(x, training=training) if isinstance(layer, ConvNorm) else layer(x)
-        x = self.drop1(tf.nn.relu(self.fc1(self.pool(x))), training=training)
-        x = self.drop2(tf.nn.relu(self.fc2(x)), training=training)
-        return self.logits(x)
+        fc1 = tf.nn.relu(self.fc1(self.pool(x)))
+        fc2 = tf.nn.relu(self.fc2(self.drop1(fc1, training=training)))
+        self.taps = {"features": x, "fc1": fc1, "fc2": fc2}  # for the activation histograms
+        return self.logits(self.drop2(fc2, training=training))
 
 
 class SimpleCNN(keras.Model):
@@ -196,10 +199,11 @@ class SimpleCNN(keras.Model):
         self.logits = _dense(num_classes, wd, "logits", logits=True)
 
     def call(self, images, training=False):
-        x = self.pool1(self.conv1(images, training=training))
-        x = self.pool2(self.conv2(x, training=training))
-        x = self.dropout(tf.nn.relu(self.fc(self.flatten(x))), training=training)
-        return self.logits(x)
+        conv1 = self.conv1(images, training=training)
+        conv2 = self.conv2(self.pool1(conv1), training=training)
+        fc = tf.nn.relu(self.fc(self.flatten(self.pool2(conv2))))
+        self.taps = {"conv1": conv1, "conv2": conv2, "fc": fc}  # for the activation histograms
+        return self.logits(self.dropout(fc, training=training))
 
 
 class Cifar10Tutorial(keras.Model):
@@ -224,10 +228,13 @@ class Cifar10Tutorial(keras.Model):
         return tf.nn.local_response_normalization(x, depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75)
 
     def call(self, images, training=False):
-        x = self._lrn(self.pool1(self.conv1(images, training=training)))
-        x = self.pool2(self._lrn(self.conv2(x, training=training)))
-        x = tf.nn.relu(self.fc1(self.flatten(x)))
-        return self.logits(tf.nn.relu(self.fc2(x)))
+        conv1 = self.conv1(images, training=training)
+        conv2 = self.conv2(self._lrn(self.pool1(conv1)), training=training)
+        local3 = tf.nn.relu(self.fc1(self.flatten(self.pool2(self._lrn(conv2)))))
+        local4 = tf.nn.relu(self.fc2(local3))
+        # The tutorial's activation summaries, for the histograms.
+        self.taps = {"conv1": conv1, "conv2": conv2, "local3": local3, "local4": local4}
+        return self.logits(local4)
 
 
 def create(cfg: Mapping, num_classes: int) -> keras.Model:

@@ -215,7 +215,7 @@ def _chief_and_write_dir(strategy, train_dir: str) -> tuple[bool, str]:
 # ------------------------------------------------------------------------------ validation
 
 class Validator:
-    """Validation with the averaged weights, its TensorBoard scalars and the weight histograms."""
+    """Validation with the averaged weights, and its TensorBoard scalars."""
 
     def __init__(self, state: TrainState, split: Mapping, cfg: Mapping, plan: Plan, strategy, writers: dict):
         self.state, self.strategy, self.writers, self.top_k = state, strategy, writers, plan.top_k
@@ -235,9 +235,6 @@ class Validator:
             tf.summary.scalar("loss", result["loss"])
             tf.summary.scalar("top1", result["top1"])
             tf.summary.scalar(f"top{self.top_k}", result["topk"])
-        with self.writers["train"].as_default(step=step):
-            for v in self.state.model.trainable_variables:
-                tf.summary.histogram(v.path, v.value)
         return result
 
 
@@ -250,18 +247,20 @@ class Meter:
         self.reset()
 
     def reset(self) -> None:
-        self.loss, self.correct, self.steps, self.untimed, self.t = 0.0, 0.0, 0, 0, time.time()
+        self.loss, self.ce, self.correct, self.steps, self.untimed, self.t = 0.0, 0.0, 0.0, 0, 0, time.time()
 
-    def add(self, loss: float, correct: float, untimed: bool = False) -> None:
+    def add(self, loss: float, ce: float, correct: float, untimed: bool = False) -> None:
         if untimed:
             self.untimed, self.t = self.untimed + 1, time.time()
         self.loss += loss
+        self.ce += ce
         self.correct += correct
         self.steps += 1
 
-    def means(self) -> tuple[float, float]:
+    def means(self) -> tuple[float, float, float]:
+        """Mean loss (cross-entropy + L2), mean cross-entropy, top-1."""
         n = max(self.steps, 1)
-        return self.loss / n, self.correct / (n * self.global_batch)
+        return self.loss / n, self.ce / n, self.correct / (n * self.global_batch)
 
     def images_per_sec(self) -> float:
         timed, dt = self.steps - self.untimed, time.time() - self.t
@@ -295,8 +294,10 @@ def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Se
     iterator = _train_iterator(cfg, split, plan, strategy, start)
     policy = schedules.PlateauPolicy(cfg["lr_patience"], cfg["stop_patience"], cfg["min_delta"])
     policy.load({f: state.get(f) for f in policy.FIELDS})
+    probe = _probe_batch(split, cfg)
     if start == 0 and ckpts.chief:
-        _write_sample_images(writers["train"], split, cfg)
+        _write_sample_images(writers["train"], probe[0])
+    summarize = _summary_step(state, cfg, plan, writers["train"], probe, ckpts.chief)
     _log_start(cfg, split, plan, state)
     _call(hooks, "on_start", {"cfg": cfg, "split": split, "train_dir": train_dir, "model": state.model,
                               "replicas": plan.replicas, "global_batch": plan.global_batch,
@@ -308,14 +309,16 @@ def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Se
     step, stop_reason = start, f"reached max_steps={plan.max_steps}"
     while step < plan.max_steps:
         lr = set_learning_rate(state, cfg, plan, step)
-        total, _, correct = (float(t) for t in train_step(iterator))
+        total, ce, correct = (float(t) for t in train_step(iterator))
         step += 1
         if not math.isfinite(total):
             step = _recover_from_nan(state, ckpts, cfg, total, step, log)
             iterator = _train_iterator(cfg, split, plan, strategy, step)  # the stream rewinds with the step
             continue
         for meter in (window, since_val):
-            meter.add(total, correct, untimed=step == start + 1)
+            meter.add(total, ce, correct, untimed=step == start + 1)
+        if summarize and step % cfg["summary_every_steps"] == 0:
+            summarize(*probe, tf.constant(step, tf.int64))
         if bar:
             bar.update(1)
         if step % cfg["log_every_steps"] == 0 or step == plan.max_steps:
@@ -407,7 +410,7 @@ def _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, sinc
             "stop": f" (no gain for {policy.stale}: stopping)"}[action]
     log(f"step {step}: val loss {val['loss']:.4f} top-1 {val['top1']:.4f} top-{plan.top_k} "
         f"{val['topk']:.4f} n={val['n']} (EMA){' best' if is_best else ''}{note}")
-    train_loss, train_top1 = since_val.means()
+    train_loss, _, train_top1 = since_val.means()
     _call(hooks, "on_validation", {
         "step": step, "epoch": step / plan.steps_per_epoch, "lr": lr, "train_loss": train_loss,
         "train_top1": train_top1, "val_loss": val["loss"], "val_top1": val["top1"], "val_topk": val["topk"],
@@ -455,7 +458,7 @@ def _log_start(cfg: Mapping, split: Mapping, plan: Plan, state: TrainState) -> N
 def _log_window(window: Meter, step: int, plan: Plan, lr: float, writer, log, bar) -> None:
     if window.steps == 0:
         return
-    loss, top1 = window.means()
+    loss, ce, top1 = window.means()
     ips = window.images_per_sec()
     log(f"step {step} (epoch {step / plan.steps_per_epoch:.1f}): loss {loss:.4f} train top-1 {top1:.4f} "
         f"lr {lr:.2e} {ips:.0f} img/s {plan.global_batch / ips if ips > 0 else float('nan'):.3f} sec/batch")
@@ -463,20 +466,35 @@ def _log_window(window: Meter, step: int, plan: Plan, lr: float, writer, log, ba
         bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.3f}", refresh=False)
     with writer.as_default(step=step):
         tf.summary.scalar("loss", loss)
+        tf.summary.scalar("cross_entropy", ce)
         tf.summary.scalar("top1", top1)
         tf.summary.scalar("learning_rate", lr)
         tf.summary.scalar("images_per_sec", ips)
     window.reset()
 
 
-def _write_sample_images(writer, split: Mapping, cfg: Mapping) -> None:
+def _probe_batch(split: Mapping, cfg: Mapping):
+    """A fixed batch of up to 32 augmented training images (the first of a stream over the first
+    64 files): the sample images in TensorBoard and the batch the histograms are computed on."""
+    items = split["train"][:64]
+    return next(iter(hw2_input.train_dataset(split["data_dir"], items, cfg, min(32, len(items)))))
+
+
+def _write_sample_images(writer, images) -> None:
     """A few augmented training inputs in TensorBoard, rescaled from standardized to [0, 1]."""
-    items = split["train"]
-    images, _ = next(iter(hw2_input.train_dataset(split["data_dir"], items[:64], cfg, min(8, len(items)))))
+    images = images[:8]
     lo = tf.reduce_min(images, axis=[1, 2, 3], keepdims=True)
     hi = tf.reduce_max(images, axis=[1, 2, 3], keepdims=True)
     with writer.as_default(step=0):
         tf.summary.image("input_images", (images - lo) / tf.maximum(hi - lo, 1e-6), max_outputs=8)
+
+
+def _summary_step(state: TrainState, cfg: Mapping, plan: Plan, writer, probe, chief: bool):
+    """The histograms every summary_every_steps steps (None when off). On one device only: the
+    probe batch is run outside the replicas, which several devices would each write."""
+    if not cfg["summary_every_steps"] or not chief or plan.replicas > 1:
+        return None
+    return hw2.make_summary_step(state.model, writer, int(probe[1].shape[0]), cfg["label_smoothing"])
 
 
 def _progress_bar(start: int, total: int):
