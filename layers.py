@@ -1,7 +1,9 @@
-"""Our own convolution (im2col + one matmul) and the conv blocks hw2's networks are built from.
+"""Our own convolution and the conv blocks hw2's networks are built from.
 
 Every convolution in these layers goes through `conv2d_func`, so `conv_impl="native"` runs the
-same weights through `tf.nn.conv2d` as a reference.
+same weights through `tf.nn.conv2d` as a reference. `conv_impl="im2col"` is ours, in one of the
+forms of conv_forms.py (gather, matmul, winograd): the fixed default per layer shape, or what
+`conv_autotune.choose_conv_forms` measured fastest on this machine.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+
+import conv_forms
 
 CONV_IMPLS = ("im2col", "native")
 
@@ -40,125 +44,6 @@ def _normalize_padding(padding: str) -> str:
     return padding.upper()
 
 
-def _axis_plan(size: int, k: int, s: int, same: bool) -> tuple[int, int, int]:
-    """(out, pad_before, pad_after) for one spatial axis; SAME puts the odd pixel after, like TF."""
-    if same:
-        out = -(-size // s)
-        total = max((out - 1) * s + k - size, 0)
-    else:
-        out = (size - k) // s + 1
-        total = 0
-    if out < 1:
-        raise ValueError(f"kernel {k} does not fit an input of size {size} with VALID padding")
-    return out, total // 2, total - total // 2
-
-
-def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> tf.Tensor:
-    """im2col of the padded input as a [M, kh*kw*C] matrix, columns in w.reshape([-1, Cout]) order.
-
-    One gather of C-long rows with a static index: measured ~2x faster than kh*kw slices +
-    concat for C=64 and as fast for C=3, and strides need no special case (a stride-2
-    strided_slice is very slow on CPU).
-    """
-    lh, lw, c = xp.shape[1], xp.shape[2], xp.shape[3]
-    if kh == kw == sh == sw == 1 and lh == ho and lw == wo:
-        return tf.reshape(xp, [-1, c])
-    oh, ow, i, j = np.meshgrid(*map(np.arange, (ho, wo, kh, kw)), indexing="ij")
-    index = tf.constant(((oh * sh + i) * lw + ow * sw + j).reshape(-1), tf.int32)
-    cols = tf.gather(tf.reshape(xp, [-1, lh * lw, c]), index, axis=1)
-    return tf.reshape(cols, [-1, kh * kw * c])
-
-
-def _patches(x: tf.Tensor, kh: int, kw: int, sh: int, sw: int, same: bool):
-    """(cols, plan) of conv2d_func's im2col; plan = (h, w, cin, ho, wo, pad_top, pad_left)."""
-    _, h, wd, cin = x.shape
-    if h is None or wd is None or cin is None:
-        raise ValueError(f"im2col needs static height, width and channels, got shape {x.shape}")
-    ho, pt, pb = _axis_plan(h, kh, sh, same)
-    wo, pl, pr = _axis_plan(wd, kw, sw, same)
-    xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]]) if pt + pb + pl + pr else x
-    return _cols(xp, kh, kw, sh, sw, ho, wo), (h, wd, cin, ho, wo, pt, pl)
-
-
-def _im2col_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf.Tensor:
-    kh, kw, _, cout = w.shape
-
-    @tf.custom_gradient
-    def conv(x, w):
-        cols, (h, wd, cin, ho, wo, pt, pl) = _patches(x, kh, kw, sh, sw, same)
-        y = tf.reshape(tf.matmul(cols, tf.reshape(w, [-1, cout])), [-1, ho, wo, cout])
-
-        def grad(dy):
-            dy2 = tf.reshape(dy, [-1, cout])
-            # Reusing the forward cols makes dW a single matmul.
-            dw = tf.reshape(tf.matmul(cols, dy2, transpose_a=True), [kh, kw, cin, cout])
-            return _conv_input_grad(dy, w, h, wd, sh, sw, pt, pl), dw
-
-        return y, grad
-
-    return conv(x, w)
-
-
-def _input_grad_plan(
-    h: int, wd: int, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int, ho: int, wo: int
-) -> tuple[list[tuple[int, int, np.ndarray]], np.ndarray, int]:
-    """Static gather indices for dL/dx, one group per stride phase.
-
-    Input pixel (r, c) is only touched by the taps i = (r+pt) mod sh (+ multiples of sh) and
-    likewise for columns, so each phase (a, b) of the input is a stride-1 transposed convolution
-    of dy with the sub-kernel w[a::sh, b::sw]: same FLOPs as a col2im scatter-add, but each piece
-    is one dense matmul. Returns [(a, b, dy index per (pixel, tap))], the index that puts the
-    phases' rows back in image order, and the number of phase rows (the zero row's index).
-    """
-    zero_dy = ho * wo
-    phases, offset, order = [], 0, np.full((h, wd), -1)
-    for a in range(sh):
-        rows = np.array([r for r in range(h) if (r + pt) % sh == a])
-        taps_i = np.arange(a, kh, sh)
-        for b in range(sw):
-            cols = np.array([c for c in range(wd) if (c + pl) % sw == b])  # image columns
-            taps_j = np.arange(b, kw, sw)
-            if not (rows.size and cols.size and taps_i.size and taps_j.size):
-                continue
-            oh = ((rows + pt) // sh)[:, None, None, None] - (taps_i // sh)[None, None, :, None]
-            ow = ((cols + pl) // sw)[None, :, None, None] - (taps_j // sw)[None, None, None, :]
-            inside = (oh >= 0) & (oh < ho) & (ow >= 0) & (ow < wo)
-            phases.append((a, b, np.where(inside, oh * wo + ow, zero_dy).reshape(-1)))
-            n_pixels = rows.size * cols.size
-            order[np.ix_(rows, cols)] = offset + np.arange(n_pixels).reshape(rows.size, cols.size)
-            offset += n_pixels
-    order[order < 0] = offset  # pixels no tap reads (e.g. 1x1 stride 2) get the zero row
-    return phases, order.reshape(-1), offset
-
-
-def _conv_input_grad(
-    dy: tf.Tensor, w: tf.Tensor, h: int, wd: int, sh: int, sw: int, pt: int, pl: int
-) -> tf.Tensor:
-    """dL/dx of the im2col convolution, as gathers of dy and one matmul per stride phase."""
-    kh, kw, cin, cout = w.shape
-    ho, wo = dy.shape[1], dy.shape[2]
-    if kh == kw == sh == sw == 1:
-        dx = tf.matmul(tf.reshape(dy, [-1, cout]), w[0, 0], transpose_b=True)
-        return tf.reshape(dx, [-1, h, wd, cin])
-    n = tf.shape(dy)[0]
-    phases, order, n_rows = _input_grad_plan(h, wd, kh, kw, sh, sw, pt, pl, ho, wo)
-    # A zero row after each image's pixels stands in for the padding: taps that fall outside dy
-    # gather it, which is cheaper than padding dy once per phase.
-    dy_rows = tf.pad(tf.reshape(dy, [-1, ho * wo, cout]), [[0, 0], [0, 1], [0, 0]])
-    pieces = []
-    for a, b, index in phases:
-        sub = tf.transpose(w[a::sh, b::sw], [0, 1, 3, 2])
-        k = sub.shape[0] * sub.shape[1] * cout
-        cols = tf.reshape(tf.gather(dy_rows, tf.constant(index, tf.int32), axis=1), [-1, k])
-        pieces.append(tf.reshape(tf.matmul(cols, tf.reshape(sub, [k, cin])), [n, -1, cin]))
-    if len(pieces) == 1 and n_rows == h * wd:
-        return tf.reshape(pieces[0], [-1, h, wd, cin])
-    # Interleaving the phases (and zeroing untouched pixels) is one more gather.
-    pieces.append(tf.zeros([n, 1, cin], dy.dtype))
-    dx = tf.gather(tf.concat(pieces, axis=1), tf.constant(order, tf.int32), axis=1)
-    return tf.reshape(dx, [-1, h, wd, cin])
-
-
 def _conv_args(x, w, strides, padding: str, impl: str):
     """Checked (x, w in x's dtype, stride h, stride w, padding) for conv2d_func and conv2d_bias_act."""
     sh, sw = _normalize_strides(strides)
@@ -175,16 +60,20 @@ def conv2d_func(
     strides: int | Sequence[int] = 1,
     padding: str = "SAME",
     impl: str = "im2col",
+    form: str | None = None,
 ) -> tf.Tensor:
     """2-D convolution of x [N,H,W,Cin] with w [kh,kw,Cin,Cout], computed in x's dtype.
 
-    impl="im2col" is ours (patches + one matmul, hand-written gradient); impl="native" is
-    tf.nn.conv2d. Both give the same values and gradients.
+    impl="im2col" is ours (matmuls and gathers, hand-written gradient) in `form` (None: the
+    default form for this shape, conv_forms.default_form); impl="native" is tf.nn.conv2d. All
+    give the same values and gradients.
     """
     x, w, sh, sw, padding = _conv_args(x, w, strides, padding, impl)
     if impl == "native":
         return tf.nn.conv2d(x, w, strides=[1, sh, sw, 1], padding=padding)
-    return _im2col_conv(x, w, sh, sw, padding == "SAME")
+    same = padding == "SAME"
+    form = form or conv_forms.default_form(conv_forms.spec_of(x, w, sh, sw, same))
+    return conv_forms.conv2d(x, w, sh, sw, same, form)
 
 
 def conv2d_bias_act(
@@ -195,23 +84,22 @@ def conv2d_bias_act(
     padding: str = "SAME",
     impl: str = "im2col",
     relu: bool = True,
+    form: str | None = None,
 ) -> tf.Tensor:
-    """relu(conv2d_func(x, w) + bias) for inference, as one fused oneDNN op.
+    """relu(conv2d_func(x, w) + bias) for inference, fused where the form allows.
 
-    Laid out as MatMul -> BiasAdd -> Relu on the patch matrix (Conv2D -> BiasAdd -> Relu for
-    native), the pattern Grappler's remapper fuses into _FusedMatMul (_FusedConv2D): the output is
-    written once instead of three times. No hand-written gradient: autodiff through the gather is
-    correct but slow, so training keeps conv2d_func.
+    native: Conv2D -> BiasAdd -> Relu, which Grappler's remapper fuses into one _FusedConv2D;
+    im2col: conv_forms.conv2d_bias_act (the gather and matmul forms fuse the same way into one
+    _FusedMatMul). No hand-written gradient: training keeps conv2d_func.
     """
     x, w, sh, sw, padding = _conv_args(x, w, strides, padding, impl)
     bias = tf.cast(bias, x.dtype)
     if impl == "native":
         y = tf.nn.bias_add(tf.nn.conv2d(x, w, strides=[1, sh, sw, 1], padding=padding), bias)
         return tf.nn.relu(y) if relu else y
-    kh, kw, _, cout = w.shape
-    cols, (_, _, _, ho, wo, _, _) = _patches(x, kh, kw, sh, sw, padding == "SAME")
-    y = tf.nn.bias_add(tf.matmul(cols, tf.reshape(w, [-1, cout])), bias)
-    return tf.reshape(tf.nn.relu(y) if relu else y, [-1, ho, wo, cout])
+    same = padding == "SAME"
+    form = form or conv_forms.default_form(conv_forms.spec_of(x, w, sh, sw, same), training=False)
+    return conv_forms.conv2d_bias_act(x, w, bias, sh, sw, same, form, relu)
 
 
 def fold_batch_norm(bn: keras.layers.BatchNormalization, kernel: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -267,7 +155,9 @@ class ConvBNReLU(keras.layers.Layer):
     """Convolution (through conv2d_func) -> BatchNorm -> ReLU.
 
     `conv_impl` is read at call time, so the same weights can run through either
-    implementation; change it before the layer is traced (see `set_conv_impl`).
+    implementation; change it before the layer is traced (see `set_conv_impl`). So are
+    `train_form` and `infer_form`, the im2col forms of the training and the inference pass
+    (None: conv_forms.default_form; conv_autotune.choose_conv_forms sets them).
     """
 
     def __init__(
@@ -291,6 +181,9 @@ class ConvBNReLU(keras.layers.Layer):
         self.stride = int(stride)
         self.padding = _normalize_padding(padding)
         self.conv_impl = conv_impl
+        self.train_form: str | None = None
+        self.infer_form: str | None = None
+        self.input_hw: tuple[int, int] | None = None  # set at build; conv_autotune reads it
         self.weight_decay = float(weight_decay)
         self.batch_norm = bool(batch_norm)
         self.activation = bool(activation)
@@ -302,6 +195,8 @@ class ConvBNReLU(keras.layers.Layer):
 
     def build(self, input_shape):
         k = self.kernel_size
+        if input_shape[1] is not None and input_shape[2] is not None:
+            self.input_hw = (int(input_shape[1]), int(input_shape[2]))
         self.kernel = self.add_weight(
             name="kernel",
             shape=(k, k, int(input_shape[-1]), self.filters),
@@ -321,8 +216,8 @@ class ConvBNReLU(keras.layers.Layer):
             else:
                 kernel, bias = fold_batch_norm(self.bn, self.kernel)
             return conv2d_bias_act(x, kernel, bias, self.stride, self.padding, self.conv_impl,
-                                   relu=self.activation)
-        y = conv2d_func(x, self.kernel, self.stride, self.padding, impl=self.conv_impl)
+                                   relu=self.activation, form=self.infer_form)
+        y = conv2d_func(x, self.kernel, self.stride, self.padding, impl=self.conv_impl, form=self.train_form)
         if self.bn is None:
             y = y + tf.cast(self.bias, y.dtype)
         else:

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import conv_forms  # noqa: E402
 from layers import (  # noqa: E402
     CONV_IMPLS,
     ConvBNReLU,
@@ -24,11 +25,11 @@ from layers import (  # noqa: E402
 )
 
 
-def conv_and_grads(x, w, strides, padding, impl, upstream=None, seed=0):
+def conv_and_grads(x, w, strides, padding, impl, upstream=None, seed=0, form=None):
     """Output, dL/dx and dL/dw for L = sum(y * upstream); a random upstream if none is given."""
     with tf.GradientTape() as tape:
         tape.watch([x, w])
-        y = conv2d_func(x, w, strides, padding, impl=impl)
+        y = conv2d_func(x, w, strides, padding, impl=impl, form=form)
     if upstream is None:
         upstream = tf.cast(tf.random.stateless_normal(tf.shape(y), [seed, 1]), y.dtype)
     dx, dw = tape.gradient(y, [x, w], output_gradients=upstream)
@@ -51,16 +52,48 @@ def random_inputs(n, h, w, cin, k, cout, seed=0, dtype=tf.float32):
     return x, kernel
 
 
-GRID = list(itertools.product([1, 3, 5, 7], [1, 2], ["SAME", "VALID"], [(7, 9), (8, 8)]))
+def forms_for(k, stride, padding, hw, cin, dtype="float32"):
+    """Every im2col form that can compute this shape (the autotune picks among these)."""
+    spec = conv_forms.ConvSpec(*hw, cin, 4, k, k, stride, stride, padding == "SAME", dtype)
+    return conv_forms.applicable_forms(spec)
 
 
-@pytest.mark.parametrize(
-    "k,stride,padding,hw", GRID, ids=[f"k{k}-s{s}-{p}-{h}x{w}" for k, s, p, (h, w) in GRID]
-)
-def test_im2col_matches_native_values_and_gradients(k, stride, padding, hw):
+def with_forms(cases, cin=3):
+    """(case..., form) for every form applicable to each case, and readable test ids."""
+    params = [(*case, form) for case in cases for form in forms_for(*case, cin)]
+    ids = [f"k{k}-s{s}-{p}-{h}x{w}-{form}" for k, s, p, (h, w), form in params]
+    return params, ids
+
+
+GRID, GRID_IDS = with_forms(itertools.product([1, 3, 5, 7], [1, 2], ["SAME", "VALID"], [(7, 9), (8, 8)]))
+
+
+def test_the_grid_covers_every_form():
+    assert {case[-1] for case in GRID} == set(conv_forms.FORMS)
+
+
+@pytest.mark.parametrize("k,stride,padding,hw,form", GRID, ids=GRID_IDS)
+def test_im2col_matches_native_values_and_gradients(k, stride, padding, hw, form):
     x, w = random_inputs(2, *hw, 3, k, 4, seed=k * 10 + stride)
     y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
-    y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream)
+    y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form=form)
+    assert_close(y, y_ref, 1e-4)
+    assert_close(dx, dx_ref, 1e-4)
+    assert_close(dw, dw_ref, 1e-4)
+
+
+# Winograd's 6x6 input tiles step by 4: sizes below, at and between multiples of 4, where the last
+# tile overhangs the image by 0-3 pixels and the overlapping taps sum in the input gradient.
+WINOGRAD_EDGES, WINOGRAD_EDGE_IDS = with_forms(
+    [(3, 1, "SAME", hw) for hw in [(1, 1), (2, 3), (4, 4), (5, 6), (12, 13)]]
+    + [(3, 1, "VALID", hw) for hw in [(3, 3), (6, 6), (7, 10)]])
+
+
+@pytest.mark.parametrize("k,stride,padding,hw,form", WINOGRAD_EDGES, ids=WINOGRAD_EDGE_IDS)
+def test_im2col_matches_native_at_winograd_tile_edges(k, stride, padding, hw, form):
+    x, w = random_inputs(3, *hw, 3, k, 4, seed=hw[0] * 7 + hw[1])
+    y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
+    y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form=form)
     assert_close(y, y_ref, 1e-4)
     assert_close(dx, dx_ref, 1e-4)
     assert_close(dw, dw_ref, 1e-4)
@@ -79,14 +112,17 @@ def test_im2col_matches_native_even_kernels_and_stride_3(k, stride, padding):
     assert_close(dw, dw_ref, 1e-4)
 
 
-def test_im2col_with_more_channels_matches_native():
-    for stride in (1, 2):
-        x, w = random_inputs(2, 9, 8, 16, 3, 12, seed=stride)
-        y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, "SAME", "native")
-        y, dx, dw, _ = conv_and_grads(x, w, stride, "SAME", "im2col", upstream)
-        assert_close(y, y_ref, 1e-4)
-        assert_close(dx, dx_ref, 1e-4)
-        assert_close(dw, dw_ref, 1e-4)
+MORE_CHANNELS, MORE_CHANNELS_IDS = with_forms([(k, s, "SAME", (9, 8)) for k in (1, 3) for s in (1, 2)], cin=16)
+
+
+@pytest.mark.parametrize("k,stride,padding,hw,form", MORE_CHANNELS, ids=MORE_CHANNELS_IDS)
+def test_im2col_with_more_channels_matches_native(k, stride, padding, hw, form):
+    x, w = random_inputs(2, *hw, 16, k, 12, seed=stride)
+    y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
+    y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form=form)
+    assert_close(y, y_ref, 1e-4)
+    assert_close(dx, dx_ref, 1e-4)
+    assert_close(dw, dw_ref, 1e-4)
 
 
 @pytest.mark.parametrize("strides", [2, [2, 2], (1, 2, 2, 1)])
@@ -96,30 +132,39 @@ def test_stride_forms_and_lowercase_padding_are_accepted(strides):
     assert_close(conv2d_func(x, w, strides, "same"), expected, 1e-4)
 
 
-def test_im2col_in_tf_function_with_unknown_batch():
-    x, w = random_inputs(3, 9, 8, 3, 3, 4, seed=3)
+UNKNOWN_BATCH, UNKNOWN_BATCH_IDS = with_forms([(3, 2, "SAME", (9, 8)), (3, 1, "SAME", (9, 8)),
+                                               (1, 2, "SAME", (9, 8))])
+
+
+@pytest.mark.parametrize("k,stride,padding,hw,form", UNKNOWN_BATCH, ids=UNKNOWN_BATCH_IDS)
+def test_im2col_in_tf_function_with_unknown_batch(k, stride, padding, hw, form):
+    # Winograd's row indices depend on the batch size, which is only known when the step runs.
+    x, w = random_inputs(3, *hw, 3, k, 4, seed=3)
     w = tf.Variable(w)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 9, 8, 3], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, *hw, 3], tf.float32)])
     def step(x):
         out = {}
         for impl in ("native", "im2col"):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                y = conv2d_func(x, w, 2, "SAME", impl=impl)
+                y = conv2d_func(x, w, stride, padding, impl=impl, form=form if impl == "im2col" else None)
                 loss = tf.reduce_sum(y * tf.cos(y))
             out[impl] = (y, *tape.gradient(loss, [x, w]))
         return out
 
-    out = step(x)
-    assert out["im2col"][0].shape == (3, 5, 4, 4)
-    for got, ref in zip(out["im2col"], out["native"]):
-        assert_close(got, ref, 1e-4)
+    for n in (3, 1):
+        out = step(x[:n])
+        assert out["im2col"][0].shape == (n, -(-hw[0] // stride), -(-hw[1] // stride), 4)
+        for got, ref in zip(out["im2col"], out["native"]):
+            assert_close(got, ref, 1e-4)
 
 
-def test_bfloat16_im2col_matches_float32_native_loosely():
-    x, w = random_inputs(2, 8, 8, 3, 3, 4, seed=5, dtype=tf.bfloat16)
-    y, dx, dw, upstream = conv_and_grads(x, w, 1, "SAME", "im2col")
+@pytest.mark.parametrize("form", forms_for(3, 1, "SAME", (8, 8), 3, "bfloat16") + ("matmul",))
+def test_bfloat16_im2col_matches_float32_native_loosely(form):
+    k = 1 if form == "matmul" else 3
+    x, w = random_inputs(2, 8, 8, 3, k, 4, seed=5, dtype=tf.bfloat16)
+    y, dx, dw, upstream = conv_and_grads(x, w, 1, "SAME", "im2col", form=form)
     assert y.dtype == tf.bfloat16 and dx.dtype == tf.bfloat16
     assert dw.dtype == tf.float32  # the cast hands the gradient back in the variable's dtype
     y_ref, dx_ref, dw_ref, _ = conv_and_grads(
@@ -137,6 +182,9 @@ def test_bfloat16_im2col_matches_float32_native_loosely():
         ({"padding": "SAME "}, "SAME "),
         ({"impl": "fft"}, "fft"),
         ({"strides": [1, 2, 2, 2]}, "strides"),
+        ({"form": "winograd", "strides": 2}, "winograd"),
+        ({"form": "matmul"}, "matmul"),
+        ({"form": "fft"}, "fft"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
@@ -347,13 +395,19 @@ def test_fused_batch_norm_equals_keras_batch_norm():
         np.testing.assert_allclose(fused_value, keras_value, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", CONV_IMPLS)
-@pytest.mark.parametrize("k, stride, activation", [(3, 1, True), (3, 2, False), (1, 1, True), (5, 1, True)])
-def test_inference_folds_batch_norm_into_the_kernel(impl, k, stride, activation):
+FOLD_CASES = [(impl, k, stride, activation, form)
+              for k, stride, activation in [(3, 1, True), (3, 2, False), (1, 1, True), (1, 2, True), (5, 1, True)]
+              for impl in CONV_IMPLS
+              for form in (forms_for(k, stride, "SAME", (9, 11), 5) if impl == "im2col" else (None,))]
+
+
+@pytest.mark.parametrize("impl, k, stride, activation, form", FOLD_CASES)
+def test_inference_folds_batch_norm_into_the_kernel(impl, k, stride, activation, form):
     """ConvBNReLU at training=False (BN folded, one fused matmul + bias + ReLU) equals conv -> Keras BN
-    with moving statistics -> ReLU, with and without gradients asked for."""
+    with moving statistics -> ReLU, with and without gradients asked for, in every form."""
     rng = np.random.default_rng(1)
     layer = ConvBNReLU(8, k, stride, conv_impl=impl, activation=activation)
+    layer.train_form = layer.infer_form = form
     x = tf.constant(rng.normal(size=(3, 9, 11, 5)), tf.float32)
     layer(x, training=True)
     for v in layer.bn.variables:  # statistics far from the 0/1 defaults, so folding shows

@@ -1,0 +1,195 @@
+"""Which form each of a model's convolutions takes: the fixed defaults, or the fastest one measured
+on this machine and cached.
+
+    choose_conv_forms(model, (128, 100, 100, 3), "float32", training=True, autotune=True)
+
+Call it after building the model and before tracing its tf.functions (the forms are read at trace
+time). The timing runs each candidate form of each distinct layer shape alone, for a few calls, at
+the real batch size; the choice is cached per machine (CPU model and flags, GPU name, TensorFlow
+version, ONEDNN_MAX_CPU_ISA cap) in $XDG_CACHE_HOME/hw2/conv_forms.json (~/.cache/hw2 by default),
+so the next run on this machine starts without timing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+
+import keras
+import tensorflow as tf
+
+import conv_forms
+import layers
+import utils
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when a form's code changes enough to invalidate old timings
+TIMED_CALLS = 3    # per form, after one untimed call; the fastest counts
+
+
+def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: bool, autotune: bool) -> str:
+    """Set the im2col form of every ConvBNReLU in `model`; return a one-line summary for the log.
+
+    input_shape: (batch, height, width, channels) of the model's input; the batch is the one the
+    forms are timed at. dtype: the compute dtype ("float32", "bfloat16" or a tf.DType). training:
+    True sets the training pass's forms (timed forward + both gradients), False the inference
+    pass's (forward with the batch norm folded). autotune: False sets conv_forms.default_form, with
+    no timing (deterministic runs, tests); True times the candidate forms of each layer shape not
+    in the cache yet (a few seconds on 2 CPU cores for the seed network) and caches the winners.
+    Layers with conv_impl="native" are left alone.
+    """
+    dtype = tf.as_dtype(dtype).name
+    batch, image_hw = int(input_shape[0]), (int(input_shape[1]), int(input_shape[2]), int(input_shape[3]))
+    convs = [c for c in layers._conv_layers(model) if c.conv_impl == "im2col"]
+    native = len(layers._conv_layers(model)) - len(convs)
+    cache, entries, timed = _load_cache(), {}, 0
+    start = time.perf_counter()
+    forms = Counter()
+    for conv in convs:
+        spec = layer_spec(conv, dtype)
+        if spec is None:  # spatial size unknown: decided at trace time by the default rule
+            forms["default"] += 1
+            continue
+        form = conv_forms.default_form(spec, training)
+        candidates = tunable_forms(spec)
+        if autotune and len(candidates) > 1:
+            key = f"{spec.key()}|{'train' if training else 'infer'}|batch {batch}"
+            if key not in cache and key not in entries:
+                # The first conv reads the images: its input gradient is never asked for.
+                needs_dx = training and (spec.h, spec.w, spec.cin) != image_hw
+                entries[key] = time_forms(spec, candidates, batch, training, needs_dx)
+                timed += 1
+            form = (entries.get(key) or cache[key])["form"]
+        if training:
+            conv.train_form = form
+        else:
+            conv.infer_form = form
+        forms[form] += 1
+    if entries:
+        cache.update(entries)
+        where = _save_cache(cache)
+    else:
+        where = cache_path()
+    counts = ", ".join(f"{n} {f}" for f, n in forms.most_common()) + (f", {native} native" if native else "")
+    pass_name = "training" if training else "inference"
+    if not autotune:
+        how = "fixed defaults"
+    elif timed:
+        how = f"autotuned {timed} layer shapes in {time.perf_counter() - start:.1f} s, cached in {where}"
+    else:
+        how = f"autotuned, from the cache {where}"
+    return f"conv forms ({pass_name}, {dtype}, batch {batch}): {counts or 'no convolutions'} ({how})"
+
+
+def layer_spec(conv: layers.ConvBNReLU, dtype: str) -> conv_forms.ConvSpec | None:
+    """The ConvSpec of a built ConvBNReLU, or None if its input size is not known."""
+    if conv.input_hw is None:
+        return None
+    h, w = conv.input_hw
+    kh, kw, cin, cout = conv.kernel.shape
+    s = conv.stride
+    return conv_forms.ConvSpec(h, w, int(cin), int(cout), int(kh), int(kw), s, s, conv.padding == "SAME", dtype)
+
+
+def tunable_forms(spec: conv_forms.ConvSpec) -> tuple[str, ...]:
+    """The forms worth timing: every applicable one, but 1x1 kernels are always plain matmuls (the
+    gather form would do the same matmul plus a gather, or for stride 1 the very same ops), and
+    Winograd needs 8 input channels (on the seed network's stem, Cin 3, it took 4x the gather's
+    time: its output-side transforms dwarf a GEMM with K = 3)."""
+    forms = conv_forms.applicable_forms(spec)
+    if "matmul" in forms:
+        return ("matmul",)
+    return tuple(f for f in forms if f != "winograd" or spec.cin >= 8)
+
+
+def time_forms(spec: conv_forms.ConvSpec, forms, batch: int, training: bool, needs_dx: bool) -> dict:
+    """{"form": the fastest, "ms": {form: best ms per call}} for one layer shape."""
+    run = {form: _timed_call(spec, form, batch, training, needs_dx) for form in forms}
+    for f in run.values():
+        f()  # trace and warm up
+    best = {form: float("inf") for form in forms}
+    for _ in range(TIMED_CALLS):  # interleaved, so a busy machine slows all alike
+        for form, f in run.items():
+            t = time.perf_counter()
+            f()
+            best[form] = min(best[form], (time.perf_counter() - t) * 1000)
+    winner = min(best, key=best.get)
+    log.debug("conv forms %s: %s -> %s", spec.key(), best, winner)
+    return {"form": winner, "ms": {f: round(ms, 2) for f, ms in best.items()}}
+
+
+def _timed_call(spec: conv_forms.ConvSpec, form: str, batch: int, training: bool, needs_dx: bool):
+    dtype = tf.as_dtype(spec.dtype)
+    x = tf.cast(tf.random.stateless_normal([batch, spec.h, spec.w, spec.cin], [0, 1]), dtype)
+    w = tf.cast(tf.random.stateless_normal([spec.kh, spec.kw, spec.cin, spec.cout], [0, 2]) * 0.1, dtype)
+    bias = tf.zeros([spec.cout], dtype)
+    sh, sw, same = spec.sh, spec.sw, spec.same
+
+    @tf.function
+    def train():
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = conv_forms.conv2d(x, w, sh, sw, same, form)
+        # A non-constant upstream gradient, so no part of the backward pass folds away.
+        grads = tape.gradient(y, [x, w] if needs_dx else [w], output_gradients=y)
+        return [tf.reduce_sum(y[:1])] + [tf.reduce_sum(g[:1]) for g in grads]
+
+    @tf.function
+    def infer():
+        return tf.reduce_sum(conv_forms.conv2d_bias_act(x, w, bias, sh, sw, same, form, True)[:1])
+
+    f = train if training else infer
+    return lambda: [t.numpy() for t in tf.nest.flatten(f())]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: one JSON file, one section per machine
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "hw2", "conv_forms.json")
+
+
+def machine_key() -> str:
+    """What the timings depend on besides the layer: CPU (model, cores, flags, oneDNN cap), GPU, TF."""
+    gpus = tf.config.list_physical_devices("GPU")
+    gpu = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else "no GPU"
+    return f"v{CACHE_VERSION}; {utils.cpu_line()}; {gpu}; TensorFlow {tf.__version__}"
+
+
+def _load_cache() -> dict:
+    try:
+        with open(cache_path()) as f:
+            return json.load(f).get(machine_key(), {})
+    except (OSError, ValueError, AttributeError):
+        return {}  # no cache yet, or unreadable: time again
+
+
+def _save_cache(entries: dict) -> str:
+    """Merge this machine's entries into the cache file (temp file + rename); returns its path,
+    or a note that it could not be written (the choice still holds for this run)."""
+    path = cache_path()
+    try:
+        try:
+            with open(path) as f:
+                everything = json.load(f)
+        except (OSError, ValueError):
+            everything = {}
+        if not isinstance(everything, dict):
+            everything = {}
+        everything[machine_key()] = entries
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".conv_forms.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(everything, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        return path
+    except OSError as e:
+        log.warning("conv forms: cannot write the cache %s (%s); the next run times again", path, e)
+        return f"nowhere ({path}: {e.strerror})"

@@ -1,0 +1,404 @@
+"""The forms our convolution can take: the values and gradients of tf.nn.conv2d, computed with
+matmuls and gathers of our own, each fastest on some layer shapes.
+
+    gather    im2col: one gather of the kh*kw taps into a patch matrix, one matmul. Any shape.
+    matmul    1x1 kernels: the (subsampled) input is the patch matrix, no gather.
+    winograd  F(4x4, 3x3) (Lavin & Gray 2016) for 3x3 stride-1 float32 layers: 36 tile products
+              per 4x4 outputs instead of 144 multiplies, in four matmuls and two gathers.
+
+`conv2d(x, w, sh, sw, same, form)` runs one form with its hand-written gradient (training);
+`conv2d_bias_act` is the inference form with the bias (a folded batch norm) and ReLU fused where
+the form allows. `default_form` is the fixed choice per shape (tests, --deterministic); the
+autotune in conv_autotune.py picks by measurement among `applicable_forms`. No form calls
+TensorFlow's own convolution.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+FORMS = ("gather", "matmul", "winograd")
+
+
+class ConvSpec(NamedTuple):
+    """What decides a form's speed: the layer's shape (batch aside), stride, padding and dtype."""
+    h: int
+    w: int
+    cin: int
+    cout: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    same: bool
+    dtype: str  # compute dtype name: float32, bfloat16, float16
+
+    def key(self) -> str:
+        """A compact, stable text key (autotune cache)."""
+        pad = "same" if self.same else "valid"
+        return (f"{self.h}x{self.w}x{self.cin}-{self.kh}x{self.kw}/{self.sh}x{self.sw}-{pad}"
+                f"-{self.cout}-{self.dtype}")
+
+
+def spec_of(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> ConvSpec:
+    _, h, wd, cin = x.shape
+    if h is None or wd is None or cin is None:
+        raise ValueError(f"our convolution needs static height, width and channels, got shape {x.shape}")
+    kh, kw, _, cout = w.shape
+    return ConvSpec(int(h), int(wd), int(cin), int(cout), int(kh), int(kw), sh, sw, same, x.dtype.name)
+
+
+def applicable_forms(spec: ConvSpec) -> tuple[str, ...]:
+    """The forms that compute this layer (gather always does)."""
+    forms = ["gather"]
+    if spec.kh == spec.kw == 1:
+        forms.append("matmul")
+    if (spec.kh, spec.kw, spec.sh, spec.sw) == (3, 3, 1, 1) and spec.dtype == "float32":
+        # Winograd's transforms add rounding error: fine in float32 (tested to 1e-4 of tf.nn.conv2d),
+        # too much for bfloat16's 8-bit mantissa.
+        forms.append("winograd")
+    return tuple(forms)
+
+
+def default_form(spec: ConvSpec, training: bool = True) -> str:
+    """The fixed form for a layer shape when nothing was tuned (tests, --deterministic true).
+
+    From bench/conv_forms.py on a Zen 5 with and without ONEDNN_MAX_CPU_ISA=AVX2: 1x1 kernels as
+    plain matmuls; Winograd for 3x3 stride-1 float32 layers with at least 16 input channels (with
+    fewer, the GEMM is too thin for its transforms to pay); the gather everywhere else.
+    """
+    forms = applicable_forms(spec)
+    if "matmul" in forms:
+        return "matmul"
+    if "winograd" in forms and spec.cin >= 16:
+        return "winograd"
+    return "gather"
+
+
+def conv2d(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool, form: str) -> tf.Tensor:
+    """Convolution of x [N,H,W,Cin] by w [kh,kw,Cin,Cout] (both in the compute dtype) in `form`."""
+    spec = spec_of(x, w, sh, sw, same)
+    if form not in applicable_forms(spec):
+        raise ValueError(f"conv form {form!r} cannot compute {spec.key()}; "
+                         f"it can be {', '.join(applicable_forms(spec))}")
+    if form == "matmul":
+        return _matmul_conv(x, w, sh, sw, same)
+    if form == "winograd":
+        return _winograd_conv(x, w, same)
+    return _gather_conv(x, w, sh, sw, same)
+
+
+def conv2d_bias_act(x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor, sh: int, sw: int, same: bool, form: str,
+                    relu: bool) -> tf.Tensor:
+    """relu(conv2d(x, w) + bias) for inference (no hand-written gradient: autodiff still works).
+
+    The gather and matmul forms end in MatMul -> BiasAdd -> Relu on the patch matrix, the pattern
+    Grappler fuses into one oneDNN matmul; Winograd adds the bias after its output gather.
+    """
+    spec = spec_of(x, w, sh, sw, same)
+    if form not in applicable_forms(spec):
+        raise ValueError(f"conv form {form!r} cannot compute {spec.key()}")
+    if form == "winograd":
+        y = tf.nn.bias_add(_winograd_forward(x, w, same), bias)
+        return tf.nn.relu(y) if relu else y
+    if form == "matmul":
+        xs = _subsample(x, sh, sw, same)
+        cols, ho, wo = tf.reshape(xs, [-1, spec.cin]), xs.shape[1], xs.shape[2]
+    else:
+        cols, (_, _, _, ho, wo, _, _) = _patches(x, spec.kh, spec.kw, sh, sw, same)
+    y = tf.nn.bias_add(tf.matmul(cols, tf.reshape(w, [-1, spec.cout])), bias)
+    return tf.reshape(tf.nn.relu(y) if relu else y, [-1, ho, wo, spec.cout])
+
+
+# ---------------------------------------------------------------------------------------------
+# gather (im2col)
+# ---------------------------------------------------------------------------------------------
+
+
+def axis_plan(size: int, k: int, s: int, same: bool) -> tuple[int, int, int]:
+    """(out, pad_before, pad_after) for one spatial axis; SAME puts the odd pixel after, like TF."""
+    if same:
+        out = -(-size // s)
+        total = max((out - 1) * s + k - size, 0)
+    else:
+        out = (size - k) // s + 1
+        total = 0
+    if out < 1:
+        raise ValueError(f"kernel {k} does not fit an input of size {size} with VALID padding")
+    return out, total // 2, total - total // 2
+
+
+def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> tf.Tensor:
+    """im2col of the padded input as a [M, kh*kw*C] matrix, columns in w.reshape([-1, Cout]) order.
+
+    One gather of C-long rows with a static index: measured ~2x faster than kh*kw slices +
+    concat for C=64 and as fast for C=3, and strides need no special case (a stride-2
+    strided_slice is very slow on CPU).
+    """
+    lh, lw, c = xp.shape[1], xp.shape[2], xp.shape[3]
+    if kh == kw == sh == sw == 1 and lh == ho and lw == wo:
+        return tf.reshape(xp, [-1, c])
+    oh, ow, i, j = np.meshgrid(*map(np.arange, (ho, wo, kh, kw)), indexing="ij")
+    index = tf.constant(((oh * sh + i) * lw + ow * sw + j).reshape(-1), tf.int32)
+    cols = tf.gather(tf.reshape(xp, [-1, lh * lw, c]), index, axis=1)
+    return tf.reshape(cols, [-1, kh * kw * c])
+
+
+def _patches(x: tf.Tensor, kh: int, kw: int, sh: int, sw: int, same: bool):
+    """(cols, plan) of the gather form; plan = (h, w, cin, ho, wo, pad_top, pad_left)."""
+    _, h, wd, cin = x.shape
+    ho, pt, pb = axis_plan(h, kh, sh, same)
+    wo, pl, pr = axis_plan(wd, kw, sw, same)
+    xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]]) if pt + pb + pl + pr else x
+    return _cols(xp, kh, kw, sh, sw, ho, wo), (h, wd, cin, ho, wo, pt, pl)
+
+
+# Keep the forward's patch matrix for the filter gradient (True) or gather it again (False).
+KEEP_COLS = True
+
+
+def _gather_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf.Tensor:
+    kh, kw, _, cout = w.shape
+
+    @tf.custom_gradient
+    def conv(x, w):
+        cols, (h, wd, cin, ho, wo, pt, pl) = _patches(x, kh, kw, sh, sw, same)
+        y = tf.reshape(tf.matmul(cols, tf.reshape(w, [-1, cout])), [-1, ho, wo, cout])
+        kept = cols if KEEP_COLS else None
+
+        def grad(dy):
+            dy2 = tf.reshape(dy, [-1, cout])
+            patches = kept if kept is not None else _patches(x, kh, kw, sh, sw, same)[0]
+            dw = tf.reshape(tf.matmul(patches, dy2, transpose_a=True), [kh, kw, cin, cout])
+            return gather_input_grad(dy, w, h, wd, sh, sw, pt, pl), dw
+
+        return y, grad
+
+    return conv(x, w)
+
+
+def _input_grad_plan(
+    h: int, wd: int, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int, ho: int, wo: int
+) -> tuple[list[tuple[int, int, np.ndarray]], np.ndarray, int]:
+    """Static gather indices for dL/dx, one group per stride phase.
+
+    Input pixel (r, c) is only touched by the taps i = (r+pt) mod sh (+ multiples of sh) and
+    likewise for columns, so each phase (a, b) of the input is a stride-1 transposed convolution
+    of dy with the sub-kernel w[a::sh, b::sw]: same FLOPs as a col2im scatter-add, but each piece
+    is one dense matmul. Returns [(a, b, dy index per (pixel, tap))], the index that puts the
+    phases' rows back in image order, and the number of phase rows (the zero row's index).
+    """
+    zero_dy = ho * wo
+    phases, offset, order = [], 0, np.full((h, wd), -1)
+    for a in range(sh):
+        rows = np.array([r for r in range(h) if (r + pt) % sh == a])
+        taps_i = np.arange(a, kh, sh)
+        for b in range(sw):
+            cols = np.array([c for c in range(wd) if (c + pl) % sw == b])  # image columns
+            taps_j = np.arange(b, kw, sw)
+            if not (rows.size and cols.size and taps_i.size and taps_j.size):
+                continue
+            oh = ((rows + pt) // sh)[:, None, None, None] - (taps_i // sh)[None, None, :, None]
+            ow = ((cols + pl) // sw)[None, :, None, None] - (taps_j // sw)[None, None, None, :]
+            inside = (oh >= 0) & (oh < ho) & (ow >= 0) & (ow < wo)
+            phases.append((a, b, np.where(inside, oh * wo + ow, zero_dy).reshape(-1)))
+            n_pixels = rows.size * cols.size
+            order[np.ix_(rows, cols)] = offset + np.arange(n_pixels).reshape(rows.size, cols.size)
+            offset += n_pixels
+    order[order < 0] = offset  # pixels no tap reads (e.g. 1x1 stride 2) get the zero row
+    return phases, order.reshape(-1), offset
+
+
+def gather_input_grad(
+    dy: tf.Tensor, w: tf.Tensor, h: int, wd: int, sh: int, sw: int, pt: int, pl: int
+) -> tf.Tensor:
+    """dL/dx of the gather form, as gathers of dy and one matmul per stride phase."""
+    kh, kw, cin, cout = w.shape
+    ho, wo = dy.shape[1], dy.shape[2]
+    if kh == kw == sh == sw == 1:
+        dx = tf.matmul(tf.reshape(dy, [-1, cout]), w[0, 0], transpose_b=True)
+        return tf.reshape(dx, [-1, h, wd, cin])
+    n = tf.shape(dy)[0]
+    phases, order, n_rows = _input_grad_plan(h, wd, kh, kw, sh, sw, pt, pl, ho, wo)
+    # A zero row after each image's pixels stands in for the padding: taps that fall outside dy
+    # gather it, which is cheaper than padding dy once per phase.
+    dy_rows = tf.pad(tf.reshape(dy, [-1, ho * wo, cout]), [[0, 0], [0, 1], [0, 0]])
+    pieces = []
+    for a, b, index in phases:
+        sub = tf.transpose(w[a::sh, b::sw], [0, 1, 3, 2])
+        k = sub.shape[0] * sub.shape[1] * cout
+        cols = tf.reshape(tf.gather(dy_rows, tf.constant(index, tf.int32), axis=1), [-1, k])
+        pieces.append(tf.reshape(tf.matmul(cols, tf.reshape(sub, [k, cin])), [n, -1, cin]))
+    if len(pieces) == 1 and n_rows == h * wd:
+        return tf.reshape(pieces[0], [-1, h, wd, cin])
+    # Interleaving the phases (and zeroing untouched pixels) is one more gather.
+    pieces.append(tf.zeros([n, 1, cin], dy.dtype))
+    dx = tf.gather(tf.concat(pieces, axis=1), tf.constant(order, tf.int32), axis=1)
+    return tf.reshape(dx, [-1, h, wd, cin])
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul (1x1 kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+def _subsample(x: tf.Tensor, sh: int, sw: int, same: bool) -> tf.Tensor:
+    """x[:, ::sh, ::sw] (a 1x1 kernel's taps) by reshape and slice: strided slices are slow on CPU."""
+    if sh == sw == 1:
+        return x
+    _, h, wd, c = x.shape
+    ho, wo = -(-h // sh), -(-wd // sw)  # SAME and VALID agree for 1x1 kernels
+    x = tf.pad(x, [[0, 0], [0, ho * sh - h], [0, wo * sw - wd], [0, 0]]) if (ho * sh, wo * sw) != (h, wd) else x
+    x = tf.reshape(x, [-1, ho, sh, wo, sw * c])
+    return tf.reshape(tf.slice(x, [0, 0, 0, 0, 0], [-1, ho, 1, wo, c]), [-1, ho, wo, c])
+
+
+def _matmul_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf.Tensor:
+    _, h, wd, cin = x.shape
+    cout = w.shape[-1]
+
+    @tf.custom_gradient
+    def conv(x, w):
+        xs = _subsample(x, sh, sw, same)
+        ho, wo = xs.shape[1], xs.shape[2]
+        cols = tf.reshape(xs, [-1, cin])
+        y = tf.reshape(tf.matmul(cols, w[0, 0]), [-1, ho, wo, cout])
+
+        def grad(dy):
+            dy2 = tf.reshape(dy, [-1, cout])
+            dw = tf.reshape(tf.matmul(cols, dy2, transpose_a=True), [1, 1, cin, cout])
+            dxs = tf.reshape(tf.matmul(dy2, w[0, 0], transpose_b=True), [-1, ho, 1, wo, 1, cin])
+            if sh == sw == 1:
+                return tf.reshape(dxs, [-1, h, wd, cin]), dw
+            # The taps' gradient back on the stride grid, zeros between (one pad), then cropped.
+            dx = tf.pad(dxs, [[0, 0], [0, 0], [0, sh - 1], [0, 0], [0, sw - 1], [0, 0]])
+            dx = tf.reshape(dx, [-1, ho * sh, wo * sw, cin])
+            return (dx if (ho * sh, wo * sw) == (h, wd) else tf.slice(dx, [0, 0, 0, 0], [-1, h, wd, cin])), dw
+
+        return y, grad
+
+    return conv(x, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# winograd F(4x4, 3x3)
+# ---------------------------------------------------------------------------------------------
+
+# Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016), F(4, 3) at the points
+# 0, +-1, +-2: y = A^T [(G g G^T) * (B^T d B)] A for a 6x6 input tile d and a 3x3 kernel g.
+_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
+_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
+_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)
+_M, _A = 4, 6  # outputs and inputs per tile side
+
+
+class _WinogradPlan(NamedTuple):
+    """Static row indices of one image; the batch offsets are added at run time."""
+    ho: int
+    wo: int
+    tiles: int            # tiles per image
+    tile_in: np.ndarray   # [36, tiles]: input pixel (r*W + c) of each tile tap, -1 for padding
+    x_back: np.ndarray    # [H*W, 4, 2]: (tap, tile) of the up to 4 tile taps reading each pixel, -1: none
+    y_out: np.ndarray     # [Ho*Wo, 2]: (output tap, tile) of each output pixel
+    y_back: np.ndarray    # [16, tiles]: output pixel of each output tap of each tile, -1 outside
+
+
+def _winograd_plan(h: int, wd: int, same: bool) -> _WinogradPlan:
+    ho, wo = (h, wd) if same else (h - 2, wd - 2)
+    pad = 1 if same else 0
+    th, tw = -(-ho // _M), -(-wo // _M)
+    ty, tx, a, b = np.meshgrid(np.arange(th), np.arange(tw), np.arange(_A), np.arange(_A), indexing="ij")
+    r, c = ty * _M + a - pad, tx * _M + b - pad
+    inside = (r >= 0) & (r < h) & (c >= 0) & (c < wd)
+    tile_in = np.where(inside, r * wd + c, -1).transpose(2, 3, 0, 1).reshape(_A * _A, th * tw)
+    # Pixel (r, c) sits at tap a = (r+pad) mod 4 (+4) of row tile (r+pad) // 4 (-1): two candidates
+    # per axis, four per pixel.
+    r, c = np.meshgrid(np.arange(h) + pad, np.arange(wd) + pad, indexing="ij")
+    back = []
+    for kr in (0, 1):
+        for kc in (0, 1):
+            ty, a, tx, b = r // _M - kr, r % _M + _M * kr, c // _M - kc, c % _M + _M * kc
+            ok = (ty >= 0) & (ty < th) & (a < _A) & (tx >= 0) & (tx < tw) & (b < _A)
+            back.append(np.stack([np.where(ok, a * _A + b, -1), np.where(ok, ty * tw + tx, -1)], -1))
+    x_back = np.stack(back, 2).reshape(h * wd, 4, 2)
+    oy, ox = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
+    y_out = np.stack([(oy % _M) * _M + ox % _M, (oy // _M) * tw + ox // _M], -1).reshape(ho * wo, 2)
+    ty, tx, i, j = np.meshgrid(np.arange(th), np.arange(tw), np.arange(_M), np.arange(_M), indexing="ij")
+    oy, ox = ty * _M + i, tx * _M + j
+    y_back = np.where((oy < ho) & (ox < wo), oy * wo + ox, -1).transpose(2, 3, 0, 1).reshape(_M * _M, th * tw)
+    return _WinogradPlan(ho, wo, th * tw, tile_in, x_back, y_out, y_back)
+
+
+def _rows(src: tf.Tensor, channels: int) -> tf.Tensor:
+    """src as rows [R, channels] plus one zero row at index R (what padding gathers)."""
+    return tf.pad(tf.reshape(src, [-1, channels]), [[0, 1], [0, 0]])
+
+
+def _tap_major(static: np.ndarray, n: tf.Tensor, per_image: int) -> tf.Tensor:
+    """Row index [taps, N, tiles] of image-major rows (n * per_image + pixel); -1 -> the zero row."""
+    base = tf.constant(static[:, None, :], tf.int32)
+    index = base + (tf.range(n) * per_image)[None, :, None]
+    return tf.where(base >= 0, index, n * per_image)
+
+
+def _image_major(static: np.ndarray, n: tf.Tensor, tiles: int, taps: int) -> tf.Tensor:
+    """Row index [N, pixels, k] into tap-major rows ((tap * N + n) * tiles + tile); -1 -> the zero row."""
+    tap, tile = (tf.constant(static[None, ..., i], tf.int32) for i in (0, 1))
+    images = tf.reshape(tf.range(n), [-1] + [1] * (static.ndim - 1))
+    return tf.where(tap >= 0, (tap * n + images) * tiles + tile, taps * n * tiles)
+
+
+def _winograd_transforms(dtype) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """kron(B^T, B^T) [36,36], kron(G, G) [36,9], kron(A^T, A^T) [16,36]: the 2-D transforms as matmuls
+    over the tap axis of tap-major data."""
+    return (tf.constant(np.kron(_BT, _BT), dtype), tf.constant(np.kron(_G, _G), dtype),
+            tf.constant(np.kron(_AT, _AT), dtype))
+
+
+def _winograd_forward(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
+    """The forward pass alone (inference; autodiff through it is correct but slow)."""
+    return _winograd_conv(x, w, same)
+
+
+def _winograd_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
+    _, h, wd, cin = x.shape
+    cout = w.shape[-1]
+    plan = _winograd_plan(h, wd, same)
+    bt, g, at = _winograd_transforms(x.dtype)
+    bt_zero = tf.pad(tf.transpose(bt), [[0, 1], [0, 0]])
+    n = tf.shape(x)[0]
+    nt = n * plan.tiles
+
+    @tf.custom_gradient
+    def conv(x, w):
+        # Tiles, tap-major [36, N*tiles, Cin]: the 36 tap GEMMs then have the whole batch as M.
+        d = tf.gather(_rows(x, cin), _tap_major(plan.tile_in, n, h * wd))
+        v = tf.reshape(tf.matmul(bt, tf.reshape(d, [_A * _A, -1])), [_A * _A, nt, cin])
+        u = tf.reshape(tf.matmul(g, tf.reshape(w, [9, cin * cout])), [_A * _A, cin, cout])
+        m = tf.matmul(v, u)  # [36, N*tiles, Cout]
+        yt = tf.matmul(at, tf.reshape(m, [_A * _A, -1]))  # [16, N*tiles*Cout]
+        y = tf.gather(tf.reshape(yt, [-1, cout]), _image_major(plan.y_out, n, plan.tiles, _M * _M))
+        y = tf.reshape(y, [-1, plan.ho, plan.wo, cout])
+
+        def grad(dy):
+            # The output gather's adjoint is a gather too (a permutation, zeros where tiles overhang).
+            dyt = tf.gather(_rows(dy, cout), _tap_major(plan.y_back, n, plan.ho * plan.wo))
+            dm = tf.matmul(at, tf.reshape(dyt, [_M * _M, -1]), transpose_a=True)
+            dm = tf.reshape(dm, [_A * _A, nt, cout])
+            du = tf.matmul(v, dm, transpose_a=True)  # [36, Cin, Cout], summed over all tiles
+            dw = tf.reshape(tf.matmul(g, tf.reshape(du, [_A * _A, -1]), transpose_a=True), [3, 3, cin, cout])
+            dv = tf.matmul(dm, u, transpose_b=True)  # [36, N*tiles, Cin]
+            # B's transform with a 37th, zero row: its output ends in the zero rows that the
+            # gather below reads for missing taps (cheaper than padding dd).
+            dd = tf.matmul(bt_zero, tf.reshape(dv, [_A * _A, -1]))
+            # Overlapping tiles: each pixel sums the up to 4 tile taps that read it.
+            dx = tf.gather(tf.reshape(dd, [-1, cin]), _image_major(plan.x_back, n, plan.tiles, _A * _A))
+            return tf.reshape(tf.reduce_sum(dx, axis=2), [-1, h, wd, cin]), dw
+
+        return y, grad
+
+    return conv(x, w)

@@ -1,0 +1,117 @@
+"""conv_autotune.choose_conv_forms: fixed defaults, timed choices, the per-machine cache."""
+
+import json
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import conv_autotune  # noqa: E402
+import conv_forms  # noqa: E402
+from layers import ConvBNReLU, ConvStack, InceptionModule  # noqa: E402
+
+INPUT = (4, 12, 12, 3)
+
+
+def small_model():
+    """Every kind of layer shape: a 3-channel stem, stride 2, 1x1s and 3x3s with 16+ channels."""
+    inputs = keras.Input(INPUT[1:])
+    x = ConvStack([16, 16], strides=[1, 2])(inputs)
+    x = InceptionModule(2, (8, 16, 16, 8), 16)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(2)(x))
+
+
+def convs(model):
+    return [layer for layer in model._flatten_layers() if isinstance(layer, ConvBNReLU)]
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_fixed_defaults_without_autotune(cache_home):
+    model = small_model()
+    line = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=False)
+    forms = {c.name: c.train_form for c in convs(model)}
+    # Stem and stride 2: gather; the 1x1s: matmul; 3x3 stride 1 with 16 channels in: Winograd.
+    assert forms["conv0"] == forms["conv1"] == "gather"
+    assert {forms[n] for n in ("a_1x1", "b_1x1", "c_1x1", "d_1x1")} == {"matmul"}
+    assert {forms[n] for n in ("b_3x3", "c_3x3a", "c_3x3b")} == {"winograd"}
+    assert all(c.infer_form is None for c in convs(model))  # the inference pass is set separately
+    assert line.startswith("conv forms (training, float32, batch 4): ") and "fixed defaults" in line
+    assert not (cache_home / "hw2").exists()  # nothing timed, nothing written
+    # bfloat16 has no Winograd (too little mantissa for its transforms).
+    conv_autotune.choose_conv_forms(model, INPUT, tf.bfloat16, training=False, autotune=False)
+    assert {c.infer_form for c in convs(model)} == {"gather", "matmul"}
+
+
+def test_autotune_times_once_then_reads_the_cache(cache_home):
+    model = small_model()
+    line = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
+    assert "autotuned" in line and "in " in line
+    path = cache_home / "hw2" / "conv_forms.json"
+    entries = json.loads(path.read_text())[conv_autotune.machine_key()]
+    # Timed: the inception's three 3x3s (one shape). Not the stem (only the gather: Winograd needs
+    # 8 input channels), conv1 (stride 2: only the gather) or the 1x1s (always matmul).
+    assert sorted(entries) == ["6x6x16-3x3/1x1-same-16-float32|train|batch 4"]
+    for entry in entries.values():
+        assert set(entry["ms"]) == {"gather", "winograd"} and entry["form"] in entry["ms"]
+    chosen = [c.train_form for c in convs(model)]
+    assert all(f in conv_forms.FORMS for f in chosen)
+
+    # A second model on this machine takes the cached choice without timing anything.
+    again = small_model()
+    second = conv_autotune.choose_conv_forms(again, INPUT, "float32", training=True, autotune=True)
+    assert "from the cache" in second
+    assert [c.train_form for c in convs(again)] == chosen
+
+    # A cached choice is used as is, so a planted one shows it was read.
+    key = "6x6x16-3x3/1x1-same-16-float32|train|batch 4"
+    entries[key]["form"] = "gather" if entries[key]["form"] == "winograd" else "winograd"
+    path.write_text(json.dumps({conv_autotune.machine_key(): entries}))
+    third = small_model()
+    conv_autotune.choose_conv_forms(third, INPUT, "float32", training=True, autotune=True)
+    assert next(c for c in convs(third) if c.name == "b_3x3").train_form == entries[key]["form"]
+
+
+def test_chosen_forms_train_like_native(cache_home):
+    """Whatever the autotune picked, a training step gives tf.nn.conv2d's gradients."""
+    model = small_model()
+    conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
+    x = tf.constant(np.random.default_rng(0).normal(size=INPUT), tf.float32)
+    grads = {}
+    for impl in ("im2col", "native"):
+        for c in convs(model):
+            c.conv_impl = impl
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True) ** 2)
+        grads[impl] = tape.gradient(loss, model.trainable_weights)
+    for a, b in zip(grads["im2col"], grads["native"]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_unwritable_cache_still_chooses(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    model = small_model()
+    line = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=False, autotune=True)
+    assert "cached in nowhere" in line
+    assert all(c.infer_form in conv_forms.FORMS for c in convs(model))
+
+
+def test_native_layers_are_left_alone(cache_home):
+    model = small_model()
+    for c in convs(model):
+        c.conv_impl = "native"
+    line = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
+    assert all(c.train_form is None for c in convs(model))
+    assert "9 native" in line
