@@ -35,6 +35,21 @@ VGG_LAYERS = {
 
 ZOO = ("cifar10_tutorial", "simple_cnn", *RESNET_BLOCKS, *VGG_LAYERS)
 
+# The config keys that shape only some networks, and which network reads which.
+SEED_KEYS = ("conv_stack", "conv2", "inception_version", "inception2", "inception2_bottleneck", "inception3",
+             "inception3_bottleneck", "dense_units", "keep_prob_1", "keep_prob_2", "keep_prob_dense")
+ZOO_KEYS = ("norm", "residual", "stem", "stem_pool", "width", "fc_units", "dropout")
+READS = {"hw2_inception": SEED_KEYS, "cifar10_tutorial": ("norm",), "simple_cnn": ("norm", "fc_units", "dropout"),
+         **{name: ("norm", "residual", "stem", "stem_pool", "width", "dropout") for name in RESNET_BLOCKS},
+         **{name: ("norm", "width", "fc_units", "dropout") for name in VGG_LAYERS}}
+
+
+def ignored_settings(cfg: Mapping) -> list[str]:
+    """`key=value` of each network key set away from its default that cfg["model"] does not read."""
+    import config_keys
+    unread = [k for k in SEED_KEYS + ZOO_KEYS if k not in READS[cfg["model"]]]
+    return [f"{k}={cfg[k]}" for k in unread if cfg[k] != config_keys.KEYS[k].default]
+
 
 def scaled(filters: int, width: float) -> int:
     """A layer width times the `width` multiplier, at least 1."""

@@ -25,6 +25,7 @@ import utils
 from utils import UserError
 
 CONFIG, SPLIT, BAD_IMAGES = "config.json", "split.json", "bad_images.txt"
+RUN_RECORD, SUMMARY, CURVES = "run.json", "summary.csv", "curves.png"
 BEST, EVAL = "best", "eval"
 
 
@@ -176,6 +177,15 @@ def report_bad_images(scan, train, val, train_dir: str, on_bad_image: str) -> No
                         f"(all in {bad_path}; --on_bad_image skip to train without them)")
     logging.warning("%d files skipped or duplicated across train/val (listed in %s), e.g. %s",
                     len(lines), bad_path, example)
+
+
+def trained_precision(run: str) -> str | None:
+    """The precision the run's newest start trained in (run.json), None if it does not say."""
+    path = os.path.join(run, RUN_RECORD)
+    try:
+        return load_json(path, "run record").get("precision") if os.path.isfile(path) else None
+    except UserError:
+        return None
 
 
 def check_top_k(k: int, num_classes: int, flag: str = "--top_k") -> None:

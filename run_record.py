@@ -79,12 +79,12 @@ class RunRecord:
     def __init__(self, train_dir: str, plot_every_seconds: float = 60.0):
         self.train_dir = train_dir
         self.plot_every_seconds, self.plotted = plot_every_seconds, -math.inf
-        self.summary_path = os.path.join(train_dir, "summary.csv")
-        self.curves_path = os.path.join(train_dir, "curves.png")
+        self.summary_path = os.path.join(train_dir, run_dir.SUMMARY)
+        self.curves_path = os.path.join(train_dir, run_dir.CURVES)
 
     def on_start(self, info: Mapping) -> None:
         cfg = info["cfg"]
-        split_path = os.path.join(self.train_dir, "split.json")
+        split_path = os.path.join(self.train_dir, run_dir.SPLIT)
         record = {
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "section": cfg.get("section"),
@@ -99,10 +99,11 @@ class RunRecord:
             "replicas": info["replicas"],
             "global_batch": info["global_batch"],
             "steps_per_epoch": info["steps_per_epoch"],
+            "precision": info.get("precision"),  # what --precision picked on this machine
             "params": info["params"],
             "config": dict(cfg),
         }
-        path = os.path.join(self.train_dir, "run.json")
+        path = os.path.join(self.train_dir, run_dir.RUN_RECORD)
         if info["start_step"] and os.path.isfile(path):
             try:
                 old = run_dir.load_json(path, "run record")

@@ -40,11 +40,12 @@ OPTIMIZER_KINDS = ("adam", "sgd with momentum", "sgd")  # each has its own slot 
 
 @dataclass
 class TrainState:
-    """Everything a checkpoint holds."""
+    """Everything a checkpoint holds, and the precision the model computes in."""
     model: object
     optimizer: object
     ema: hw2.EMA
     vars: dict  # name -> scalar float64 tf.Variable (STATE_FIELDS)
+    precision: str
 
     def checkpoint(self, with_optimizer: bool = True) -> tf.train.Checkpoint:
         parts = {"model": hw2.variables_by_path(self.model), "ema": self.ema.shadow, "state": self.vars}
@@ -80,7 +81,7 @@ def create_train_state(cfg: Mapping, num_classes: int, strategy=None, precision:
         initial = {**STATE_FIELDS, "optimizer_kind": OPTIMIZER_KINDS.index(optimizer_kind(cfg))}
         variables = {name: tf.Variable(value, dtype=tf.float64, trainable=False, name=name)
                      for name, value in initial.items()}
-    return TrainState(model, optimizer, ema, variables)
+    return TrainState(model, optimizer, ema, variables, precision)
 
 
 @dataclass
@@ -302,7 +303,7 @@ def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Se
     _call(hooks, "on_start", {"cfg": cfg, "split": split, "train_dir": train_dir, "model": state.model,
                               "replicas": plan.replicas, "global_batch": plan.global_batch,
                               "start_step": start, "steps_per_epoch": plan.steps_per_epoch,
-                              "params": _params(state.model)})
+                              "params": _params(state.model), "precision": state.precision})
     bar = _progress_bar(start, plan.max_steps)
     log = bar.write if bar else logging.info
     window, since_val = Meter(plan.global_batch), Meter(plan.global_batch)
@@ -445,6 +446,10 @@ def _params(model) -> int:
 
 
 def _log_start(cfg: Mapping, split: Mapping, plan: Plan, state: TrainState) -> None:
+    import models
+    ignored = models.ignored_settings(cfg)
+    if ignored:
+        logging.warning("model %s does not use %s (set, but without effect)", cfg["model"], ", ".join(ignored))
     if plan.replicas > 1 or cfg["lr_scaling"] != "none":
         logging.info("%d replicas x batch %d = global batch %d; lr_scaling=%s: lr %g x %.3g = %g; sync_bn=%s",
                      plan.replicas, cfg["batch_size"], plan.global_batch, cfg["lr_scaling"], cfg["learning_rate"],

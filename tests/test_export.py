@@ -298,3 +298,46 @@ def test_shipped_demo_model_reads_its_demo_images():
     out = model.serve(tf.constant([open(f, "rb").read() for f in files]))
     predicted = [c.decode() for c in out["top_k_classes"].numpy()[:, 0]]
     assert predicted == [os.path.basename(f)[0] for f in files]
+
+
+def test_eval_export_and_predict_agree_on_a_bf16_run(tmp_path):
+    """One precision story: hw2_eval computes in the run's precision (bf16 here), the export and
+    hw2_predict --checkpoint_dir in fp32. On digits from the demo, their probabilities agree within
+    0.02 and their top-1 wherever hw2_eval's margin is clear; the export records both precisions."""
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    import evaluation
+    import hw2_input
+    import hw2_train
+    import run_dir as run_dirs
+    digits = load_digits()
+    data = tmp_path / "digits"
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        if label < 3 and i < 300:
+            os.makedirs(data / str(label), exist_ok=True)
+            Image.fromarray((pixels * 255 / 16).astype(np.uint8)).resize((20, 20)).save(data / str(label) / f"{i}.png")
+    run = str(tmp_path / "run")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert hw2_train.main(["--data_dir", str(data), "--train_dir", run, "--section", "tiny", "--max_steps", "8",
+                               "--precision", "bf16", "--learning_rate", "0.01"]) == 0
+        assert hw2_export.main(["--checkpoint_dir", run, "--export_dir", str(tmp_path / "model")]) == 0
+    info = json.load(open(tmp_path / "model" / "hw2_export.json"))
+    assert info["trained_precision"] == "bf16" and info["served_precision"] == "fp32"
+    cfg, _ = run_dirs.read_config(run)
+    val = run_dirs.load_json(os.path.join(run, "split.json"), "split")["val"]
+    files = [str(data / path) for path, _ in val]
+    evaluator = evaluation.Evaluator(run, 1)  # the run's own precision
+    assert evaluator.saved.precision == "bf16"
+    best = run_dirs.pick_checkpoint(run, prefer_best=True)
+    in_bf16 = evaluator.evaluate(best, hw2_input.eval_dataset(str(data), [tuple(v) for v in val], cfg, 64)).probabilities
+    exported = served_probabilities(str(tmp_path / "model"), [open(f, "rb").read() for f in files])
+    module = serving.build_serving_module(run, best)  # what hw2_predict --checkpoint_dir runs
+    predicted = module.serve(tf.constant([open(f, "rb").read() for f in files]))["probabilities"].numpy()
+    np.testing.assert_allclose(exported, predicted, atol=1e-5)  # both fp32, the same graph
+    assert np.abs(in_bf16 - exported).max() <= 0.02, np.abs(in_bf16 - exported).max()
+    top2 = np.sort(in_bf16, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.1
+    assert clear.sum() >= len(files) // 2
+    np.testing.assert_array_equal(in_bf16.argmax(1)[clear], exported.argmax(1)[clear])
+

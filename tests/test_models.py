@@ -138,3 +138,12 @@ def test_class_weights_scale_each_examples_cross_entropy(tmp_path, caplog):
     items = [(f"{c}/{i}.png", c) for c, n in enumerate((9, 3, 1)) for i in range(n)]
     w = hw2_dataset.class_weights(items, 3)
     assert w.mean() == pytest.approx(1.0) and w[0] * 9 == pytest.approx(w[1] * 3) == pytest.approx(w[2] * 1)
+
+
+def test_settings_a_model_ignores_are_named():
+    simple = models.ignored_settings(zoo_cfg("simple_cnn"))  # width 1/16 and stem 3x3 set: not read
+    assert {"stem=3x3", "width=0.0625", "dense_units=8"} <= set(simple)  # and [tiny]'s seed-network widths
+    assert not [s for s in simple if s.startswith(("fc_units", "norm", "dropout"))]
+    resnet = models.ignored_settings(zoo_cfg("resnet14"))
+    assert "fc_units=8" in resnet and not [s for s in resnet if s.startswith(("width", "stem"))]
+    assert models.ignored_settings(utils.load_config("tiny")) == []

@@ -176,3 +176,21 @@ def test_histograms_are_written_and_change_nothing(tmp_path):
     assert {"cross_entropy", "loss", "activations/conv2", "activations/conv2/zero_fraction",
             "activations/inception3"} <= tags
     assert any(t.startswith("weights/") for t in tags) and any(t.startswith("gradients/") for t in tags)
+
+
+def test_evaluating_averaged_then_raw_weights_never_mixes_them(tiny_run):
+    """The averaged weights are copied in, not swapped and left: the averages stay averages."""
+    import evaluation
+    import hw2_input
+    ev = evaluation.Evaluator(tiny_run.run, 2)
+    split = run_dirs.load_json(os.path.join(tiny_run.run, "split.json"), "split")
+    dataset = hw2_input.eval_dataset(split["data_dir"], [tuple(v) for v in split["val"]], ev.saved.cfg, 8)
+    path = os.path.join(tiny_run.run, "ckpt-4")
+    averaged = ev.evaluate(path, dataset, averaged=True).probabilities
+    for v, s in zip(ev.saved.model.trainable_variables, ev.saved.ema.shadow):
+        np.testing.assert_array_equal(v.numpy(), s.numpy())
+    raw = ev.evaluate(path, dataset, averaged=False).probabilities
+    np.testing.assert_array_equal(ev.evaluate(path, dataset, averaged=True).probabilities, averaged)
+    fresh = evaluation.Evaluator(tiny_run.run, 2).evaluate(path, dataset, averaged=False).probabilities
+    np.testing.assert_array_equal(raw, fresh)
+    assert np.abs(raw - averaged).max() > 1e-6
