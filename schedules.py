@@ -6,7 +6,8 @@
     constant     lr
     step         lr * lr_gamma ** floor(epoch / lr_step_epochs)     (ResNet: every 7 epochs x0.1)
     exponential  lr * lr_gamma ** (epoch / lr_step_epochs)          (smooth version of step)
-    cosine       lr * (1 + cos(pi * step / max_steps)) / 2          (down to 0 at max_steps)
+    cosine       lr * (1 + cos(pi * step / max_steps)) / 2          (down to 0 at max_steps, or at the
+                                                                    end of the time budget)
 
 Every schedule is counted in epochs of the *global* batch, so more replicas (a bigger global
 batch, fewer steps per epoch) decay at the same point in the data: the CIFAR-10 tutorial's
@@ -23,7 +24,14 @@ SCHEDULES = ("plateau", "step", "exponential", "cosine", "constant")
 
 
 def lr_at(cfg: Mapping, step: int, steps_per_epoch: int, max_steps: int | None = None) -> float:
-    """The scheduled LR for training step `step` (0 = the first step); plateau is constant here."""
+    """The scheduled LR for training step `step` (0 = the first step); plateau is constant here.
+    With warmup_epochs, it first rises linearly from lr / warm-up steps to lr."""
+    warmup = cfg["warmup_epochs"] * max(1, steps_per_epoch)
+    return min(1.0, (step + 1) / warmup) * _scheduled(cfg, step, steps_per_epoch, max_steps) if warmup \
+        else _scheduled(cfg, step, steps_per_epoch, max_steps)
+
+
+def _scheduled(cfg: Mapping, step: int, steps_per_epoch: int, max_steps: int | None) -> float:
     kind, base = cfg["lr_schedule"], float(cfg["learning_rate"])
     epoch = step / max(1, steps_per_epoch)
     if kind in ("constant", "plateau"):

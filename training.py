@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -22,6 +25,7 @@ import tensorflow as tf
 
 import hw2
 import hw2_input
+import pace
 import precision as precisions
 import schedules
 import run_dir
@@ -30,11 +34,12 @@ from utils import UserError
 
 # What a checkpoint holds beyond the weights, the optimizer and the moving averages: the plateau
 # policy's counters, the replica LR scale in force, the factor the policy and the NaN guard have
-# applied to the LR, how many NaN retries were used, the seconds trained so far and which kind of
-# optimizer (an index in OPTIMIZER_KINDS) filled the optimizer's slots.
+# applied to the LR, how many NaN retries were used, the seconds trained so far (a time budget
+# counts them), the step the LR schedule is laid out to end at, and which kind of optimizer (an
+# index in OPTIMIZER_KINDS) filled the optimizer's slots.
 STATE_FIELDS = {**{f: 0.0 for f in schedules.PlateauPolicy.FIELDS}, "best": -math.inf, "ref": -math.inf,
                 "best_step": -1.0, "lr_scale": 1.0, "lr_multiplier": 1.0, "nan_retries": 0.0,
-                "train_seconds": 0.0, "optimizer_kind": 0.0}
+                "train_seconds": 0.0, "horizon": 0.0, "optimizer_kind": 0.0}
 OPTIMIZER_KINDS = ("adam", "sgd with momentum", "sgd")  # each has its own slot variables
 
 
@@ -108,9 +113,10 @@ def make_plan(cfg: Mapping, split: Mapping, strategy) -> Plan:
                 lr_scale)
 
 
-def set_learning_rate(state: TrainState, cfg: Mapping, plan: Plan, step: int) -> float:
-    """The LR for `step`: the schedule x the replica scaling x what the policy and NaN guard applied."""
-    lr = schedules.lr_at(cfg, step, plan.steps_per_epoch, plan.max_steps) * plan.lr_scale \
+def set_learning_rate(state: TrainState, cfg: Mapping, plan: Plan, step: int, horizon: int | None = None) -> float:
+    """The LR for `step`: the schedule (laid over `horizon` steps, default max_steps) x the replica
+    scaling x what the plateau policy and the NaN guard applied."""
+    lr = schedules.lr_at(cfg, step, plan.steps_per_epoch, horizon or plan.max_steps) * plan.lr_scale \
         * state.get("lr_multiplier")
     state.optimizer.learning_rate.assign(lr)
     return lr
@@ -125,6 +131,8 @@ class Checkpoints:
     def __init__(self, state: TrainState, train_dir: str, strategy, keep: int):
         self.state, self.train_dir = state, train_dir
         self.chief, self.write_dir = _chief_and_write_dir(strategy, train_dir)
+        resolver = getattr(strategy, "cluster_resolver", None)
+        self.single_process = resolver is None or not resolver.task_type  # a save needs no other worker
         ckpt = state.checkpoint()
         self.manager = tf.train.CheckpointManager(ckpt, self.write_dir, max_to_keep=keep, checkpoint_name="ckpt")
         self.best = tf.train.CheckpointManager(ckpt, os.path.join(self.write_dir, BEST), max_to_keep=1,
@@ -271,69 +279,177 @@ class Meter:
 # ------------------------------------------------------------------------------ the loop
 
 def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Sequence = (),
-          resume: bool = True) -> dict:
+          resume: bool = True, clock=time.monotonic) -> dict:
     """Train (or resume) a run in train_dir. Returns the best validation {'top1', 'topk', 'step', 'checkpoint'}.
 
     resume=False starts at step 0 whatever train_dir holds (a --fresh worker that is not the
-    chief: the chief may not have moved the old run aside yet).
-
-    `hooks` observe the run without changing it: each may define on_start(info),
-    on_validation(row) and on_end(best), all taking plain dicts.
+    chief: the chief may not have moved the old run aside yet). `hooks` observe the run without
+    changing it: each may define on_start(info), on_validation(row) and on_end(best), all taking
+    plain dicts. Ctrl-C or SIGTERM: the current step ends, a checkpoint is saved, and
+    `Interrupted` is raised with the command that resumes.
     """
-    strategy = strategy or tf.distribute.get_strategy()
-    plan = make_plan(cfg, split, strategy)
-    _seed(cfg)
-    state = create_train_state(cfg, plan.num_classes, strategy)
-    ckpts = Checkpoints(state, train_dir, strategy, cfg["keep_checkpoints"])
-    hooks = hooks if ckpts.chief else ()  # hooks write files: one writer per run
-    start = _start(state, ckpts, plan, strategy, resume)
-    writers = {name: tf.summary.create_file_writer(os.path.join(train_dir, name)) if ckpts.chief
-               else tf.summary.create_noop_writer() for name in ("train", "val")}
-    validate = Validator(state, split, cfg, plan, strategy, writers)
-    train_step = hw2.make_train_step(state.model, state.optimizer, state.ema, strategy, plan.global_batch,
-                                     cfg["label_smoothing"], _class_weights(cfg, split, plan))
-    iterator = _train_iterator(cfg, split, plan, strategy, start)
-    policy = schedules.PlateauPolicy(cfg["lr_patience"], cfg["stop_patience"], cfg["min_delta"])
-    policy.load({f: state.get(f) for f in policy.FIELDS})
-    probe = _probe_batch(split, cfg)
-    if start == 0 and ckpts.chief:
-        _write_sample_images(writers["train"], probe[0])
-    summarize = _summary_step(state, cfg, plan, writers["train"], probe, ckpts.chief)
-    _log_start(cfg, split, plan, state)
-    _call(hooks, "on_start", {"cfg": cfg, "split": split, "train_dir": train_dir, "model": state.model,
-                              "replicas": plan.replicas, "global_batch": plan.global_batch,
-                              "start_step": start, "steps_per_epoch": plan.steps_per_epoch,
-                              "params": _params(state.model), "precision": state.precision})
-    bar = _progress_bar(start, plan.max_steps)
-    log = bar.write if bar else logging.info
-    window, since_val = Meter(plan.global_batch), Meter(plan.global_batch)
-    step, stop_reason = start, f"reached max_steps={plan.max_steps}"
-    while step < plan.max_steps:
-        lr = set_learning_rate(state, cfg, plan, step)
-        total, ce, correct = (float(t) for t in train_step(iterator))
-        step += 1
-        if not math.isfinite(total):
-            step = _recover_from_nan(state, ckpts, cfg, total, step, log)
-            iterator = _train_iterator(cfg, split, plan, strategy, step)  # the stream rewinds with the step
-            continue
-        for meter in (window, since_val):
-            meter.add(total, ce, correct, untimed=step == start + 1)
-        if summarize and step % cfg["summary_every_steps"] == 0:
-            summarize(*probe, tf.constant(step, tf.int64))
-        if bar:
-            bar.update(1)
-        if step % cfg["log_every_steps"] == 0 or step == plan.max_steps:
-            _log_window(window, step, plan, lr, writers["train"], log, bar)
-        if step % cfg["save_checkpoint_steps"] == 0 or step == plan.max_steps:
-            action = _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, since_val, hooks, log)
-            if action == "stop":
-                stop_reason = f"no val top-1 gain for {policy.stale} validations"
+    run = Session(cfg, split, train_dir, strategy or tf.distribute.get_strategy(), hooks, resume, clock)
+    step, stop_reason = run.start, None
+    with Interrupts(enabled=run.ckpts.single_process) as interrupts:
+        while step < run.plan.max_steps and not stop_reason:
+            if interrupts.requested:
+                run.save_and_raise_interrupted(step)
+            if run.pace.out_of_time():
+                stop_reason = f"the time budget of {cfg['time_budget']:g} min is spent"
                 break
-    if bar:
-        bar.close()
-    for w in writers.values():
-        w.flush()
-    return _finish(state, ckpts, policy, validate, plan, stop_reason, hooks)
+            lr = run.set_learning_rate(step)
+            total, ce, correct = (float(t) for t in run.train_step(run.iterator))
+            step += 1
+            if not math.isfinite(total):
+                step = run.recover_from_nan(total, step)  # back to the last checkpoint, lower LR
+                continue
+            run.after_step(step, lr, total, ce, correct)  # meters, pace, histograms, progress
+            if run.pace.validation_due(step) and run.validate_and_save(step, lr) == "stop":
+                stop_reason = f"no val top-1 gain for {run.policy.stale} validations"
+        if stop_reason and stop_reason.startswith("the time budget") and run.last_validated != step:
+            run.validate_and_save(step, run.lr)  # the budget ends with a validation of the last step
+    return run.finish(stop_reason or f"reached max_steps={run.plan.max_steps}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after the run saved its state; the message says how to resume."""
+
+
+class Interrupts:
+    """While active, the first Ctrl-C or SIGTERM only asks the loop to stop after the current
+    step (and save); a second one quits at once. Nothing is lost either way: a checkpoint only
+    becomes the newest once its files are complete."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.requested, self.saved = enabled, False, None
+
+    def __enter__(self):
+        self.previous = {}
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            print("\ninterrupted again: quitting now (the newest checkpoint on disk is intact)",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (press Ctrl-C again "
+              "to quit at once)", file=sys.stderr, flush=True)
+
+
+def resume_command() -> str:
+    """The command this process was started with, without --fresh: what resumes the run."""
+    argv = [a for a in sys.argv if a != "--fresh"]
+    return shlex.join(["python", *argv] if argv and argv[0].endswith(".py") else argv)
+
+
+class Session:
+    """One start of a run: everything the loop works with, and the loop's named steps."""
+
+    def __init__(self, cfg, split, train_dir, strategy, hooks, resume, clock):
+        self.cfg, self.split, self.strategy, self.clock = cfg, split, strategy, clock
+        self.plan = plan = make_plan(cfg, split, strategy)
+        _seed(cfg)
+        self.state = create_train_state(cfg, plan.num_classes, strategy)
+        self.ckpts = Checkpoints(self.state, train_dir, strategy, cfg["keep_checkpoints"])
+        self.hooks = hooks if self.ckpts.chief else ()  # hooks write files: one writer per run
+        self.start = _start(self.state, self.ckpts, plan, strategy, resume)
+        self.writers = {name: tf.summary.create_file_writer(os.path.join(train_dir, name)) if self.ckpts.chief
+                        else tf.summary.create_noop_writer() for name in ("train", "val")}
+        self.validate = Validator(self.state, split, cfg, plan, strategy, self.writers)
+        self.train_step = hw2.make_train_step(self.state.model, self.state.optimizer, self.state.ema, strategy,
+                                              plan.global_batch, cfg["label_smoothing"],
+                                              _class_weights(cfg, split, plan))
+        self.iterator = _train_iterator(cfg, split, plan, strategy, self.start)
+        self.policy = schedules.PlateauPolicy(cfg["lr_patience"], cfg["stop_patience"], cfg["min_delta"])
+        self.policy.load({f: self.state.get(f) for f in self.policy.FIELDS})
+        self.probe = _probe_batch(split, cfg)
+        if self.start == 0 and self.ckpts.chief:
+            _write_sample_images(self.writers["train"], self.probe[0])
+        self.summarize = _summary_step(self.state, cfg, plan, self.writers["train"], self.probe, self.ckpts.chief)
+        self.pace = pace.Pace(cfg, plan.steps_per_epoch, plan.max_steps, self.start, self.state.get("train_seconds"),
+                              clock)
+        self.window, self.since_val = Meter(plan.global_batch), Meter(plan.global_batch)
+        self.bar = _progress_bar(self.start, plan.max_steps)
+        self.log = self.bar.write if self.bar else logging.info
+        self.last_validated, self.lr, self.planned = self.start, 0.0, False
+        _log_start(cfg, split, plan, self.state)
+        _call(self.hooks, "on_start", {
+            "cfg": cfg, "split": split, "train_dir": train_dir, "model": self.state.model, "replicas": plan.replicas,
+            "global_batch": plan.global_batch, "start_step": self.start, "steps_per_epoch": plan.steps_per_epoch,
+            "params": _params(self.state.model), "precision": self.state.precision})
+
+    def set_learning_rate(self, step: int) -> float:
+        """The schedule's LR for `step`, laid over the horizon (with a time budget: what fits)."""
+        horizon = self.pace.horizon(step)
+        if horizon is None:  # the budget's pace is not measured yet: keep the last estimate
+            horizon = int(self.state.get("horizon")) or self.plan.max_steps
+        elif self.cfg["time_budget"] and not self.planned:
+            self._log_plan(step, horizon)
+        self.state.set(horizon=horizon)
+        self.lr = set_learning_rate(self.state, self.cfg, self.plan, step, horizon)
+        return self.lr
+
+    def _log_plan(self, step: int, horizon: int) -> None:
+        self.planned = True
+        self.log(f"time budget {self.cfg['time_budget']:g} min: at {self.pace.step_seconds():.2f} s/step, "
+                 f"~{horizon:,} steps fit (~{horizon / self.plan.steps_per_epoch:.1f} epochs); "
+                 f"{pace.clock_text(self.pace.budget - self.pace.spent())} left")
+
+    def after_step(self, step: int, lr: float, total: float, ce: float, correct: float) -> None:
+        self.pace.step_done(step)
+        for meter in (self.window, self.since_val):
+            meter.add(total, ce, correct, untimed=step == self.start + 1)
+        if self.summarize and step % self.cfg["summary_every_steps"] == 0:
+            self.summarize(*self.probe, tf.constant(step, tf.int64))
+        to_val, to_end = self.pace.eta(step)
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{self.window.images_per_sec():.0f} img/s, next val "
+                                     f"{pace.clock_text(to_val)}, end {pace.clock_text(to_end)}", refresh=False)
+        if step % self.cfg["log_every_steps"] == 0 or step == self.plan.max_steps:
+            _log_window(self.window, step, self.plan, lr, self.writers["train"], self.log,
+                        f"; next validation in {pace.clock_text(to_val)}, end in {pace.clock_text(to_end)}")
+
+    def recover_from_nan(self, total: float, step: int) -> int:
+        restored = _recover_from_nan(self.state, self.ckpts, self.cfg, total, step, self.log)
+        self.iterator = _train_iterator(self.cfg, self.split, self.plan, self.strategy, restored)  # rewinds too
+        return restored
+
+    def validate_and_save(self, step: int, lr: float) -> str:
+        t = self.clock()
+        self.state.set(train_seconds=self.pace.spent())
+        action = _validate_and_save(self.state, self.ckpts, self.policy, self.validate, self.cfg, self.plan, step,
+                                    lr, self.since_val, self.hooks, self.log)
+        self.pace.validated(self.clock() - t)
+        self.last_validated = step
+        return action
+
+    def save_and_raise_interrupted(self, step: int) -> None:
+        if step != self.last_validated:
+            self.state.set(train_seconds=self.pace.spent())
+            self.ckpts.save(step)
+        self._close()
+        _call(self.hooks, "on_end", {"interrupted": True, "step": step})
+        raise Interrupted(f"interrupted at step {step}: saved {self.ckpts.manager.latest_checkpoint}. "
+                          f"Resume with the same command:\n  {resume_command()}")
+
+    def finish(self, stop_reason: str) -> dict:
+        self._close()
+        return _finish(self.state, self.ckpts, self.policy, self.validate, self.plan, stop_reason, self.hooks)
+
+    def _close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        for w in self.writers.values():
+            w.flush()
 
 
 def _seed(cfg: Mapping) -> None:
@@ -404,8 +520,8 @@ def _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, sinc
     if is_best:
         ckpts.save_best(step)
     ckpts.save(step)
-    next_lr = schedules.lr_at(cfg, step, plan.steps_per_epoch, plan.max_steps) * plan.lr_scale \
-        * state.get("lr_multiplier")
+    next_lr = schedules.lr_at(cfg, step, plan.steps_per_epoch, int(state.get("horizon")) or plan.max_steps) \
+        * plan.lr_scale * state.get("lr_multiplier")
     note = {"gain": "", "wait": f" (no gain for {policy.stale})",
             "lower_lr": f" (no gain for {policy.stale}: lr -> {next_lr:g})",
             "stop": f" (no gain for {policy.stale}: stopping)"}[action]
@@ -460,15 +576,13 @@ def _log_start(cfg: Mapping, split: Mapping, plan: Plan, state: TrainState) -> N
                  len(split["train"]), len(split["val"]))
 
 
-def _log_window(window: Meter, step: int, plan: Plan, lr: float, writer, log, bar) -> None:
+def _log_window(window: Meter, step: int, plan: Plan, lr: float, writer, log, eta: str = "") -> None:
     if window.steps == 0:
         return
     loss, ce, top1 = window.means()
     ips = window.images_per_sec()
     log(f"step {step} (epoch {step / plan.steps_per_epoch:.1f}): loss {loss:.4f} train top-1 {top1:.4f} "
-        f"lr {lr:.2e} {ips:.0f} img/s {plan.global_batch / ips if ips > 0 else float('nan'):.3f} sec/batch")
-    if bar:
-        bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.3f}", refresh=False)
+        f"lr {lr:.2e} {ips:.0f} img/s{eta}")
     with writer.as_default(step=step):
         tf.summary.scalar("loss", loss)
         tf.summary.scalar("cross_entropy", ce)

@@ -210,8 +210,8 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None, ten
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
 
 

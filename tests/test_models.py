@@ -147,3 +147,17 @@ def test_settings_a_model_ignores_are_named():
     resnet = models.ignored_settings(zoo_cfg("resnet14"))
     assert "fc_units=8" in resnet and not [s for s in resnet if s.startswith(("width", "stem"))]
     assert models.ignored_settings(utils.load_config("tiny")) == []
+
+
+def test_moving_average_warms_up_as_tensorflow_num_updates():
+    """decay = min(ema_decay, (1 + n) / (10 + n)): short runs are not judged on initial weights."""
+    net = hw2.create_model(zoo_cfg("simple_cnn"), NUM_CLASSES)
+    ema = hw2.EMA(net, 0.999)
+    v = net.trainable_variables[0]
+    shadow = v.numpy().copy()
+    for n, new in [(1, 1.0), (2, -2.0), (50, 3.0), (5000, 0.5)]:
+        v.assign(tf.fill(v.shape, new))
+        ema.update(tf.constant(n))
+        decay = min(0.999, (1 + n) / (10 + n))
+        shadow = decay * shadow + (1 - decay) * new
+        np.testing.assert_allclose(ema.shadow[0].numpy(), shadow, rtol=1e-5, atol=1e-6)

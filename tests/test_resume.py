@@ -17,7 +17,9 @@ def final_state(run_dir):
     import tensorflow as tf
     path = tf.train.latest_checkpoint(run_dir)
     reader = tf.train.load_checkpoint(path)
-    names = [n for n in reader.get_variable_to_shape_map() if not n.startswith(("save_counter", "_CHECKPOINTABLE"))]
+    # train_seconds is wall time, the one thing a resumed run may not repeat.
+    names = [n for n in reader.get_variable_to_shape_map()
+             if not n.startswith(("save_counter", "_CHECKPOINTABLE", "state/train_seconds"))]
     return path, {n: reader.get_tensor(n) for n in names}
 
 
@@ -57,3 +59,49 @@ def test_unreadable_newest_checkpoint_falls_back_with_a_warning(tiny_run, tmp_pa
     err = capsys.readouterr().err
     assert "ckpt-4 is unreadable: falling back to" in err and "ckpt-2" in err
     assert "resuming from step 2" in err
+
+
+def test_ctrl_c_saves_the_step_reached_and_the_same_command_resumes(tmp_path, capsys):
+    import select
+    import signal
+
+    import hw2_train
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    argv = ["--data_dir", data, "--train_dir", str(tmp_path / "run"), "--section", "tiny", "--max_steps", "400",
+            "--save_checkpoint_steps", "1000", "--checkpoint_minutes", "0"]
+    p = subprocess.Popen([sys.executable, "hw2_train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    try:
+        while "step 3 (" not in seen:  # training has started ([tiny] logs every step)
+            assert select.select([p.stdout], [], [], 120)[0], seen
+            line = p.stdout.readline()
+            assert line, seen
+            seen += line
+        p.send_signal(signal.SIGINT)
+        out = seen + p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, out[-2000:]
+    stopped = int(out.split("interrupted at step ")[1].split(":")[0])
+    assert stopped >= 3 and f"saved {tmp_path / 'run' / f'ckpt-{stopped}'}" in out
+    assert "Resume with the same command:" in out and "hw2_train.py --data_dir" in out
+    with contextlib.redirect_stdout(io.StringIO()) as best:
+        assert hw2_train.main(argv) == 0
+    assert f"resuming from step {stopped}" in capsys.readouterr().err
+    assert best.getvalue().startswith("best val top-1") and "at step 400" in best.getvalue()
+
+
+def test_a_second_interrupt_quits_at_once(monkeypatch):
+    import signal
+
+    import training
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    with training.Interrupts() as interrupts:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupts.requested and not exits  # the first only asks the loop to stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == [130]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back

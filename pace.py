@@ -1,0 +1,122 @@
+"""The training loop's clock: when to validate, when a time budget says stop, how many steps fit,
+and how long until the next validation and the end.
+
+    validate   every epoch (or every save_checkpoint_steps steps when that is set), and also
+               whenever checkpoint_minutes of training have passed since the last validation
+    budget     time_budget minutes for the whole run, its earlier starts included: training stops
+               when the next step and a final validation would no longer fit
+    horizon    the step the run is expected to end at: max_steps, or what fits in the budget at
+               the measured pace (steps and validations), re-estimated as the run goes; the LR
+               schedule is laid over it
+
+Time comes from `clock` (time.monotonic by default), so tests can drive it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Mapping
+
+# Step times of the first steps after a start include tracing and warm-up: left out of the pace.
+WARMUP_STEPS = 3
+
+
+class Pace:
+    def __init__(self, cfg: Mapping, steps_per_epoch: int, max_steps: int, start_step: int,
+                 spent_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
+        self.every_steps = cfg["save_checkpoint_steps"]  # 0: once per epoch
+        # Time-triggered validations would make --deterministic runs depend on the machine's speed.
+        self.every_seconds = 0.0 if cfg["deterministic"] else 60.0 * cfg["checkpoint_minutes"]
+        self.budget = 60.0 * cfg["time_budget"]
+        self.t0, self.spent_before = clock(), spent_seconds
+        self.last_validation, self.last_step_end = self.t0, self.t0
+        self.start_step, self.timed_steps, self.timed_seconds = start_step, 0, 0.0
+        self.validation_seconds, self.validations = 0.0, 0
+
+    # ---------------------------------------------------------------- what happened
+
+    def step_done(self, step: int) -> None:
+        now = self.clock()
+        if step - self.start_step > WARMUP_STEPS:
+            self.timed_steps += 1
+            self.timed_seconds += now - self.last_step_end
+        self.last_step_end = now
+
+    def validated(self, seconds: float) -> None:
+        """A validation (and its checkpoint) took `seconds`: the next one is counted from now."""
+        self.validation_seconds += seconds
+        self.validations += 1
+        self.last_validation = self.last_step_end = self.clock()
+
+    # ---------------------------------------------------------------- what to do
+
+    def spent(self) -> float:
+        """Seconds of training so far, earlier starts included."""
+        return self.spent_before + self.clock() - self.t0
+
+    def validation_due(self, step: int) -> bool:
+        if step >= self.max_steps:
+            return True
+        if self.every_steps:
+            return step % self.every_steps == 0
+        if step % self.steps_per_epoch == 0:
+            return True
+        return bool(self.every_seconds) and self.clock() - self.last_validation >= self.every_seconds
+
+    def out_of_time(self) -> bool:
+        """Whether one more step and a final validation would end past the budget."""
+        if not self.budget:
+            return False
+        return self.spent() + self.step_seconds() + self.one_validation() > self.budget
+
+    def horizon(self, step: int) -> int | None:
+        """The step the run should end at: max_steps, or with a budget what fits in it at the
+        measured pace (None until the pace is known)."""
+        if not self.budget:
+            return self.max_steps
+        if not self.timed_steps:
+            return None
+        per_step = self.step_seconds() + self.one_validation() / self.steps_between_validations()
+        left = max(0.0, self.budget - self.spent() - self.one_validation())
+        return min(self.max_steps, step + int(left / per_step))
+
+    # ---------------------------------------------------------------- estimates
+
+    def step_seconds(self) -> float:
+        return self.timed_seconds / self.timed_steps if self.timed_steps else 0.0
+
+    def one_validation(self) -> float:
+        """A validation and its save, as measured; before the first, a guess of 3 steps' time."""
+        return self.validation_seconds / self.validations if self.validations else 3 * self.step_seconds()
+
+    def steps_between_validations(self) -> float:
+        steps = self.every_steps or self.steps_per_epoch
+        if self.every_seconds and self.step_seconds():
+            steps = min(steps, self.every_seconds / self.step_seconds())
+        return max(1.0, steps)
+
+    def eta(self, step: int) -> tuple[float, float]:
+        """(seconds to the next validation, seconds to the end); nan while the pace is unknown."""
+        if not self.timed_steps:
+            return math.nan, math.nan
+        per = self.step_seconds()
+        every = self.every_steps or self.steps_per_epoch
+        to_val = (every - step % every) * per
+        if self.every_seconds:
+            to_val = min(to_val, max(0.0, self.every_seconds - (self.clock() - self.last_validation)))
+        end = self.horizon(step) or self.max_steps
+        to_end = (end - step) * per + (end - step) / self.steps_between_validations() * self.one_validation()
+        if self.budget:
+            to_end = min(to_end, max(0.0, self.budget - self.spent()))
+        return to_val, to_end
+
+
+def clock_text(seconds: float) -> str:
+    """1:02:03, 4:05 or 0:42 (-:-- when unknown)."""
+    if not math.isfinite(seconds):
+        return "-:--"
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"

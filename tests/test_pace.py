@@ -1,0 +1,134 @@
+"""The training loop's clock (pace.py) on a clock the test drives, and a budgeted run that obeys it."""
+import contextlib
+import io
+import math
+import os
+
+import pytest
+
+import pace
+import utils
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def cfg(**overrides):
+    return utils.load_config("default", {k: str(v) for k, v in overrides.items()})
+
+
+def validate(p, clock, seconds):
+    clock.t += seconds
+    p.validated(seconds)
+
+
+def run_steps(p, clock, first, last, seconds):
+    for step in range(first, last + 1):
+        clock.t += seconds
+        p.step_done(step)
+
+
+def test_validation_once_per_epoch_or_every_n_steps():
+    clock = Clock()
+    p = pace.Pace(cfg(), steps_per_epoch=13, max_steps=100, start_step=0, clock=clock)
+    assert [s for s in range(1, 101) if p.validation_due(s)] == [13, 26, 39, 52, 65, 78, 91, 100]
+    p = pace.Pace(cfg(save_checkpoint_steps=30), steps_per_epoch=13, max_steps=100, start_step=0, clock=clock)
+    assert [s for s in range(1, 101) if p.validation_due(s)] == [30, 60, 90, 100]
+
+
+def test_validation_when_checkpoint_minutes_have_passed_but_not_when_deterministic():
+    clock = Clock()
+    p = pace.Pace(cfg(checkpoint_minutes=1), steps_per_epoch=1000, max_steps=10_000, start_step=0, clock=clock)
+    run_steps(p, clock, 1, 59, 1.0)
+    assert not p.validation_due(59)
+    run_steps(p, clock, 60, 60, 1.0)
+    assert p.validation_due(60)
+    validate(p, clock, 5.0)
+    run_steps(p, clock, 61, 100, 1.0)
+    assert not p.validation_due(100)  # counted from the last validation
+    det = pace.Pace(cfg(checkpoint_minutes=1, deterministic="true"), 1000, 10_000, 0, clock=clock)
+    run_steps(det, clock, 1, 500, 1.0)
+    assert not det.validation_due(500)
+
+
+def test_a_budget_stops_when_a_step_and_a_final_validation_would_not_fit():
+    clock = Clock()
+    p = pace.Pace(cfg(time_budget=1), steps_per_epoch=10, max_steps=10_000, start_step=0, clock=clock)
+    assert p.horizon(0) is None  # no pace measured yet
+    run_steps(p, clock, 1, 10, 2.0)  # 2 s per step (the first 3 are warm-up, left out)
+    validate(p, clock, 4.0)  # 24 s spent
+    assert p.step_seconds() == pytest.approx(2.0)
+    # 60 - 24 - 4 (final validation) = 32 s left at 2 s/step + 4 s per 10 steps = 2.4 s/step: 13 steps
+    assert p.horizon(10) == 10 + 13
+    run_steps(p, clock, 11, 20, 2.0)  # 44 s
+    validate(p, clock, 4.0)  # 48 s
+    assert not p.out_of_time()  # 48 + 2 + 4 = 54
+    run_steps(p, clock, 21, 23, 2.0)  # 54 s: another step and a validation would end at 60 s
+    assert not p.out_of_time()
+    run_steps(p, clock, 24, 24, 2.0)  # 56 s: 62 s
+    assert p.out_of_time()
+
+
+def test_a_resumed_budget_counts_the_time_already_spent():
+    clock = Clock()
+    p = pace.Pace(cfg(time_budget=1), 10, 10_000, start_step=50, spent_seconds=55.0, clock=clock)
+    run_steps(p, clock, 51, 55, 1.0)
+    assert p.spent() == pytest.approx(60.0) and p.out_of_time()
+
+
+def test_eta_to_the_next_validation_and_the_end():
+    clock = Clock()
+    p = pace.Pace(cfg(), steps_per_epoch=10, max_steps=100, start_step=0, clock=clock)
+    assert all(math.isnan(x) for x in p.eta(0))
+    run_steps(p, clock, 1, 14, 0.5)
+    validate(p, clock, 1.0)
+    to_val, to_end = p.eta(14)
+    assert to_val == pytest.approx(6 * 0.5)
+    assert to_end == pytest.approx(86 * 0.5 + 8.6 * 1.0)
+    assert pace.clock_text(3725) == "1:02:05" and pace.clock_text(42.4) == "0:42"
+
+
+def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, monkeypatch):
+    """The real loop against a clock where every training step takes 1 s: a 0.5 min budget, the
+    cosine schedule laid over the steps that fit, and the LR near 0 at the end."""
+    import hw2
+    import run_dir
+    import training
+    from helpers import make_image_folder
+    clock = Clock()
+    real = hw2.make_train_step
+
+    def one_second_steps(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def timed(iterator):
+            clock.t += 1.0
+            return step(iterator)
+        return timed
+
+    monkeypatch.setattr(hw2, "make_train_step", one_second_steps)
+    config = utils.load_config("tiny", {"time_budget": "0.5", "max_steps": "1000", "save_checkpoint_steps": "0",
+                                        "batch_size": "4", "lr_schedule": "cosine", "stop_patience": "100"})
+    run = str(tmp_path / "run")
+    run_dir.prepare(run, False)
+    split = run_dir.prepare_split(run, config, make_image_folder(tmp_path / "data", per_class=10))
+
+    class Rows:
+        rows = []
+
+        def on_validation(self, row):
+            self.rows.append(row)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        training.train(config, split, run, hooks=[Rows()], clock=clock)
+    steps = [r["step"] for r in Rows.rows]
+    assert steps[:3] == [4, 8, 12]  # 16 train images / batch 4: one validation per epoch
+    assert 25 <= steps[-1] <= 30 and steps[-1] % 4 != 0  # stopped by the budget, validated at the end
+    assert clock.t - 1000.0 <= 30.0 + 1.0
+    assert Rows.rows[-1]["lr"] < 0.1 * config.learning_rate  # the cosine reached its end with the budget
+    assert os.path.isfile(os.path.join(run, f"ckpt-{steps[-1]}.index"))
