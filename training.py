@@ -370,10 +370,12 @@ class Session:
         self.iterator = _train_iterator(cfg, split, plan, strategy, self.start)
         self.policy = schedules.PlateauPolicy(cfg["lr_patience"], cfg["stop_patience"], cfg["min_delta"])
         self.policy.load({f: self.state.get(f) for f in self.policy.FIELDS})
-        self.probe = _probe_batch(split, cfg)
+        histograms = cfg["summary_every_steps"] and self.ckpts.chief and plan.replicas == 1
+        self.probe = _probe_batch(split, cfg) if histograms or (self.start == 0 and self.ckpts.chief) else None
         if self.start == 0 and self.ckpts.chief:
             _write_sample_images(self.writers["train"], self.probe[0])
-        self.summarize = _summary_step(self.state, cfg, plan, self.writers["train"], self.probe, self.ckpts.chief)
+        self.summarize = hw2.make_summary_step(self.state.model, self.writers["train"], int(self.probe[1].shape[0]),
+                                               cfg["label_smoothing"]) if histograms else None
         self.pace = pace.Pace(cfg, plan.steps_per_epoch, plan.max_steps, self.start, self.state.get("train_seconds"),
                               clock)
         self.window, self.since_val = Meter(plan.global_batch), Meter(plan.global_batch)
@@ -594,7 +596,9 @@ def _log_window(window: Meter, step: int, plan: Plan, lr: float, writer, log, et
 
 def _probe_batch(split: Mapping, cfg: Mapping):
     """A fixed batch of up to 32 augmented training images (the first of a stream over the first
-    64 files): the sample images in TensorBoard and the batch the histograms are computed on."""
+    64 files): the sample images in TensorBoard and the batch the histograms (summary_every_steps)
+    are computed on. Histograms are written on one device only: the probe batch runs outside
+    the replicas, which several devices would each write."""
     items = split["train"][:64]
     return next(iter(hw2_input.train_dataset(split["data_dir"], items, cfg, min(32, len(items)))))
 
@@ -606,14 +610,6 @@ def _write_sample_images(writer, images) -> None:
     hi = tf.reduce_max(images, axis=[1, 2, 3], keepdims=True)
     with writer.as_default(step=0):
         tf.summary.image("input_images", (images - lo) / tf.maximum(hi - lo, 1e-6), max_outputs=8)
-
-
-def _summary_step(state: TrainState, cfg: Mapping, plan: Plan, writer, probe, chief: bool):
-    """The histograms every summary_every_steps steps (None when off). On one device only: the
-    probe batch is run outside the replicas, which several devices would each write."""
-    if not cfg["summary_every_steps"] or not chief or plan.replicas > 1:
-        return None
-    return hw2.make_summary_step(state.model, writer, int(probe[1].shape[0]), cfg["label_smoothing"])
 
 
 def _progress_bar(start: int, total: int):

@@ -36,7 +36,8 @@ def start(data: str, run: str) -> int:
     if pid == 0:
         code = 1
         try:
-            code = hw2_train.main(["--data_dir", data, "--train_dir", run, "--section", "tiny",
+            code = hw2_train.main(["--data_dir", data, "--train_dir", run, "--section", "tiny", "--model", "simple_cnn",
+                                   "--fc_units", "8",
                                    "--max_steps", str(MAX_STEPS), "--save_checkpoint_steps", "2",
                                    "--deterministic", "true"])
         finally:

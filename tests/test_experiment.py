@@ -15,7 +15,7 @@ def write_folder(root):
 
 
 ARGS = ["--section", "tiny", "--model", "simple_cnn", "--grid", "norm=batch,none", "--grid", "dropout=0.0,0.25",
-        "--folds", "2", "--max_steps", "2", "--save_checkpoint_steps", "1", "--fc_units", "8"]
+        "--folds", "2", "--max_steps", "1", "--save_checkpoint_steps", "1", "--fc_units", "8"]
 
 
 def test_grid_times_folds_gives_one_row_per_variant_and_a_rerun_skips_all(tmp_path, capsys):

@@ -115,6 +115,8 @@ def test_resume_drops_summary_rows_after_the_checkpoint(tmp_path):
                         "val_top1": 1.0, "val_topk": 1.0, "top_k": 2, "is_best": True, "seconds": 1.0})
     steps = [int(r["step"]) for r in read_csv(str(tmp_path / "summary.csv"))]
     assert steps == [2, 4, 6]
+    assert not os.path.isfile(tmp_path / "curves.png")  # drawn once a minute at most, and at the end
+    hook.on_end({})
     assert os.path.isfile(tmp_path / "curves.png")
 
 
