@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Iterable, Iterator
 
 from utils import UserError
@@ -49,8 +50,17 @@ def gpu_compute_capability() -> tuple[int, int] | None:
     return tuple(cc) if cc else (0, 0)
 
 
-def choose(requested: str, flags: Iterable[str], gpu_cc: tuple[int, int] | None) -> tuple[str, str]:
-    """(fp32 | bf16 | fp16, the reason in words) for `requested` on this hardware.
+# ONEDNN_MAX_CPU_ISA values under which oneDNN still has its bf16 kernels. Below them (AVX2, ...)
+# on a CPU that has bf16 hardware, TensorFlow's bf16 matmul crashed (segmentation fault, TF 2.21).
+BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+             "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2",
+             "ALL", "DEFAULT")
+
+
+def choose(requested: str, flags: Iterable[str], gpu_cc: tuple[int, int] | None,
+           isa_cap: str | None = None) -> tuple[str, str]:
+    """(fp32 | bf16 | fp16, the reason in words) for `requested` on this hardware; `isa_cap` is
+    ONEDNN_MAX_CPU_ISA, which limits the kernels oneDNN may use whatever the CPU has.
 
     A pure function of its inputs so the policy can be tested on any machine.
     """
@@ -60,8 +70,14 @@ def choose(requested: str, flags: Iterable[str], gpu_cc: tuple[int, int] | None)
     if requested == "fp16" and gpu_cc is None:
         raise UserError("precision fp16 needs a GPU (on a CPU it is emulated and very slow): "
                         "use --precision bf16 or fp32")
+    capped = gpu_cc is None and isa_cap is not None and isa_cap.upper() not in BF16_ISAS
+    if capped and requested == "bf16" and flags & {"avx512_bf16", "amx_bf16"}:
+        raise UserError(f"precision bf16 with ONEDNN_MAX_CPU_ISA={isa_cap} crashes oneDNN's bf16 kernels on "
+                        "this CPU: use --precision fp32, or unset ONEDNN_MAX_CPU_ISA")
     if requested != "auto":
         return requested, "requested"
+    if capped:
+        return "fp32", f"auto: ONEDNN_MAX_CPU_ISA={isa_cap} leaves oneDNN no bf16 kernels"
     if gpu_cc is not None:
         if gpu_cc >= (8, 0):
             return "bf16", f"auto: GPU compute capability {gpu_cc[0]}.{gpu_cc[1]} has bf16 tensor cores"
@@ -94,6 +110,6 @@ def policy(precision: str) -> Iterator[None]:
 
 def for_this_machine(requested: str) -> tuple[str, str]:
     """choose() with this machine's CPU flags and GPU; logs the choice once."""
-    precision, reason = choose(requested, cpu_flags(), gpu_compute_capability())
+    precision, reason = choose(requested, cpu_flags(), gpu_compute_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
     logging.info("precision %s (%s)", precision, reason)
     return precision, reason

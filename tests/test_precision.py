@@ -36,6 +36,17 @@ def test_an_explicit_precision_is_kept_on_any_hardware(requested):
         assert precision.choose(requested, flags, gpu_cc) == (requested, "requested")
 
 
+def test_an_isa_cap_below_bf16_kernels_means_fp32():
+    """ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU: auto picks fp32, and bf16 (which crashed) is refused."""
+    assert precision.choose("auto", ZEN4, None, "AVX2") == ("fp32", "auto: ONEDNN_MAX_CPU_ISA=AVX2 leaves oneDNN "
+                                                                     "no bf16 kernels")
+    assert precision.choose("auto", SPR, None, "avx512_core_amx")[0] == "bf16"
+    with pytest.raises(UserError, match="ONEDNN_MAX_CPU_ISA=AVX2"):
+        precision.choose("bf16", ZEN4, None, "AVX2")
+    assert precision.choose("bf16", ZEN3, None, "AVX2") == ("bf16", "requested")  # emulated, slow, but runs
+    assert precision.choose("auto", ZEN3, (8, 0), "AVX2")[0] == "bf16"  # the GPU decides
+
+
 def test_fp16_needs_a_gpu_and_unknown_names_fail():
     assert precision.choose("fp16", ZEN3, (7, 0)) == ("fp16", "requested")
     with pytest.raises(UserError, match="GPU"):
