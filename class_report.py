@@ -1,5 +1,6 @@
 """The per-class report of an evaluation: confusion.csv, per_class.csv (precision, recall, F1,
-support from scikit-learn) and confusion.png, written into an eval folder and its TensorBoard log.
+support from scikit-learn) and confusion.png, written into an eval folder and its TensorBoard log;
+and its error gallery: errors.csv (every misclassified image) and errors.png (the worst of them).
 """
 from __future__ import annotations
 
@@ -104,3 +105,74 @@ def write_class_report(labels: Sequence[int], probabilities: np.ndarray, class_n
     with tf.summary.create_file_writer(eval_dir).as_default(step=max(step, 0)):
         tf.summary.image("confusion_matrix", tf.io.decode_png(png, channels=3)[tf.newaxis])
     return {"confusion": cm, "per_class": rows}
+
+
+# ------------------------------------------------------------------------------- error gallery
+
+GALLERY_SIZE = 24  # the most confident mistakes that errors.png shows
+ERROR_COLUMNS = ["path", "true_class", "predicted_class", "probability", "true_class_probability"]
+
+
+def mistakes(labels: Sequence[int], probabilities: np.ndarray) -> np.ndarray:
+    """Indices of the misclassified examples (top-1 as argmax: a tie goes to the lower class), the
+    most confident mistake first, equal ones in their order."""
+    labels = np.asarray(labels, np.int64)
+    predictions = np.argmax(probabilities, axis=1) if len(labels) else np.zeros(0, np.int64)
+    wrong = np.flatnonzero(predictions != labels)
+    return wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")]
+
+
+def write_error_gallery(labels: Sequence[int], probabilities: np.ndarray, paths: Sequence[str],
+                        class_names: Sequence[str], eval_dir: str, step: int, title: str = "") -> list[dict]:
+    """errors.csv (every misclassified example, most confident first: its path, true and predicted
+    class, the predicted class's and the true class's probability) and errors.png (the first
+    GALLERY_SIZE) into eval_dir, the image also into its TensorBoard log; returns the CSV's rows."""
+    import tensorflow as tf
+    os.makedirs(eval_dir, exist_ok=True)
+    rows = []
+    for i in mistakes(labels, probabilities):
+        true, predicted = int(labels[i]), int(np.argmax(probabilities[i]))
+        rows.append({"path": paths[i], "true_class": class_names[true], "predicted_class": class_names[predicted],
+                     "probability": float(probabilities[i, predicted]),
+                     "true_class_probability": float(probabilities[i, true])})
+    run_dir.write_csv(os.path.join(eval_dir, "errors.csv"), ERROR_COLUMNS,
+                      [[_printable(r["path"]), r["true_class"], r["predicted_class"], f"{r['probability']:.6f}",
+                        f"{r['true_class_probability']:.6f}"] for r in rows])
+    png = plot_errors(rows[:GALLERY_SIZE], f"{title}{' - ' if title else ''}{len(rows)} of {len(labels)} "
+                                           "misclassified, most confident first")
+    with open(os.path.join(eval_dir, "errors.png"), "wb") as f:
+        f.write(png)
+    with tf.summary.create_file_writer(eval_dir).as_default(step=max(step, 0)):
+        tf.summary.image("errors", tf.io.decode_png(png, channels=3)[tf.newaxis])
+    return rows
+
+
+def plot_errors(rows: list[dict], title: str = "", columns: int = 6, thumb: int = 192) -> bytes:
+    """PNG bytes of a grid of mistakes (write_error_gallery's rows), each image upright as hw2 reads
+    it, under its file name, true class, and predicted class with its probability."""
+    import hw2_dataset
+    plt = utils.pyplot()
+    columns = max(1, min(columns, len(rows)))
+    lines = max(1, -(-len(rows) // columns))
+    fig, axes = plt.subplots(lines, columns, figsize=(max(6.0, 2.3 * columns + 0.4), 2.75 * lines + 0.6),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, r in zip(axes.ravel(), rows):
+        ax.imshow(hw2_dataset._thumbnail(r["path"], thumb))  # grey if the file went away since
+        name = _short_name(os.path.basename(_printable(r["path"])), 26)
+        ax.set_title(f"{name}\ntrue: {_short_name(r['true_class'])}\n"
+                     f"predicted: {_short_name(r['predicted_class'], 16)} {r['probability']:.3f}", fontsize=8)
+    if not rows:
+        axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=11)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _printable(path: str) -> str:
+    """A path as text: the bytes of a file name that is not UTF-8 shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -28,6 +28,7 @@ class Evaluation:
     labels: np.ndarray  # [N]
     probabilities: np.ndarray  # [N, classes]
     metrics: dict  # loss, top1, topk, n
+    positions: np.ndarray | None = None  # [N] each example's position in the items evaluated, if known
 
 
 def metrics(labels: np.ndarray, probabilities: np.ndarray, k: int) -> dict:
@@ -42,42 +43,54 @@ def metrics(labels: np.ndarray, probabilities: np.ndarray, k: int) -> dict:
             "topk": float(hits[:, :k].any(axis=1).mean()), "n": n}
 
 
+def check_tta(tta: str) -> None:
+    if tta not in TTA:
+        raise UserError(f"--tta must be one of {'|'.join(TTA)}, got '{tta}'")
+
+
+def tta_probabilities(model, images, tta: str = "none"):
+    """Softmax probabilities [N, classes] of preprocessed images [N, S, S, C]; with tta "flip", the
+    mean of each image's and its left-right mirror's (TensorFlow ops: the export's graph uses it too)."""
+    import tensorflow as tf
+
+    import hw2
+    p = tf.nn.softmax(hw2.inference(model, images))
+    if tta == "flip":
+        p = (p + tf.nn.softmax(hw2.inference(model, tf.image.flip_left_right(images)))) / 2.0
+    return p
+
+
 class Evaluator:
     """A run's network in the run's precision; evaluates any of its checkpoints on a dataset."""
 
     def __init__(self, run: str, top_k: int, precision_name: str | None = None, tta: str = "none"):
         import tensorflow as tf
 
-        import hw2
-        if tta not in TTA:
-            raise UserError(f"--tta must be one of {'|'.join(TTA)}, got '{tta}'")
+        check_tta(tta)
         self.run, self.top_k, self.tta = run, top_k, tta
         self.saved = run_dir.RunModel(run, precision_name)
         model = self.saved.model
+        # Any batch size, one trace.
+        self._probabilities = tf.function(lambda images: tta_probabilities(model, images, tta),
+                                          reduce_retracing=True, autograph=False)
 
-        @tf.function(reduce_retracing=True, autograph=False)  # any batch size, one trace
-        def probabilities(images):
-            p = tf.nn.softmax(hw2.inference(model, images))
-            if tta == "flip":  # the mean of the image's and its mirror's probabilities
-                p = (p + tf.nn.softmax(hw2.inference(model, tf.image.flip_left_right(images)))) / 2.0
-            return p
-
-        self._probabilities = probabilities
-
-    def predict(self, dataset) -> tuple[np.ndarray, np.ndarray]:
-        """(labels [N], probabilities [N, classes]) of the weights now in the model."""
-        labels, out = [], []
-        for images, batch_labels in dataset:
+    def predict(self, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(labels [N], probabilities [N, classes], positions [N] or None) of the weights now in the
+        model; positions come from a dataset of (images, labels, positions) batches
+        (hw2_input.eval_dataset(..., with_index=True))."""
+        labels, out, positions = [], [], []
+        for images, batch_labels, *batch_positions in dataset:
             out.append(self._probabilities(images).numpy())
             labels.append(batch_labels.numpy())
+            positions += [p.numpy() for p in batch_positions]
         if not out:
-            return np.zeros(0, np.int64), np.zeros((0, len(self.saved.class_names)), np.float32)
-        return np.concatenate(labels), np.concatenate(out)
+            return np.zeros(0, np.int64), np.zeros((0, len(self.saved.class_names)), np.float32), None
+        return np.concatenate(labels), np.concatenate(out), np.concatenate(positions) if positions else None
 
     def evaluate(self, path: str, dataset, averaged: bool = True) -> Evaluation:
         step = self.saved.restore(path, averaged)
-        labels, probabilities = self.predict(dataset)
-        return Evaluation(step, labels, probabilities, metrics(labels, probabilities, self.top_k))
+        labels, probabilities, positions = self.predict(dataset)
+        return Evaluation(step, labels, probabilities, metrics(labels, probabilities, self.top_k), positions)
 
 
 def record(result: Evaluation, top_k: int, path: str, eval_dir: str, weights: str, what: str) -> None:
@@ -101,15 +114,23 @@ def record(result: Evaluation, top_k: int, path: str, eval_dir: str, weights: st
         tf.summary.scalar(f"{weights}/loss", m["loss"])
 
 
-def write_report(result: Evaluation, class_names: Sequence[str], eval_dir: str, weights: str) -> dict:
-    """The per-class report (confusion.csv, per_class.csv, confusion.png) of one evaluation."""
+def write_report(result: Evaluation, class_names: Sequence[str], eval_dir: str, weights: str,
+                 image_paths: Sequence[str] | None = None) -> dict:
+    """The per-class report (confusion.csv, per_class.csv, confusion.png) of one evaluation and,
+    given the image path of each item evaluated and a result with positions, errors.csv and errors.png."""
     weights = {"ema": "EMA"}.get(weights, weights)
+    title = f"step {result.step}, {weights} weights"
     report = class_report.write_class_report(result.labels, result.probabilities, class_names, eval_dir,
-                                             result.step, title=f"step {result.step}, {weights} weights")
+                                             result.step, title=title)
+    written = "per_class.csv, confusion.csv, confusion.png"
+    if image_paths is not None and result.positions is not None:
+        report["errors"] = class_report.write_error_gallery(
+            result.labels, result.probabilities, [image_paths[i] for i in result.positions], class_names, eval_dir,
+            result.step, title=title)
+        written += f", errors.csv ({len(report['errors'])} misclassified), errors.png"
     macro = report["per_class"][-2]
     print(f"per-class report ({weights} weights, step {result.step}): macro precision {macro['precision']:.4f} "
-          f"recall {macro['recall']:.4f} F1 {macro['f1']:.4f} -> {eval_dir}/per_class.csv, confusion.csv, "
-          "confusion.png", flush=True)
+          f"recall {macro['recall']:.4f} F1 {macro['f1']:.4f} -> {eval_dir}/{written}", flush=True)
     return report
 
 
@@ -134,9 +155,11 @@ def _step_of(path: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def all_checkpoints(evaluator: Evaluator, dataset, eval_dir: str, write_report_of_best: bool = True) -> list[dict]:
+def all_checkpoints(evaluator: Evaluator, dataset, eval_dir: str, write_report_of_best: bool = True,
+                    image_paths: Sequence[str] | None = None) -> list[dict]:
     """Every kept checkpoint with raw and averaged weights: prints a table, writes
-    all_checkpoints.csv and the per-class report of the best row (highest top-1, then lowest loss).
+    all_checkpoints.csv and the per-class report of the best row (highest top-1, then lowest loss;
+    with its error gallery given `image_paths`, as write_report).
 
     best/best-N is the same checkpoint as ckpt-N while ckpt-N is kept; it is then evaluated once.
     """
@@ -168,7 +191,7 @@ def all_checkpoints(evaluator: Evaluator, dataset, eval_dir: str, write_report_o
     _print_table(rows, top_k)
     print(f"n={rows[0]['n']}; table written to {csv_path}", flush=True)
     if write_report_of_best:
-        write_report(best["result"], evaluator.saved.class_names, eval_dir, best["weights"])
+        write_report(best["result"], evaluator.saved.class_names, eval_dir, best["weights"], image_paths)
     return rows
 
 

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all_checkpoints", action="store_true",
                    help="evaluate every kept checkpoint and best/, raw and EMA weights: a table and all_checkpoints.csv")
     p.add_argument("--no_report", action="store_true",
-                   help="skip the per-class report (confusion.csv, per_class.csv, confusion.png) of a single evaluation")
+                   help="skip the per-class report (confusion.csv, per_class.csv, confusion.png) and the error "
+                        "gallery (errors.csv, errors.png) of a single evaluation")
     p.add_argument("--tta", default="none", help="test-time augmentation: none, or flip (mean of image and mirror)")
     p.add_argument("--section", help="a config.cfg section whose eval keys apply (eval_batch_size, top_k, "
                                      "eval_timeout_secs)")
@@ -75,20 +76,23 @@ def run(argv: list[str]) -> int:
     import evaluation
     import hw2_input
     data_dir, items, what = evaluation.eval_items(run, class_names, args.test_data_path)
-    dataset = hw2_input.eval_dataset(data_dir, items, cfg, keys["eval_batch_size"], args.num_examples)
+    # Each result carries its position in items: the error gallery names the file of every mistake.
+    dataset = hw2_input.eval_dataset(data_dir, items, cfg, keys["eval_batch_size"], args.num_examples,
+                                     with_index=True)
+    image_paths = [os.path.join(data_dir, path) for path, _ in items]
     evaluator = evaluation.Evaluator(run, keys["top_k"], tta=args.tta)
     weights = "raw" if args.raw else "ema"
     if args.tta != "none":
         what += f", tta {args.tta}"
     if args.all_checkpoints:
-        evaluation.all_checkpoints(evaluator, dataset, eval_dir, not args.no_report)
+        evaluation.all_checkpoints(evaluator, dataset, eval_dir, not args.no_report, image_paths)
         return 0
     if args.run_once:
         path = run_dir.pick_checkpoint(args.checkpoint_dir, args.checkpoint)
         result = evaluator.evaluate(path, dataset, not args.raw)
         evaluation.record(result, keys["top_k"], path, eval_dir, weights, what)
         if not args.no_report:
-            evaluation.write_report(result, class_names, eval_dir, weights)
+            evaluation.write_report(result, class_names, eval_dir, weights, image_paths)
         return 0
     return watch(args.checkpoint_dir, evaluator, dataset, keys, eval_dir, weights, what, not args.raw)
 

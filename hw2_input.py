@@ -238,15 +238,24 @@ def eval_dataset(
     cfg: Mapping[str, Any],
     batch_size: int,
     num_examples: int | None = None,
+    with_index: bool = False,
 ) -> tf.data.Dataset:
     """Every example of `items` (or of sample_items(items, num_examples, cfg["seed"]): a seeded random
     sample across all classes) exactly once, in order, as (float32 [b,S,S,C], int32 [b]) batches;
-    the last batch may be smaller."""
-    items = sample_items(items, num_examples, int(cfg["seed"]))
-    ds = decode_dataset(data_dir, items, cfg)
-    if _fits_in_cache(len(items), cfg):
+    the last batch may be smaller. With `with_index` the batches are (images, labels, int32 [b]
+    positions in `items`): each result names its file, although unreadable files are skipped."""
+    # sample_items draws by length alone: (position, item) pairs give the same sample, positions kept.
+    chosen = sample_items(list(enumerate(items)), num_examples, int(cfg["seed"]))
+    if with_index:
+        # The position goes through the decoder in the label's place; the label is looked up after.
+        labels = tf.constant(np.array([label for _, label in items], np.int32))
+        ds = decode_dataset(data_dir, [(path, i) for i, (path, _) in chosen], cfg)
+        ds = ds.map(_plain(lambda image, i: (image, tf.gather(labels, i), i)))
+    else:
+        ds = decode_dataset(data_dir, [item for _, item in chosen], cfg)
+    if _fits_in_cache(len(chosen), cfg):
         ds = ds.cache()
-    ds = ds.map(_plain(lambda image, label: (eval_preprocess(image, cfg), label)),
+    ds = ds.map(_plain(lambda image, *rest: (eval_preprocess(image, cfg), *rest)),
                 num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     # Results are reported per example and in order, whatever the train setting says.
