@@ -1,6 +1,7 @@
 """Export a trained hw2 run as a TensorFlow SavedModel that takes encoded images.
 
     python hw2_export.py --checkpoint_dir RUN --export_dir saved_model/NAME [--checkpoint P] [--raw] [--top_k K]
+                         [--tta flip] [--tflite]
 
 The SavedModel's `serving_default` signature takes a batch of encoded image files (tf.string:
 JPEG, PNG, BMP or GIF bytes) and returns `probabilities` [N, classes], `top_k_indices`,
@@ -12,7 +13,13 @@ needs only TensorFlow:
 
 By default the weights are the best checkpoint's exponential moving average, the ones that
 validation judged. Preprocessing differs from hw2's PIL decoding in small ways (see
-`preprocess_bytes`); outputs match hw2_eval.py's to a small tolerance.
+`preprocess_bytes`); outputs match hw2_eval.py's to a small tolerance. `--tta flip` makes the
+graph average the probabilities of each image and its mirror, as hw2_eval.py --tta flip does.
+
+`--tflite` also writes export_dir/model.tflite for phones: float32 [N, S, S, C] input of RGB values
+0-255, already resized and center-cropped as hw2's eval does; per-image standardization inside;
+probabilities out; builtin TFLite ops only. export_dir/model.tflite.json holds the class names
+and the preprocessing to apply; `hw2_predict.py --model export_dir/model.tflite` runs it.
 """
 from __future__ import annotations
 
@@ -33,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="one checkpoint prefix (default: RUN/best's, else the newest)")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of their moving average")
     p.add_argument("--top_k", type=int, help="how many classes to return (default: the run's top_k)")
+    p.add_argument("--tta", default="none", help="test-time augmentation: none, or flip (mean of image and mirror)")
+    p.add_argument("--tflite", action="store_true",
+                   help="also write export_dir/model.tflite (+ model.tflite.json) for mobile runtimes")
     p.add_argument("--force", action="store_true", help="replace an existing export_dir")
     return p
 
@@ -45,6 +55,8 @@ def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     utils.setup_logging()
     run = run_dir.find(args.checkpoint_dir)
+    import evaluation
+    evaluation.check_tta(args.tta)
     if os.path.exists(args.export_dir) and not args.force:
         raise UserError(f"{args.export_dir} exists: pass --force to replace it, or pick another --export_dir")
     parent = os.path.dirname(os.path.abspath(args.export_dir))
@@ -52,9 +64,13 @@ def run(argv: list[str]) -> int:
     checkpoint = run_dir.pick_checkpoint(args.checkpoint_dir, args.checkpoint, prefer_best=True)
     logging.info("exporting %s (%s weights)", checkpoint, "raw" if args.raw else "EMA")
     import serving
-    info = serving.export(run, checkpoint, args.export_dir, args.raw, args.top_k)
+    info = serving.export(run, checkpoint, args.export_dir, args.raw, args.top_k, args.tta, args.tflite)
+    tta = f", tta {args.tta}" if args.tta != "none" else ""
     print(f"wrote {args.export_dir} ({dir_size(args.export_dir) / 2**20:.1f} MiB): {len(info['class_names'])} "
-          f"classes, top-{info['top_k']}, {info['weights']} weights of {checkpoint}", flush=True)
+          f"classes, top-{info['top_k']}, {info['weights']} weights of {checkpoint}{tta}", flush=True)
+    if args.tflite:
+        tflite = os.path.join(args.export_dir, serving.TFLITE)
+        print(f"wrote {tflite} ({os.path.getsize(tflite) / 2**20:.1f} MiB) and {tflite}.json", flush=True)
     return 0
 
 

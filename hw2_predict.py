@@ -1,11 +1,14 @@
 """Predict the classes of image files with an exported model or a training run.
 
     python hw2_predict.py --model saved_model/NAME --images DIR_OR_FILES... [--out predictions.csv] [--top_k K]
+    python hw2_predict.py --model saved_model/NAME/model.tflite --images DIR_OR_FILES...
     python hw2_predict.py --checkpoint_dir RUN --images DIR_OR_FILES... [--raw]
 
 Writes one CSV line per image: path, then class and probability for each of the top k, and an
 error column. Folders are searched recursively for image files. A file that cannot be read or
 decoded gets a line with its error (and a warning on stderr); the others are still predicted.
+A .tflite model (hw2_export.py --tflite) runs in tf.lite.Interpreter, each image read and
+prepared by hw2's own eval preprocessing first, as model.tflite.json describes.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # as hw2_dataset, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hw2_predict.py", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a SavedModel written by hw2_export.py")
+    src.add_argument("--model", help="a SavedModel written by hw2_export.py, or its model.tflite (--tflite)")
     src.add_argument("--checkpoint_dir", help="a training run (RUN) or RUN/best: its best checkpoint")
     p.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
@@ -57,21 +60,26 @@ def list_images(inputs: list[str]) -> list[str]:
 
 
 def load_model(args):
-    """(module whose serve() maps [N] tf.string -> dict, class names, default k).
-
-    Callers keep the module, not just module.serve: the function holds only weak references to
-    the module's variables."""
+    """(predict(paths, batch_size) -> [(probabilities or None, error)] per path, class names, default k)."""
     import tensorflow as tf
+
+    import serving
+    if args.model and (args.model.lower().endswith(".tflite") or os.path.isfile(args.model)):
+        tflite = serving.TFLiteModel(args.model)
+        return tflite.predict_files, tflite.class_names, tflite.top_k
     if args.model:
         if not os.path.isfile(os.path.join(args.model, "saved_model.pb")):
             raise UserError(f"{args.model} is not a SavedModel (no saved_model.pb): export one with hw2_export.py")
         module = tf.saved_model.load(args.model)
         names = [n.decode() for n in module.class_names.numpy()]
-        return module, names, int(module.top_k.numpy())
-    import serving
-    module = serving.build_serving_module(run_dir.find(args.checkpoint_dir),
-                                          run_dir.pick_checkpoint(args.checkpoint_dir, prefer_best=True), raw=args.raw)
-    return module, module.info["class_names"], module.info["top_k"]
+        k = int(module.top_k.numpy())
+    else:
+        module = serving.build_serving_module(run_dir.find(args.checkpoint_dir),
+                                              run_dir.pick_checkpoint(args.checkpoint_dir, prefer_best=True),
+                                              raw=args.raw)
+        names, k = module.info["class_names"], module.info["top_k"]
+    # The closure keeps the module alive: its serve() holds only weak references to its variables.
+    return (lambda paths, batch_size: predict_files(module, paths, batch_size)), names, k
 
 
 def predict_files(module, paths: list[str], batch_size: int) -> list[tuple[np.ndarray | None, str]]:
@@ -127,10 +135,10 @@ def run(argv: list[str]) -> int:
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be > 0, got {args.batch_size}")
     paths = list_images(args.images)
-    module, class_names, default_k = load_model(args)
+    predict, class_names, default_k = load_model(args)
     k = args.top_k or default_k
     run_dir.check_top_k(k, len(class_names))
-    results = predict_files(module, paths, args.batch_size)
+    results = predict(paths, args.batch_size)
     bad = [(p, e) for p, (probs, e) in zip(paths, results) if probs is None]
     for p, e in bad:
         print(f"warning: {p}: {e}", file=sys.stderr)

@@ -10,10 +10,15 @@ precision trained the weights.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import warnings
+
+import numpy as np
 
 import run_dir
+from utils import UserError
 
 def exif_orientation(encoded):
     """The EXIF orientation tag (1-8) of a JPEG's bytes, 1 when there is none; TensorFlow ops only.
@@ -141,20 +146,29 @@ def preprocess_bytes(encoded, cfg):
     return augmentation.eval_preprocess(image, cfg)
 
 
-def build_serving_module(run: str, checkpoint: str, raw: bool = False, top_k: int | None = None):
-    """A tf.Module whose `serve(images: [N] tf.string)` returns probabilities and the top-k classes."""
-    import tensorflow as tf
-
-    import hw2
+def serving_model(run: str, checkpoint: str, raw: bool = False):
+    """The run's RunModel in fp32 holding the checkpoint's (EMA or raw) weights, its convolutions
+    through tf.nn.conv2d: a graph of standard ops only (no custom-gradient function of ours), which
+    any TensorFlow or TFLite runtime runs at its native speed."""
     import layers
     saved = run_dir.RunModel(run, precision_name="fp32")
+    saved.restore(checkpoint, averaged=not raw)
+    layers.set_conv_impl(saved.model, "native")
+    return saved
+
+
+def build_serving_module(run: str, checkpoint: str, raw: bool = False, top_k: int | None = None,
+                         tta: str = "none"):
+    """A tf.Module whose `serve(images: [N] tf.string)` returns probabilities and the top-k classes;
+    with tta "flip" the probabilities are the mean of each image's and its mirror's."""
+    import tensorflow as tf
+
+    import evaluation
+    evaluation.check_tta(tta)
+    saved = serving_model(run, checkpoint, raw)
     cfg, class_names, model = saved.cfg, saved.class_names, saved.model
     k = top_k or min(cfg.top_k, len(class_names))
     run_dir.check_top_k(k, len(class_names))
-    saved.restore(checkpoint, averaged=not raw)
-    # Same weights through tf.nn.conv2d: the SavedModel then holds only standard ops (no
-    # custom-gradient function of ours) and runs at the native speed of whatever device loads it.
-    layers.set_conv_impl(model, "native")
     size, channels = cfg.image_size, cfg.channels
 
     class Serving(tf.Module):
@@ -169,7 +183,7 @@ def build_serving_module(run: str, checkpoint: str, raw: bool = False, top_k: in
         def serve(self, images):
             x = tf.map_fn(lambda b: preprocess_bytes(b, cfg), images,
                           fn_output_signature=tf.TensorSpec([size, size, channels], tf.float32))
-            probabilities = tf.nn.softmax(hw2.inference(self.model, x))
+            probabilities = evaluation.tta_probabilities(self.model, x, tta)
             top = tf.math.top_k(probabilities, k=k)
             return {"probabilities": probabilities, "top_k_indices": top.indices,
                     "top_k_classes": tf.gather(self.class_names, top.indices),
@@ -177,16 +191,18 @@ def build_serving_module(run: str, checkpoint: str, raw: bool = False, top_k: in
 
     module = Serving()
     module.info = {"class_names": class_names, "top_k": k, "image_size": size, "checkpoint": checkpoint,
-                   "weights": "raw" if raw else "ema", "section": cfg.section, "config": cfg}
+                   "weights": "raw" if raw else "ema", "tta": tta, "section": cfg.section, "config": cfg}
     return module
 
 
-def export(run: str, checkpoint: str, export_dir: str, raw: bool = False, top_k: int | None = None) -> dict:
-    """Write the SavedModel (plus hw2_export.json describing it) to export_dir; returns that description."""
+def export(run: str, checkpoint: str, export_dir: str, raw: bool = False, top_k: int | None = None,
+           tta: str = "none", tflite: bool = False) -> dict:
+    """Write the SavedModel (plus hw2_export.json describing it; with `tflite`, model.tflite and
+    model.tflite.json too) to export_dir; returns that description."""
     import tensorflow as tf
 
     import run_record
-    module = build_serving_module(run, checkpoint, raw, top_k)
+    module = build_serving_module(run, checkpoint, raw, top_k, tta)
     tmp = export_dir.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
@@ -196,9 +212,125 @@ def export(run: str, checkpoint: str, export_dir: str, raw: bool = False, top_k:
             # give probabilities within ~0.05 of hw2_eval's bf16 ones (tests/test_export.py).
             "trained_precision": trained, "served_precision": "fp32",
             "signature": "serving_default: images [N] tf.string (encoded JPEG/PNG/BMP/GIF) -> "
-                         "probabilities [N, C], top_k_indices, top_k_classes, top_k_probabilities [N, K]"}
+                         "probabilities [N, C], top_k_indices, top_k_classes, top_k_probabilities [N, K]",
+            "tflite": TFLITE if tflite else None}
+    if tflite:
+        write_tflite(module, os.path.join(tmp, TFLITE), info)
     run_dir.save_json(os.path.join(tmp, "hw2_export.json"), info)
     if os.path.isdir(export_dir):
         shutil.rmtree(export_dir)
     os.replace(tmp, export_dir)
     return info
+
+
+# ------------------------------------------------------------------------------------- TFLite
+
+TFLITE = "model.tflite"
+TFLITE_CONFIG_KEYS = ("image_size", "channels", "eval_scale", "scale_max")  # what eval preprocessing reads
+
+
+def write_tflite(module, path: str, info: dict) -> None:
+    """model.tflite: float32 [N, S, S, C] images (RGB 0-255, resized and cropped as hw2's eval does,
+    not standardized) -> probabilities [N, classes], builtin ops only; path + ".json" describes it."""
+    import tensorflow as tf
+
+    import augmentation
+    import evaluation
+    cfg, tta = info["config"], info["tta"]
+    size, channels = cfg.image_size, cfg.channels
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, channels], tf.float32, name="images")])
+    def classify(images):
+        # As augmentation.eval_preprocess's last steps: uint8 -> 0..1 (convert_image_dtype), standardize.
+        x = tf.image.per_image_standardization(images * (1.0 / 255.0))
+        return {"probabilities": evaluation.tta_probabilities(module.model, x, tta)}
+
+    # No trackable_obj (the "deprecated" path): given the module or the model, the converter keeps
+    # the Keras weights as resource variables that no interpreter initializes (NaN out, or a
+    # READ_VARIABLE error); without it, it freezes every captured weight into a constant.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # its warning that this path is deprecated
+    try:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([classify.get_concrete_function()])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # any runtime: no Flex ops
+        flatbuffer = converter.convert()
+    finally:
+        absl.setLevel(level)
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    short = max(size, round(size * float(cfg.eval_scale)))
+    run_dir.save_json(path + ".json", {
+        "class_names": info["class_names"], "image_size": size, "channels": channels, "top_k": info["top_k"],
+        "input": f"float32 [N, {size}, {size}, {channels}]: {'RGB' if channels == 3 else 'grey'} values 0-255, "
+                 "resized and center-cropped as below, not standardized (the model standardizes each image)",
+        "output": f"probabilities [N, {len(info['class_names'])}] in class_names order",
+        "preprocessing": {
+            "decode": "RGB, turned upright by its EXIF orientation, transparency composited over white",
+            "resize_short_side_to": short,
+            "resize": f"bilinear, antialiased when shrinking (hw2: PIL to a short side of "
+                      f"{augmentation.base_short_side(cfg)}, then TensorFlow bilinear to {short})",
+            "center_crop": [size, size],
+            "values": "float32 0-255" + ("" if channels == 3 else " of grey = tf.image.rgb_to_grayscale(RGB)")},
+        "tta": tta, "weights": info["weights"], "checkpoint": info["checkpoint"],
+        "hw2_version": info["hw2_version"], "tensorflow": info["tensorflow"],
+        "config": {k: cfg[k] for k in TFLITE_CONFIG_KEYS}})
+
+
+class TFLiteModel:
+    """A model.tflite written by write_tflite, with its JSON beside it, run by tf.lite.Interpreter on
+    image files that hw2's own reader and eval preprocessing prepare."""
+
+    def __init__(self, path: str):
+        import tensorflow as tf
+
+        import augmentation
+        if not os.path.isfile(path):
+            raise UserError(f"not found: {path}")
+        try:
+            with warnings.catch_warnings():  # its 5-line notice that LiteRT (ai_edge_litert) succeeds it
+                warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+                self.interpreter = tf.lite.Interpreter(model_path=path, num_threads=os.cpu_count())
+        except ValueError as e:
+            raise UserError(f"{path} is not a TFLite model: {str(e).strip().splitlines()[0][:160]}") from None
+        self.info = run_dir.load_json(path + ".json", "its description (hw2_export.py --tflite writes it)")
+        self.class_names, self.top_k = self.info["class_names"], self.info["top_k"]
+        cfg = self.info["config"]
+        self.short_side = augmentation.base_short_side(cfg)
+        # Unstandardized eval crops (0..1) of any image size, one trace.
+        self._crop = tf.function(lambda image: augmentation.eval_preprocess(image, cfg, standardize=False),
+                                 input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+        self._input = self.interpreter.get_input_details()[0]["index"]
+        self._output = self.interpreter.get_output_details()[0]["index"]
+        self._batch = None
+
+    def preprocess(self, path: str) -> np.ndarray:
+        """float32 [S, S, C] 0-255: the image as hw2_eval prepares it, before standardization."""
+        import hw2_dataset
+        return self._crop(hw2_dataset.read_image(path, short_side=self.short_side)).numpy() * 255.0
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """[N, S, S, C] float32 0-255 -> probabilities [N, classes], for any N."""
+        if images.shape[0] != self._batch:
+            self.interpreter.resize_tensor_input(self._input, images.shape, strict=True)
+            self.interpreter.allocate_tensors()
+            self._batch = images.shape[0]
+        self.interpreter.set_tensor(self._input, np.ascontiguousarray(images, np.float32))
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self._output).copy()
+
+    def predict_files(self, paths: list[str], batch_size: int) -> list[tuple[np.ndarray | None, str]]:
+        """(probabilities or None, error) per path; a file that cannot be read gets its error."""
+        results: list[tuple[np.ndarray | None, str]] = [(None, "")] * len(paths)
+        for start in range(0, len(paths), batch_size):
+            good, images = [], []
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    images.append(self.preprocess(paths[i]))
+                    good.append(i)
+                except ValueError as e:  # read_image's message starts with the path
+                    results[i] = (None, str(e).removeprefix(f"{os.fsdecode(paths[i])}: "))
+            if images:
+                for i, p in zip(good, self.probabilities(np.stack(images))):
+                    results[i] = (p, "")
+        return results

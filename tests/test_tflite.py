@@ -1,0 +1,120 @@
+"""hw2_export.py --tflite and hw2_predict.py --model model.tflite on real digit scans: the TFLite
+model gives the SavedModel's top-1 and hw2_eval's probabilities; user mistakes are one line."""
+import contextlib
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import evaluation
+import hw2_export
+import hw2_input
+import hw2_predict
+import hw2_train
+import run_dir as run_dirs
+import serving
+
+
+def write_digits(root, size: int, first: int, count: int) -> list[str]:
+    """scikit-learn's 8x8 digit scans 0-2 (of the first..first+count scans) as size x size PNGs in
+    root/<digit>/; returns the paths written."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    paths = []
+    for i in range(first, first + count):
+        label = digits.target[i]
+        if label < 3:
+            os.makedirs(root / str(label), exist_ok=True)
+            image = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8))
+            paths.append(str(root / str(label) / f"{i}.png"))
+            (image if size == 8 else image.resize((size, size))).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory):
+    """A [tiny] run trained on the 301 digits 0-2 among the first 1000 scans, stored at 8x8 (hw2
+    upsamples them to 20), exported with --tflite. 150 steps of 32: val top-1 ~1.0, decisive outputs."""
+    tmp = tmp_path_factory.mktemp("tflite")
+    write_digits(tmp / "digits", 8, 0, 1000)
+    run, model = str(tmp / "run"), str(tmp / "model")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert hw2_train.main(["--data_dir", str(tmp / "digits"), "--train_dir", run, "--section", "tiny",
+                               "--batch_size", "32", "--max_steps", "150", "--learning_rate", "0.01",
+                               "--save_checkpoint_steps", "150", "--log_every_steps", "1000"]) == 0
+        assert hw2_export.main(["--checkpoint_dir", run, "--export_dir", model, "--tflite"]) == 0
+    return tmp, run, model
+
+
+def test_tflite_agrees_with_the_savedmodel_and_hw2_eval(digits_export):
+    tmp, run, model = digits_export
+    info = json.load(open(os.path.join(model, "model.tflite.json")))
+    assert info["class_names"] == ["0", "1", "2"] and info["image_size"] == 16 and info["channels"] == 3
+    assert info["preprocessing"]["resize_short_side_to"] == 18 and info["preprocessing"]["center_crop"] == [16, 16]
+    assert json.load(open(os.path.join(model, "hw2_export.json")))["tflite"] == "model.tflite"
+    cfg, names = run_dirs.read_config(run)
+    items = [(path, label) for path, label in run_dirs.load_json(os.path.join(run, "split.json"), "split")["train"]]
+    files = [str(tmp / "digits" / path) for path, _ in items]
+    tflite = serving.TFLiteModel(os.path.join(model, "model.tflite"))
+    got = np.stack([p for p, _ in tflite.predict_files(files, batch_size=100)])
+    saved = tf.saved_model.load(model)
+    served = saved.serve(tf.constant([open(f, "rb").read() for f in files]))["probabilities"].numpy()
+    assert len(files) > 200
+    assert (got.argmax(1) == served.argmax(1)).mean() >= 0.99
+    assert (got.argmax(1) == [label for _, label in items]).mean() > 0.8  # a model that tells digits apart
+    # The TFLite path reads and prepares images with hw2's own code: hw2_eval's fp32 probabilities.
+    hw2 = evaluation.Evaluator(run, 1, precision_name="fp32").evaluate(
+        run_dirs.pick_checkpoint(run, prefer_best=True), hw2_input.eval_dataset(str(tmp / "digits"), items, cfg, 64))
+    np.testing.assert_allclose(got, hw2.probabilities, atol=1e-4)
+
+
+def test_predict_with_tflite_writes_the_savedmodels_classes(digits_export, tmp_path, capsys):
+    tmp, run, model = digits_export
+    images = tmp_path / "images"
+    write_digits(images, 20, 1000, 60)  # short side 20 = [tiny]'s base size: the same pixels either way
+    (images / "0" / "broken.png").write_bytes(b"not a png")
+    rows = {}
+    for name, path in (("tflite", os.path.join(model, "model.tflite")), ("saved", model)):
+        out = str(tmp_path / f"{name}.csv")
+        assert hw2_predict.main(["--model", path, "--images", str(images), "--out", out, "--batch_size", "7"]) == 0
+        assert "1 unreadable" in capsys.readouterr().out
+        rows[name] = list(csv.DictReader(open(out)))
+    assert len(rows["tflite"]) == len(rows["saved"]) > 15
+    for a, b in zip(rows["tflite"], rows["saved"]):
+        assert (a["path"], a["class_1"], a["class_2"]) == (b["path"], b["class_1"], b["class_2"])
+        assert bool(a["error"]) == bool(b["error"]) == a["path"].endswith("broken.png")
+        if not a["error"]:
+            assert float(a["prob_1"]) == pytest.approx(float(b["prob_1"]), abs=1e-4)
+
+
+def test_tflite_runs_any_batch_size(digits_export):
+    tmp, run, model = digits_export
+    tflite = serving.TFLiteModel(os.path.join(model, "model.tflite"))
+    images = np.random.default_rng(0).uniform(0, 255, (5, 16, 16, 3)).astype(np.float32)
+    together = tflite.probabilities(images)
+    one_by_one = np.concatenate([tflite.probabilities(images[i:i + 1]) for i in range(5)])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-6)
+    np.testing.assert_allclose(tflite.probabilities(images[:3]), together[:3], atol=1e-6)
+    np.testing.assert_allclose(together.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: (d / "x.tflite").write_bytes(b"\0" * 64), "x.tflite is not a TFLite model"),
+    (lambda d: (d / "x.tflite").write_bytes(open(d / "model" / "model.tflite", "rb").read()), "x.tflite.json"),
+    (lambda d: None, "not found"),
+])
+def test_predict_tflite_user_errors(digits_export, tmp_path, capsys, make, message):
+    tmp, run, model = digits_export
+    os.symlink(model, tmp_path / "model")
+    make(tmp_path)
+    png = tmp_path / "a.png"
+    Image.new("RGB", (20, 20)).save(png)
+    assert hw2_predict.main(["--model", str(tmp_path / "x.tflite"), "--images", str(png),
+                             "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
