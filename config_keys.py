@@ -38,7 +38,8 @@ KEYS: dict[str, Key] = {
     # ---- model
     "model": _k(str, "hw2_inception", "hw2_inception (the seed network) or a zoo model (models.py)",
                 "hw2.MODELS", model=True),
-    "image_size": _k(int, 100, "network input: image_size x image_size", check=">0", model=True),
+    "image_size": _k(int, 100, "network input: image_size x image_size (0: from the images, 24-100)",
+                     check=">=0", model=True),
     "conv_stack": _k(IntList, (64,), "widths of the 3x3 convs at full resolution (conv_stack1)", model=True),
     "conv2": _k(int, 128, "width of the 3x3 stride-2 conv after the stack", check=">0", model=True),
     "inception_version": _k(int, 2, "1: 5x5 tower; 2: two 3x3 instead (BN-Inception)", (1, 2), model=True),
@@ -83,7 +84,7 @@ KEYS: dict[str, Key] = {
     "class_balance": _k(str, "none", "unequal classes: none, weights (loss) or sampler (tf.data)",
                         ("none", "weights", "sampler")),
     # ---- training
-    "batch_size": _k(int, 128, "per replica", check=">0"),
+    "batch_size": _k(int, 128, "per replica (0: ~16 steps per epoch, 16-128)", check=">=0"),
     "eval_batch_size": _k(int, 256, "validation and eval batch", check=">0"),
     "optimizer": _k(str, "adam", "adam or sgd", ("adam", "sgd")),
     "learning_rate": _k(float, 0.001, "for one replica's batch_size (see lr_scaling)", check=">0"),

@@ -142,33 +142,42 @@ def count_correct(logits: tf.Tensor, labels: tf.Tensor, k: int) -> tf.Tensor:
 
 
 class EMA:
-    """Exponential moving average of the trainable weights, swapped in for validation.
+    """Exponential moving average of the trainable weights and of the batch-norm statistics,
+    swapped in for validation.
 
-    A plain object on purpose: only `shadow` goes into checkpoints, so the model's own
-    variables are not saved twice.
+    The statistics are averaged with the same decay so that the averaged weights are evaluated
+    with statistics of the same horizon, not those of the last ~100 steps of the raw model.
+    A plain object on purpose: only `shadow` and `stats_shadow` go into checkpoints, so the
+    model's own variables are not saved twice.
     """
 
     def __init__(self, model: keras.Model, decay: float):
         self.decay = decay
         self._vars = list(model.trainable_variables)
         self.shadow = [tf.Variable(v.value, trainable=False, name="ema") for v in self._vars]
+        self._stats = [v for v in model.non_trainable_variables if v.path.endswith(("moving_mean", "moving_variance"))]
+        self.stats_shadow = [tf.Variable(v.value, trainable=False, name="ema_stats") for v in self._stats]
 
     def update(self, step: tf.Tensor) -> None:
         # Warm-up as in tf.train.ExponentialMovingAverage(num_updates): early on the average
         # follows the weights closely, so short runs are not judged on near-initial weights.
         step = tf.cast(step, tf.float32)
         decay = tf.minimum(self.decay, (1.0 + step) / (10.0 + step))
-        for s, v in zip(self.shadow, self._vars):
+        for s, v in self._pairs():
             s.assign(decay * s + (1.0 - decay) * tf.cast(v.value, s.dtype))
 
-    def copy_to_model(self) -> None:
-        """Put the averaged weights into the model (eval, export): the raw ones stay in the checkpoint."""
-        for s, v in zip(self.shadow, self._vars):
+    def _pairs(self, stats: bool = True):
+        return list(zip(self.shadow, self._vars)) + (list(zip(self.stats_shadow, self._stats)) if stats else [])
+
+    def copy_to_model(self, stats: bool = True) -> None:
+        """Put the averages into the model (eval, export): the raw values stay in the checkpoint.
+        stats=False keeps the model's own batch-norm statistics (a checkpoint without averages)."""
+        for s, v in self._pairs(stats):
             v.assign(s)
 
     def swap(self) -> None:
-        """Exchange live and averaged weights (call again to swap back)."""
-        for s, v in zip(self.shadow, self._vars):
+        """Exchange live and averaged values (call again to swap back)."""
+        for s, v in self._pairs():
             tmp = tf.identity(v.value)
             v.assign(s)
             s.assign(tmp)

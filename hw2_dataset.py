@@ -220,6 +220,19 @@ def _short(error: BaseException, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def median_short_side(data_dir: str, items: Sequence[Item], sample: int = 256, seed: int = 0) -> int:
+    """The median short side (pixels) of up to `sample` of the images, read from their headers."""
+    chosen = random.Random(f"{seed}/sizes").sample(list(items), min(sample, len(items)))
+    sides = []
+    for rel, _ in chosen:
+        try:
+            with Image.open(os.path.join(data_dir, rel)) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError):  # a file that broke since the scan: the others decide
+            continue
+    return int(np.median(sides)) if sides else 0
+
+
 # -------------------------------------------------------------------------------- class balance
 
 # From this largest/smallest class ratio on, training suggests --class_balance (and the report flags it).

@@ -39,6 +39,7 @@ def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
     chief = strategy is None or training.is_chief(strategy)
     run_dir.prepare(args.train_dir, args.fresh, chief)
     split = run_dir.prepare_split(args.train_dir, cfg, args.data_dir, args.split)
+    cfg = run_dir.resolve_auto(cfg, split, args.train_dir)
     num_classes = len(split["class_names"])
     if "top_k" in overrides:
         run_dir.check_top_k(cfg.top_k, num_classes)

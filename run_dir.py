@@ -17,6 +17,7 @@ import datetime
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 from typing import Any, Sequence
@@ -101,7 +102,8 @@ def resolve_config(train_dir: str, section: str, overrides: dict, config_path: s
     if fresh or not os.path.isfile(os.path.join(train_dir, CONFIG)):
         return cfg
     saved, _ = read_config(train_dir)
-    changed = [k for k in config_keys.MODEL_KEYS if saved[k] != cfg[k]]
+    # An auto value (0) means whatever the run resolved it to.
+    changed = [k for k in config_keys.MODEL_KEYS if saved[k] != cfg[k] and not (k == "image_size" and cfg[k] == 0)]
     # fp16 wraps the optimizer in a loss scaler: its checkpoints don't restore into fp32/bf16 runs.
     if "fp16" in (saved.precision, cfg.precision) and saved.precision != cfg.precision:
         changed.append("precision")
@@ -188,6 +190,36 @@ def trained_precision(run: str) -> str | None:
         return None
 
 
+# image_size 0: the images' median short side, within these bounds (upscaling adds no detail and
+# costs time; above the top, time to accuracy suffers on 2 cores); batch_size 0: about 16 steps
+# per epoch, within these bounds (a small folder still gets many updates per epoch).
+AUTO_IMAGE_SIZE, AUTO_BATCH_SIZE = (24, 100), (16, 128)
+
+
+def resolve_auto(cfg, split: dict, train_dir: str | None = None):
+    """cfg with image_size 0 and batch_size 0 ('auto') resolved from the data (logged), or from
+    the run's config.json when it resumes: what config.json then records is a number."""
+    auto = [k for k in ("image_size", "batch_size") if cfg[k] == 0]
+    if not auto:
+        return cfg
+    if train_dir and os.path.isfile(os.path.join(train_dir, CONFIG)):
+        saved, _ = read_config(train_dir)
+        return utils.Config({**cfg, **{k: saved[k] for k in auto}})
+    import hw2_dataset
+    out = utils.Config(cfg)
+    if cfg.image_size == 0:
+        side = hw2_dataset.median_short_side(split["data_dir"], split["train"], seed=cfg.seed)
+        lo, hi = AUTO_IMAGE_SIZE
+        out["image_size"] = max(lo, min(hi, side // 8 * 8))
+        logging.info("image_size auto: %d (the images' median short side is %d px)", out.image_size, side)
+    if cfg.batch_size == 0:
+        lo, hi = AUTO_BATCH_SIZE
+        fit = 2 ** max(0, math.floor(math.log2(max(1, len(split["train"]) // 16))))
+        out["batch_size"] = max(lo, min(hi, fit))
+        logging.info("batch_size auto: %d (%d training images)", out.batch_size, len(split["train"]))
+    return out
+
+
 def check_top_k(k: int, num_classes: int, flag: str = "--top_k") -> None:
     if not 1 <= k <= num_classes:
         raise UserError(f"{flag} {k} must be between 1 and the number of classes ({num_classes})")
@@ -256,11 +288,13 @@ class RunModel:
 
         import hw2
         try:
-            tf.train.Checkpoint(model=hw2.variables_by_path(self.model), ema=self.ema.shadow).restore(path) \
+            tf.train.Checkpoint(model=hw2.variables_by_path(self.model), ema=self.ema.shadow,
+                                ema_stats=self.ema.stats_shadow).restore(path) \
                 .expect_partial().assert_existing_objects_matched()
         except (ValueError, AssertionError, tf.errors.OpError) as e:
             first = str(e).strip().splitlines()[0][:200]
             raise UserError(f"checkpoint {path} does not match the network in {CONFIG}: {first}") from None
-        if averaged:
-            self.ema.copy_to_model()
+        if averaged:  # checkpoints written before batch-norm statistics were averaged keep the model's
+            self.ema.copy_to_model(stats=tf.train.load_checkpoint(path).has_tensor(
+                "ema_stats/0/.ATTRIBUTES/VARIABLE_VALUE") or not self.ema.stats_shadow)
         return checkpoint_step(path)

@@ -53,7 +53,8 @@ class TrainState:
     precision: str
 
     def checkpoint(self, with_optimizer: bool = True) -> tf.train.Checkpoint:
-        parts = {"model": hw2.variables_by_path(self.model), "ema": self.ema.shadow, "state": self.vars}
+        parts = {"model": hw2.variables_by_path(self.model), "ema": self.ema.shadow, "ema_stats": self.ema.stats_shadow,
+                 "state": self.vars}
         return tf.train.Checkpoint(**parts, **({"optimizer": self.optimizer} if with_optimizer else {}))
 
     def get(self, name: str) -> float:

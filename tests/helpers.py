@@ -33,3 +33,12 @@ def items_of(root) -> list[tuple[str, int]]:
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     return [(f"{name}/{f}", label) for label, name in enumerate(classes)
             for f in sorted(os.listdir(os.path.join(root, name)))]
+
+
+def bf16_kernels_missing() -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA caps oneDNN below its bf16 kernels on a CPU that has bf16
+    hardware: TensorFlow's bf16 ops crash the process there (precision.py refuses bf16)."""
+    import precision
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return bool(cap) and cap.upper() not in precision.BF16_ISAS and bool(
+        precision.cpu_flags() & {"avx512_bf16", "amx_bf16"})

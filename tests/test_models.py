@@ -161,3 +161,16 @@ def test_moving_average_warms_up_as_tensorflow_num_updates():
         decay = min(0.999, (1 + n) / (10 + n))
         shadow = decay * shadow + (1 - decay) * new
         np.testing.assert_allclose(ema.shadow[0].numpy(), shadow, rtol=1e-5, atol=1e-6)
+
+
+def test_moving_average_covers_batch_norm_statistics():
+    net = hw2.create_model(zoo_cfg("simple_cnn"), NUM_CLASSES)
+    ema = hw2.EMA(net, 0.5)
+    stats = [v for v in net.non_trainable_variables if v.path.endswith("moving_mean")]
+    assert stats and len(ema.stats_shadow) == 2 * len(stats)
+    stats[0].assign(tf.fill(stats[0].shape, 4.0))
+    ema.update(tf.constant(10_000))  # decay 0.5: halfway from the initial 0 to 4
+    ema.swap()
+    np.testing.assert_allclose(stats[0].numpy(), 2.0)
+    ema.swap()
+    np.testing.assert_allclose(stats[0].numpy(), 4.0)

@@ -112,7 +112,8 @@ def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, mon
         return timed
 
     monkeypatch.setattr(hw2, "make_train_step", one_second_steps)
-    config = utils.load_config("tiny", {"time_budget": "0.5", "max_steps": "1000", "save_checkpoint_steps": "0",
+    config = utils.load_config("tiny", {"model": "simple_cnn", "fc_units": "8",
+                                        "time_budget": "0.5", "max_steps": "1000", "save_checkpoint_steps": "0",
                                         "batch_size": "4", "lr_schedule": "cosine", "stop_patience": "100"})
     run = str(tmp_path / "run")
     run_dir.prepare(run, False)

@@ -205,5 +205,22 @@ def test_class_balance_weights_reach_the_loop(tmp_path, capsys):
     for i in range(3, 12):  # 12 dark, 3 light
         os.remove(os.path.join(data, "light", f"{i}.{'png' if i % 2 == 0 else 'jpg'}"))
     assert hw2_train.main(["--data_dir", data, "--train_dir", str(tmp_path / "run"), "--section", "tiny",
-                           "--max_steps", "1", "--class_balance", "weights"]) == 0
+                           "--model", "simple_cnn", "--fc_units", "8", "--max_steps", "1",
+                           "--class_balance", "weights"]) == 0
     assert "class_balance weights: dark 0.33, light 1.67" in capsys.readouterr().err  # 10 and 2 train images
+
+
+def test_auto_image_and_batch_size_come_from_the_data_and_stay_on_resume(tmp_path):
+    import run_dir as run_dirs
+    import utils
+    data = make_image_folder(tmp_path / "data", per_class=10, sizes=((45, 60), (60, 45), (47, 47)))
+    cfg = utils.load_config("tiny", {"image_size": "0", "batch_size": "0"})
+    run = str(tmp_path / "run")
+    run_dirs.prepare(run, False)
+    split = run_dirs.prepare_split(run, cfg, data)
+    resolved = run_dirs.resolve_auto(cfg, split, run)
+    assert resolved.image_size == 40  # median short side 45, down to a multiple of 8
+    assert resolved.batch_size == 16  # 16 training images: the smallest auto batch
+    run_dirs.save_config(run, "tiny", utils.Config({**resolved, "image_size": 32}), split["class_names"])
+    assert run_dirs.resolve_auto(cfg, split, run).image_size == 32  # a resumed run keeps what it had
+    assert run_dirs.resolve_config(run, "tiny", {"image_size": "0"}).image_size == 0  # no "changed network"
