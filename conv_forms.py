@@ -130,8 +130,16 @@ def axis_plan(size: int, k: int, s: int, same: bool) -> tuple[int, int, int]:
     return out, total // 2, total - total // 2
 
 
-def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> tf.Tensor:
-    """im2col of the padded input as a [M, kh*kw*C] matrix, columns in w.reshape([-1, Cout]) order.
+def _patch_index(lh: int, lw: int, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> np.ndarray:
+    """[ho, wo*kh*kw]: the padded-input pixel of each (output pixel, tap), one output row a row."""
+    oh, ow, i, j = np.meshgrid(*map(np.arange, (ho, wo, kh, kw)), indexing="ij")
+    return ((oh * sh + i) * lw + ow * sw + j).reshape(ho, -1)
+
+
+def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int,
+          rows: tuple[int, int] | None = None) -> tf.Tensor:
+    """im2col of the padded input as a [M, kh*kw*C] matrix, columns in w.reshape([-1, Cout]) order;
+    `rows` (start, stop) takes those output rows only.
 
     One gather of C-long rows with a static index: measured ~2x faster than kh*kw slices +
     concat for C=64 and as fast for C=3, and strides need no special case (a stride-2
@@ -139,24 +147,39 @@ def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -
     """
     lh, lw, c = xp.shape[1], xp.shape[2], xp.shape[3]
     if kh == kw == sh == sw == 1 and lh == ho and lw == wo:
-        return tf.reshape(xp, [-1, c])
-    oh, ow, i, j = np.meshgrid(*map(np.arange, (ho, wo, kh, kw)), indexing="ij")
-    index = tf.constant(((oh * sh + i) * lw + ow * sw + j).reshape(-1), tf.int32)
-    cols = tf.gather(tf.reshape(xp, [-1, lh * lw, c]), index, axis=1)
+        return tf.reshape(xp[:, slice(*rows)] if rows else xp, [-1, c])
+    index = _patch_index(lh, lw, kh, kw, sh, sw, ho, wo)[slice(*rows) if rows else slice(None)]
+    cols = tf.gather(tf.reshape(xp, [-1, lh * lw, c]), tf.constant(index.reshape(-1), tf.int32), axis=1)
     return tf.reshape(cols, [-1, kh * kw * c])
 
 
-def _patches(x: tf.Tensor, kh: int, kw: int, sh: int, sw: int, same: bool):
-    """(cols, plan) of the gather form; plan = (h, w, cin, ho, wo, pad_top, pad_left)."""
+def _pad(x: tf.Tensor, kh: int, kw: int, sh: int, sw: int, same: bool):
+    """(padded x, plan) with plan = (h, w, cin, ho, wo, pad_top, pad_left)."""
     _, h, wd, cin = x.shape
     ho, pt, pb = axis_plan(h, kh, sh, same)
     wo, pl, pr = axis_plan(wd, kw, sw, same)
     xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]]) if pt + pb + pl + pr else x
-    return _cols(xp, kh, kw, sh, sw, ho, wo), (h, wd, cin, ho, wo, pt, pl)
+    return xp, (h, wd, cin, ho, wo, pt, pl)
 
 
-# Keep the forward's patch matrix for the filter gradient (True) or gather it again (False).
-KEEP_COLS = True
+def _patches(x: tf.Tensor, kh: int, kw: int, sh: int, sw: int, same: bool):
+    """(cols, plan) of the gather form; plan = (h, w, cin, ho, wo, pad_top, pad_left)."""
+    xp, plan = _pad(x, kh, kw, sh, sw, same)
+    return _cols(xp, kh, kw, sh, sw, plan[3], plan[4]), plan
+
+
+# The backward pass works in bands of rows, one after another, each gathering about this many
+# bytes per image (~64 MB at batch 128). Gathered whole, conv2's patch matrix and stride phases
+# (0.7 and 1.5 GB at batch 128 in fp32) raised the seed network's peak tensor memory from 2.8 to
+# 3.2 GiB (native: 2.0) and its peak RSS to 1.5x native's; the bands cost ~3% of the step.
+BAND_BYTES_PER_IMAGE = 512 * 1024
+
+
+def _bands(rows: int, bytes_per_row: int) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) row ranges of about BAND_BYTES_PER_IMAGE each."""
+    n = min(rows, max(1, -(-rows * bytes_per_row // BAND_BYTES_PER_IMAGE)))
+    edges = np.linspace(0, rows, n + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def _gather_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf.Tensor:
@@ -166,13 +189,21 @@ def _gather_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf
     def conv(x, w):
         cols, (h, wd, cin, ho, wo, pt, pl) = _patches(x, kh, kw, sh, sw, same)
         y = tf.reshape(tf.matmul(cols, tf.reshape(w, [-1, cout])), [-1, ho, wo, cout])
-        kept = cols if KEEP_COLS else None
 
         def grad(dy):
-            dy2 = tf.reshape(dy, [-1, cout])
-            patches = kept if kept is not None else _patches(x, kh, kw, sh, sw, same)[0]
-            dw = tf.reshape(tf.matmul(patches, dy2, transpose_a=True), [kh, kw, cin, cout])
-            return gather_input_grad(dy, w, h, wd, sh, sw, pt, pl), dw
+            # dW = cols^T dy with cols gathered again, band by band, rather than kept from the
+            # forward pass: far less memory, for a gather that is a small part of this matmul.
+            xp = _pad(x, kh, kw, sh, sw, same)[0]
+            dy3 = tf.reshape(dy, [-1, ho * wo, cout])
+            dw = None
+            for r0, r1 in _bands(ho, wo * kh * kw * cin * x.dtype.size):
+                with tf.control_dependencies([] if dw is None else [dw]):
+                    band = _cols(xp, kh, kw, sh, sw, ho, wo, rows=(r0, r1))
+                part = tf.matmul(band, tf.reshape(dy3[:, r0 * wo:r1 * wo], [-1, cout]), transpose_a=True)
+                dw = part if dw is None else dw + part
+            dw = tf.reshape(dw, [kh, kw, cin, cout])
+            with tf.control_dependencies([dw]):  # one band of either gradient alive at a time
+                return gather_input_grad(dy, w, h, wd, sh, sw, pt, pl), dw
 
         return y, grad
 
@@ -181,17 +212,17 @@ def _gather_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf
 
 def _input_grad_plan(
     h: int, wd: int, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int, ho: int, wo: int
-) -> tuple[list[tuple[int, int, np.ndarray]], np.ndarray, int]:
+) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
     """Static gather indices for dL/dx, one group per stride phase.
 
     Input pixel (r, c) is only touched by the taps i = (r+pt) mod sh (+ multiples of sh) and
     likewise for columns, so each phase (a, b) of the input is a stride-1 transposed convolution
     of dy with the sub-kernel w[a::sh, b::sw]: same FLOPs as a col2im scatter-add, but each piece
-    is one dense matmul. Returns [(a, b, dy index per (pixel, tap))], the index that puts the
-    phases' rows back in image order, and the number of phase rows (the zero row's index).
+    is one dense matmul. Returns [(a, b, dy index [phase rows, phase columns * taps] (ho * wo: the
+    zero row), image pixel [phase rows, phase columns])].
     """
     zero_dy = ho * wo
-    phases, offset, order = [], 0, np.full((h, wd), -1)
+    phases = []
     for a in range(sh):
         rows = np.array([r for r in range(h) if (r + pt) % sh == a])
         taps_i = np.arange(a, kh, sh)
@@ -203,40 +234,46 @@ def _input_grad_plan(
             oh = ((rows + pt) // sh)[:, None, None, None] - (taps_i // sh)[None, None, :, None]
             ow = ((cols + pl) // sw)[None, :, None, None] - (taps_j // sw)[None, None, None, :]
             inside = (oh >= 0) & (oh < ho) & (ow >= 0) & (ow < wo)
-            phases.append((a, b, np.where(inside, oh * wo + ow, zero_dy).reshape(-1)))
-            n_pixels = rows.size * cols.size
-            order[np.ix_(rows, cols)] = offset + np.arange(n_pixels).reshape(rows.size, cols.size)
-            offset += n_pixels
-    order[order < 0] = offset  # pixels no tap reads (e.g. 1x1 stride 2) get the zero row
-    return phases, order.reshape(-1), offset
+            index = np.where(inside, oh * wo + ow, zero_dy).reshape(rows.size, -1)
+            phases.append((a, b, index, rows[:, None] * wd + cols[None, :]))
+    return phases
 
 
 def gather_input_grad(
     dy: tf.Tensor, w: tf.Tensor, h: int, wd: int, sh: int, sw: int, pt: int, pl: int
 ) -> tf.Tensor:
-    """dL/dx of the gather form, as gathers of dy and one matmul per stride phase."""
+    """dL/dx of the gather form, as gathers of dy and one matmul per stride phase and band."""
     kh, kw, cin, cout = w.shape
     ho, wo = dy.shape[1], dy.shape[2]
     if kh == kw == sh == sw == 1:
         dx = tf.matmul(tf.reshape(dy, [-1, cout]), w[0, 0], transpose_b=True)
         return tf.reshape(dx, [-1, h, wd, cin])
     n = tf.shape(dy)[0]
-    phases, order, n_rows = _input_grad_plan(h, wd, kh, kw, sh, sw, pt, pl, ho, wo)
+    phases = _input_grad_plan(h, wd, kh, kw, sh, sw, pt, pl, ho, wo)
     # A zero row after each image's pixels stands in for the padding: taps that fall outside dy
     # gather it, which is cheaper than padding dy once per phase.
     dy_rows = tf.pad(tf.reshape(dy, [-1, ho * wo, cout]), [[0, 0], [0, 1], [0, 0]])
-    pieces = []
-    for a, b, index in phases:
+    pieces, pixels = [], []
+    for a, b, index, where in phases:
         sub = tf.transpose(w[a::sh, b::sw], [0, 1, 3, 2])
         k = sub.shape[0] * sub.shape[1] * cout
-        cols = tf.reshape(tf.gather(dy_rows, tf.constant(index, tf.int32), axis=1), [-1, k])
-        pieces.append(tf.reshape(tf.matmul(cols, tf.reshape(sub, [k, cin])), [n, -1, cin]))
-    if len(pieces) == 1 and n_rows == h * wd:
+        sub = tf.reshape(sub, [k, cin])
+        # Band by band, one phase after another (see BAND_BYTES_PER_IMAGE).
+        for r0, r1 in _bands(index.shape[0], index.shape[1] * cout * dy.dtype.size):
+            with tf.control_dependencies(pieces[-1:]):
+                band = tf.gather(dy_rows, tf.constant(index[r0:r1].reshape(-1), tf.int32), axis=1)
+            pieces.append(tf.reshape(tf.matmul(tf.reshape(band, [-1, k]), sub), [-1, cin]))
+            pixels.append(where[r0:r1].reshape(-1))
+    untouched = np.setdiff1d(np.arange(h * wd), np.concatenate(pixels))  # e.g. 1x1 stride 2
+    if untouched.size:
+        pieces.append(tf.zeros(tf.stack([n * untouched.size, cin]), dy.dtype))
+        pixels.append(untouched)
+    if len(pieces) == 1:
         return tf.reshape(pieces[0], [-1, h, wd, cin])
-    # Interleaving the phases (and zeroing untouched pixels) is one more gather.
-    pieces.append(tf.zeros([n, 1, cin], dy.dtype))
-    dx = tf.gather(tf.concat(pieces, axis=1), tf.constant(order, tf.int32), axis=1)
-    return tf.reshape(dx, [-1, h, wd, cin])
+    # The phases' rows interleaved into image order by one stitch (no concatenated copy first).
+    images = (tf.range(n) * (h * wd))[:, None]
+    index = [tf.reshape(tf.constant(p, tf.int32)[None, :] + images, [-1]) for p in pixels]
+    return tf.reshape(tf.dynamic_stitch(index, pieces), [-1, h, wd, cin])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,6 +112,19 @@ def test_im2col_matches_native_even_kernels_and_stride_3(k, stride, padding):
     assert_close(dw, dw_ref, 1e-4)
 
 
+@pytest.mark.parametrize("k,stride,padding,hw", [(3, 1, "SAME", (9, 8)), (3, 2, "SAME", (9, 8)), (5, 2, "VALID", (11, 12)),
+                                                 (1, 1, "SAME", (7, 7)), (1, 2, "SAME", (7, 7))])
+def test_gather_in_bands_matches_native(k, stride, padding, hw, monkeypatch):
+    # The gather form's backward pass runs in bands of rows to bound its memory; force one band per row.
+    monkeypatch.setattr(conv_forms, "BAND_BYTES_PER_IMAGE", 1)
+    x, w = random_inputs(2, *hw, 3, k, 4, seed=11)
+    y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
+    y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form="gather")
+    assert_close(y, y_ref, 1e-4)
+    assert_close(dx, dx_ref, 1e-4)
+    assert_close(dw, dw_ref, 1e-4)
+
+
 MORE_CHANNELS, MORE_CHANNELS_IDS = with_forms([(k, s, "SAME", (9, 8)) for k in (1, 3) for s in (1, 2)], cin=16)
 
 
