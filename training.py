@@ -305,6 +305,7 @@ def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Se
                 step = run.recover_from_nan(total, step)  # back to the last checkpoint, lower LR
                 continue
             run.after_step(step, lr, total, ce, correct)  # meters, pace, histograms, progress
+            run.save_if_preempted(step)  # several workers: SIGTERM to any, all save and stop here
             if run.pace.validation_due(step) and run.validate_and_save(step, lr) == "stop":
                 stop_reason = f"no val top-1 gain for {run.policy.stale} validations"
         if stop_reason and stop_reason.startswith("the time budget") and run.last_validated != step:
@@ -383,6 +384,7 @@ class Session:
         self.bar = _progress_bar(self.start, plan.max_steps)
         self.log = self.bar.write if self.bar else logging.info
         self.last_validated, self.lr, self.planned = self.start, 0.0, False
+        self.preemption = None if self.ckpts.single_process else self._preemption_handler()
         _log_start(cfg, split, plan, self.state)
         _call(self.hooks, "on_start", {
             "cfg": cfg, "split": split, "train_dir": train_dir, "model": self.state.model, "replicas": plan.replicas,
@@ -420,6 +422,28 @@ class Session:
         if step % self.cfg["log_every_steps"] == 0 or step == self.plan.max_steps:
             _log_window(self.window, step, self.plan, lr, self.writers["train"], self.log,
                         f"; next validation in {pace.clock_text(to_val)}, end in {pace.clock_text(to_end)}")
+
+    def _preemption_handler(self):
+        """TensorFlow's own preemption support for several workers: a SIGTERM to any worker makes
+        every worker save the same step (a save is a collective), then stop."""
+        saved = []
+
+        def save(step):
+            self.state.set(train_seconds=self.pace.spent())
+            self.ckpts.save(step)
+            saved.append(step)
+
+        def stop():
+            raise Interrupted(f"preempted at step {saved[-1] if saved else '?'}: every worker saved it (the chief in "
+                              f"{self.ckpts.train_dir}). Resume with the same command on each:\n  {resume_command()}")
+
+        config = tf.distribute.experimental.TerminationConfig(exit_fn=stop, save_fn=save)
+        return tf.distribute.experimental.PreemptionCheckpointHandler(self.strategy.cluster_resolver,
+                                                                     self.ckpts.manager, termination_config=config)
+
+    def save_if_preempted(self, step: int) -> None:
+        if self.preemption is not None:
+            self.preemption.save_checkpoint_if_preempted(step)
 
     def recover_from_nan(self, total: float, step: int) -> int:
         restored = _recover_from_nan(self.state, self.ckpts, self.cfg, total, step, self.log)

@@ -166,8 +166,17 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     # absl (pulled in by TensorFlow) otherwise duplicates warnings.
     logging.getLogger("absl").setLevel(logging.ERROR)
-    # tf.distribute logs every all-reduce plan at INFO.
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    # tf.distribute logs every all-reduce plan at INFO; TensorFlow's notes that one of its own
+    # internals is deprecated are for its developers, not for users.
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _NoDeprecationNotes) for f in tf_logger.filters):
+        tf_logger.addFilter(_NoDeprecationNotes())
+
+
+class _NoDeprecationNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is deprecated and will be removed" not in record.getMessage()
 
 
 # TensorFlow's C++ start-up banner: printed before its logging is set up, so TF_CPP_MIN_LOG_LEVEL
