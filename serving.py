@@ -269,7 +269,8 @@ def write_tflite(module, path: str, info: dict) -> None:
             "decode": "RGB, turned upright by its EXIF orientation, transparency composited over white",
             "resize_short_side_to": short,
             "resize": f"bilinear, antialiased when shrinking (hw2: PIL to a short side of "
-                      f"{augmentation.base_short_side(cfg)}, then TensorFlow bilinear to {short})",
+                      f"{augmentation.base_short_side(cfg)}, bilinear down or bicubic up, rounded to uint8; "
+                      f"then TensorFlow bilinear to {short})",
             "center_crop": [size, size],
             "values": "float32 0-255" + ("" if channels == 3 else " of grey = tf.image.rgb_to_grayscale(RGB)")},
         "tta": tta, "weights": info["weights"], "checkpoint": info["checkpoint"],

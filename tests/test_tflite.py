@@ -36,11 +36,9 @@ def write_digits(root, size: int, first: int, count: int) -> list[str]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def digits_export(tmp_path_factory):
+def train_and_export(tmp):
     """A [tiny] run trained on the 301 digits 0-2 among the first 1000 scans, stored at 8x8 (hw2
-    upsamples them to 20), exported with --tflite. 150 steps of 32: val top-1 ~1.0, decisive outputs."""
-    tmp = tmp_path_factory.mktemp("tflite")
+    upsamples them to 20), exported with --tflite. 150 steps of 32: val top-1 ~1.0, clear outputs."""
     write_digits(tmp / "digits", 8, 0, 1000)
     run, model = str(tmp / "run"), str(tmp / "model")
     with contextlib.redirect_stdout(io.StringIO()):
@@ -48,18 +46,20 @@ def digits_export(tmp_path_factory):
                                "--batch_size", "32", "--max_steps", "150", "--learning_rate", "0.01",
                                "--save_checkpoint_steps", "150", "--log_every_steps", "1000"]) == 0
         assert hw2_export.main(["--checkpoint_dir", run, "--export_dir", model, "--tflite"]) == 0
-    return tmp, run, model
+    return run, model
 
 
-def test_tflite_agrees_with_the_savedmodel_and_hw2_eval(digits_export):
-    tmp, run, model = digits_export
+# One test: its run is the costly part, and a module fixture would be built again by each
+# pytest-xdist worker that gets one of its tests.
+def test_tflite_agrees_with_the_savedmodel_and_hw2_eval_and_predicts_the_same(tmp_path, capsys):
+    run, model = train_and_export(tmp_path)
     info = json.load(open(os.path.join(model, "model.tflite.json")))
     assert info["class_names"] == ["0", "1", "2"] and info["image_size"] == 16 and info["channels"] == 3
     assert info["preprocessing"]["resize_short_side_to"] == 18 and info["preprocessing"]["center_crop"] == [16, 16]
     assert json.load(open(os.path.join(model, "hw2_export.json")))["tflite"] == "model.tflite"
     cfg, names = run_dirs.read_config(run)
     items = [(path, label) for path, label in run_dirs.load_json(os.path.join(run, "split.json"), "split")["train"]]
-    files = [str(tmp / "digits" / path) for path, _ in items]
+    files = [str(tmp_path / "digits" / path) for path, _ in items]
     tflite = serving.TFLiteModel(os.path.join(model, "model.tflite"))
     got = np.stack([p for p, _ in tflite.predict_files(files, batch_size=100)])
     saved = tf.saved_model.load(model)
@@ -69,19 +69,25 @@ def test_tflite_agrees_with_the_savedmodel_and_hw2_eval(digits_export):
     assert (got.argmax(1) == [label for _, label in items]).mean() > 0.8  # a model that tells digits apart
     # The TFLite path reads and prepares images with hw2's own code: hw2_eval's fp32 probabilities.
     hw2 = evaluation.Evaluator(run, 1, precision_name="fp32").evaluate(
-        run_dirs.pick_checkpoint(run, prefer_best=True), hw2_input.eval_dataset(str(tmp / "digits"), items, cfg, 64))
+        run_dirs.pick_checkpoint(run, prefer_best=True), hw2_input.eval_dataset(str(tmp_path / "digits"), items, cfg, 64))
     np.testing.assert_allclose(got, hw2.probabilities, atol=1e-4)
 
+    # Any batch size: the interpreter's input is resized per batch.
+    images = np.stack([tflite.preprocess(f) for f in files[:5]])
+    together = tflite.probabilities(images)
+    np.testing.assert_allclose(np.concatenate([tflite.probabilities(images[i:i + 1]) for i in range(5)]), together,
+                               atol=1e-6)
+    np.testing.assert_allclose(tflite.probabilities(images[:3]), together[:3], atol=1e-6)
+    np.testing.assert_allclose(together, got[:5], atol=1e-6)
 
-def test_predict_with_tflite_writes_the_savedmodels_classes(digits_export, tmp_path, capsys):
-    tmp, run, model = digits_export
-    images = tmp_path / "images"
-    write_digits(images, 20, 1000, 60)  # short side 20 = [tiny]'s base size: the same pixels either way
-    (images / "0" / "broken.png").write_bytes(b"not a png")
+    # hw2_predict with model.tflite and with the SavedModel: the same classes, the same bad file.
+    write_digits(tmp_path / "images", 20, 1000, 60)  # short side 20 = [tiny]'s base size: the same pixels
+    (tmp_path / "images" / "0" / "broken.png").write_bytes(b"not a png")
     rows = {}
     for name, path in (("tflite", os.path.join(model, "model.tflite")), ("saved", model)):
         out = str(tmp_path / f"{name}.csv")
-        assert hw2_predict.main(["--model", path, "--images", str(images), "--out", out, "--batch_size", "7"]) == 0
+        assert hw2_predict.main(["--model", path, "--images", str(tmp_path / "images"), "--out", out,
+                                 "--batch_size", "7"]) == 0
         assert "1 unreadable" in capsys.readouterr().out
         rows[name] = list(csv.DictReader(open(out)))
     assert len(rows["tflite"]) == len(rows["saved"]) > 15
@@ -92,25 +98,18 @@ def test_predict_with_tflite_writes_the_savedmodels_classes(digits_export, tmp_p
             assert float(a["prob_1"]) == pytest.approx(float(b["prob_1"]), abs=1e-4)
 
 
-def test_tflite_runs_any_batch_size(digits_export):
-    tmp, run, model = digits_export
-    tflite = serving.TFLiteModel(os.path.join(model, "model.tflite"))
-    images = np.random.default_rng(0).uniform(0, 255, (5, 16, 16, 3)).astype(np.float32)
-    together = tflite.probabilities(images)
-    one_by_one = np.concatenate([tflite.probabilities(images[i:i + 1]) for i in range(5)])
-    np.testing.assert_allclose(together, one_by_one, atol=1e-6)
-    np.testing.assert_allclose(tflite.probabilities(images[:3]), together[:3], atol=1e-6)
-    np.testing.assert_allclose(together.sum(axis=1), 1.0, atol=1e-5)
+def a_tflite_model() -> bytes:
+    """A valid .tflite flatbuffer (not hw2's): x -> x + 1."""
+    fn = tf.function(lambda x: x + 1.0, input_signature=[tf.TensorSpec([1, 2], tf.float32)])
+    return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()]).convert()
 
 
 @pytest.mark.parametrize("make, message", [
     (lambda d: (d / "x.tflite").write_bytes(b"\0" * 64), "x.tflite is not a TFLite model"),
-    (lambda d: (d / "x.tflite").write_bytes(open(d / "model" / "model.tflite", "rb").read()), "x.tflite.json"),
+    (lambda d: (d / "x.tflite").write_bytes(a_tflite_model()), "x.tflite.json"),  # no description beside it
     (lambda d: None, "not found"),
 ])
-def test_predict_tflite_user_errors(digits_export, tmp_path, capsys, make, message):
-    tmp, run, model = digits_export
-    os.symlink(model, tmp_path / "model")
+def test_predict_tflite_user_errors(tmp_path, capsys, make, message):
     make(tmp_path)
     png = tmp_path / "a.png"
     Image.new("RGB", (20, 20)).save(png)
