@@ -539,6 +539,8 @@ def _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, sinc
     """Validate the averaged weights, apply the plateau policy, save best/ (first) and the checkpoint."""
     val = validate(step)
     is_best, action = policy.update(val["top1"], step)
+    if cfg["lr_schedule"] != "plateau" and action in ("lower_lr", "stop"):
+        action = "wait"  # another schedule owns the LR and runs to its end (max_steps or the budget)
     if action == "lower_lr":
         state.set(lr_multiplier=state.get("lr_multiplier") * cfg["lr_factor"])
     state.set(**policy.state())

@@ -55,10 +55,12 @@ def test_the_loop_follows_the_step_schedule(tmp_path):
     train, val = hw2_dataset.make_split(scan.items, 0.2, 0)
     hw2_dataset.write_split(str(tmp_path / "split.json"), scan, train, val, 0, 0.2)
     split = hw2_dataset.load_split(str(tmp_path / "split.json"))
-    # 16 train images / batch 8 = 2 steps per epoch; halve every epoch; validate every 2 steps
+    # 16 train images / batch 8 = 2 steps per epoch; halve every epoch; validate every 2 steps.
+    # A plateau policy on a hair trigger must not touch another schedule's LR, nor stop its run.
     c = utils.load_config("tiny", {"model": "simple_cnn", "fc_units": "8", "lr_schedule": "step",
                                    "lr_step_epochs": "1", "lr_gamma": "0.5", "learning_rate": "0.01",
-                                   "max_epochs": "3"})
+                                   "max_epochs": "3", "lr_patience": "1", "stop_patience": "1",
+                                   "min_delta": "0.9"})
 
     class Rows:
         rows = []
