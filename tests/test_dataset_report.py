@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dataset_report
 import hw2_dataset as ds
 from helpers import make_image_folder
 
@@ -98,7 +99,7 @@ def test_report_describes_classes_sizes_bad_files_duplicates_and_nesting(folder:
 
 def test_samples_png_has_one_row_of_images_per_class(folder: Path, tmp_path: Path):
     scan = ds._scan(str(folder), True, 8, 2)
-    (sheet,) = ds.write_contact_sheets(scan, str(tmp_path), per_class=4, seed=0, workers=2)
+    (sheet,) = dataset_report.write_contact_sheets(scan, str(tmp_path), per_class=4, seed=0, workers=2)
     assert os.path.basename(sheet) == "samples.png"
     pixels = np.asarray(Image.open(sheet).convert("L"), np.float32)
     thumb, pad = 96, 4
@@ -117,6 +118,6 @@ def test_samples_png_has_one_row_of_images_per_class(folder: Path, tmp_path: Pat
 def test_report_of_many_classes_splits_the_contact_sheet(tmp_path: Path):
     classes = [f"c{i:03d}" for i in range(101)]
     make_image_folder(tmp_path / "data", classes, per_class=1, sizes=((8, 8),), formats=("bmp",))
-    paths = ds.write_report(ds._scan(str(tmp_path / "data"), True, 8, 2), str(tmp_path / "out"), workers=2)
+    paths = dataset_report.write_report(ds._scan(str(tmp_path / "data"), True, 8, 2), str(tmp_path / "out"), workers=2)
     assert [os.path.basename(p) for p in paths] == ["report.md", "samples.png", "samples-2.png"]
     assert Image.open(paths[2]).height == 1 * (64 + 4) + 4  # the 101st class, at 64 px
