@@ -159,7 +159,10 @@ def plot_errors(rows: list[dict], title: str = "", columns: int = 6, thumb: int 
     for ax in axes.ravel():
         ax.axis("off")
     for ax, r in zip(axes.ravel(), rows):
-        ax.imshow(hw2_dataset._thumbnail(r["path"], thumb))  # grey if the file went away since
+        try:
+            ax.imshow(hw2_dataset.read_image(r["path"], short_side=thumb))
+        except ValueError:  # the file went away or broke since it was evaluated
+            ax.text(0.5, 0.5, "unreadable now", ha="center", va="center", fontsize=8, transform=ax.transAxes)
         name = _short_name(os.path.basename(_printable(r["path"])), 26)
         ax.set_title(f"{name}\ntrue: {_short_name(r['true_class'])}\n"
                      f"predicted: {_short_name(r['predicted_class'], 16)} {r['probability']:.3f}", fontsize=8)

@@ -54,6 +54,7 @@ def test_error_gallery_orders_mistakes_and_names_odd_files(tmp_path):
                               [.1, .8, .1],
                               [.2, .2, .6],
                               [.1, .8, .1]])  # right
+    os.remove(paths[1])  # gone since the evaluation: still listed, drawn as unreadable
     rows = class_report.write_error_gallery(labels, probabilities, paths, names, str(tmp_path / "eval"), step=3)
     written = read_csv(tmp_path / "eval" / "errors.csv")
     assert [(r["true_class"], r["predicted_class"], r["probability"], r["true_class_probability"])
