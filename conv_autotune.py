@@ -27,7 +27,7 @@ import utils
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when a form's code changes enough to invalidate old timings
+CACHE_VERSION = 2  # bump when a form's code changes enough to invalidate old timings
 TIMED_CALLS = 3    # per form, after one untimed call; the fastest counts
 
 
@@ -46,7 +46,7 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
     batch, image_hw = int(input_shape[0]), (int(input_shape[1]), int(input_shape[2]), int(input_shape[3]))
     convs = [c for c in layers._conv_layers(model) if c.conv_impl == "im2col"]
     native = len(layers._conv_layers(model)) - len(convs)
-    cache, entries, timed = _load_cache(), {}, 0
+    cache, entries, timed, tuned = _load_cache(), {}, 0, 0
     start = time.perf_counter()
     forms = Counter()
     for conv in convs:
@@ -57,13 +57,15 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
         form = conv_forms.default_form(spec, training)
         candidates = tunable_forms(spec)
         if autotune and len(candidates) > 1:
-            key = f"{spec.key()}|{'train' if training else 'infer'}|batch {batch}"
+            # The candidates are part of the key: a form added later gets timed, not ignored.
+            key = f"{spec.key()}|{'train' if training else 'infer'}|batch {batch}|{','.join(candidates)}"
             if key not in cache and key not in entries:
                 # The first conv reads the images: its input gradient is never asked for.
                 needs_dx = training and (spec.h, spec.w, spec.cin) != image_hw
                 entries[key] = time_forms(spec, candidates, batch, training, needs_dx)
                 timed += 1
             form = (entries.get(key) or cache[key])["form"]
+            tuned += 1
         if training:
             conv.train_form = form
         else:
@@ -80,8 +82,10 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
         how = "fixed defaults"
     elif timed:
         how = f"autotuned {timed} layer shapes in {time.perf_counter() - start:.1f} s, cached in {where}"
-    else:
+    elif tuned:
         how = f"autotuned, from the cache {where}"
+    else:
+        how = "autotune: one candidate form per layer, nothing to time"
     return f"conv forms ({pass_name}, {dtype}, batch {batch}): {counts or 'no convolutions'} ({how})"
 
 

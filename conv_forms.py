@@ -3,8 +3,9 @@ matmuls and gathers of our own, each fastest on some layer shapes.
 
     gather    im2col: one gather of the kh*kw taps into a patch matrix, one matmul. Any shape.
     matmul    1x1 kernels: the (subsampled) input is the patch matrix, no gather.
-    winograd  F(4x4, 3x3) (Lavin & Gray 2016) for 3x3 stride-1 float32 layers: 36 tile products
-              per 4x4 outputs instead of 144 multiplies, in four matmuls and two gathers.
+    winograd  F(4x4, 3x3) and F(2x2, 5x5) (Lavin & Gray 2016) for 3x3 and 5x5 stride-1 float32
+              layers: 36 tile products per 4x4 (2x2) outputs instead of 144 (100) multiplies, in
+              four matmuls and two gathers.
 
 `conv2d(x, w, sh, sw, same, form)` runs one form with its hand-written gradient (training);
 `conv2d_bias_act` is the inference form with the bias (a folded batch norm) and ReLU fused where
@@ -55,9 +56,9 @@ def applicable_forms(spec: ConvSpec) -> tuple[str, ...]:
     forms = ["gather"]
     if spec.kh == spec.kw == 1:
         forms.append("matmul")
-    if (spec.kh, spec.kw, spec.sh, spec.sw) == (3, 3, 1, 1) and spec.dtype == "float32":
+    if spec.kh == spec.kw in (3, 5) and spec.sh == spec.sw == 1 and spec.dtype == "float32":
         # Winograd's transforms add rounding error: fine in float32 (tested to 1e-4 of tf.nn.conv2d),
-        # too much for bfloat16's 8-bit mantissa.
+        # not in bfloat16 (3% RMS error against 0.3% for the gather, measured on the seed's layers).
         forms.append("winograd")
     return tuple(forms)
 
@@ -65,9 +66,9 @@ def applicable_forms(spec: ConvSpec) -> tuple[str, ...]:
 def default_form(spec: ConvSpec, training: bool = True) -> str:
     """The fixed form for a layer shape when nothing was tuned (tests, --deterministic true).
 
-    From bench/conv_forms.py on a Zen 5 with and without ONEDNN_MAX_CPU_ISA=AVX2: 1x1 kernels as
-    plain matmuls; Winograd for 3x3 stride-1 float32 layers with at least 16 input channels (with
-    fewer, the GEMM is too thin for its transforms to pay); the gather everywhere else.
+    From bench/conv_speed.py on a Zen 5 with and without ONEDNN_MAX_CPU_ISA=AVX2: 1x1 kernels as
+    plain matmuls; Winograd for 3x3 and 5x5 stride-1 float32 layers with at least 16 input channels
+    (with fewer, the GEMM is too thin for its transforms to pay); the gather everywhere else.
     """
     forms = applicable_forms(spec)
     if "matmul" in forms:
@@ -110,6 +111,19 @@ def conv2d_bias_act(x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor, sh: int, sw: in
         cols, (_, _, _, ho, wo, _, _) = _patches(x, spec.kh, spec.kw, sh, sw, same)
     y = tf.nn.bias_add(tf.matmul(cols, tf.reshape(w, [-1, spec.cout])), bias)
     return tf.reshape(tf.nn.relu(y) if relu else y, [-1, ho, wo, spec.cout])
+
+
+def _in_backward_scope(grad):
+    """grad, building its ops in the name scope gradient_tape/<the forward's scope>/im2col_grad/,
+    beside autodiff's own, so that bench/profile_step.py attributes them to their layer."""
+    scope = tf.get_current_name_scope()
+    name = f"gradient_tape/{scope}/im2col_grad/" if scope else "gradient_tape/im2col_grad/"
+
+    def scoped(dy):
+        with tf.name_scope(name):
+            return grad(dy)
+
+    return scoped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +203,7 @@ def _gather_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf
     def conv(x, w):
         cols, (h, wd, cin, ho, wo, pt, pl) = _patches(x, kh, kw, sh, sw, same)
         y = tf.reshape(tf.matmul(cols, tf.reshape(w, [-1, cout])), [-1, ho, wo, cout])
-
+        @_in_backward_scope
         def grad(dy):
             # dW = cols^T dy with cols gathered again, band by band, rather than kept from the
             # forward pass: far less memory, for a gather that is a small part of this matmul.
@@ -302,7 +316,7 @@ def _matmul_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf
         ho, wo = xs.shape[1], xs.shape[2]
         cols = tf.reshape(xs, [-1, cin])
         y = tf.reshape(tf.matmul(cols, w[0, 0]), [-1, ho, wo, cout])
-
+        @_in_backward_scope
         def grad(dy):
             dy2 = tf.reshape(dy, [-1, cout])
             dw = tf.reshape(tf.matmul(cols, dy2, transpose_a=True), [1, 1, cin, cout])
@@ -320,54 +334,70 @@ def _matmul_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf
 
 
 # ---------------------------------------------------------------------------------------------
-# winograd F(4x4, 3x3)
+# winograd: F(4x4, 3x3) and F(2x2, 5x5)
 # ---------------------------------------------------------------------------------------------
 
-# Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016), F(4, 3) at the points
-# 0, +-1, +-2: y = A^T [(G g G^T) * (B^T d B)] A for a 6x6 input tile d and a 3x3 kernel g.
+# Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016): for an a x a input tile
+# d (a = m + r - 1) and an r x r kernel g, the m x m outputs are A^T [(G g G^T) * (B^T d B)] A.
+# Both sizes here evaluate at the points 0, +-1, +-2 and infinity, so a = 6 and B is the same.
 _BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
                 [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
-_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
-_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)
-_M, _A = 4, 6  # outputs and inputs per tile side
+_POINTS = np.array([0, 1, -1, 2, -2], np.float64)
+_A = 6  # input tile side
+
+
+def _winograd_matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B^T [6,6], G [6,r], A^T [m,6]) of F(m, r) at _POINTS (m + r = 7).
+
+    A^T evaluates the outputs' polynomial at the points (rows p^i, and infinity's column picks the
+    top coefficient); G is the kernel's Lagrange-scaled Vandermonde (Lavin's F(4,3) G for r = 3).
+    """
+    a = m + r - 1
+    scale = np.array([np.prod([p - q for q in _POINTS if q != p]) for p in _POINTS])
+    g = np.vstack([_POINTS[:, None] ** np.arange(r) / scale[:, None], np.eye(r)[-1:]])
+    at = np.hstack([_POINTS[None, :] ** np.arange(m)[:, None], np.eye(m)[:, -1:]])
+    assert _BT.shape == (a, a)
+    return _BT, g, at
 
 
 class _WinogradPlan(NamedTuple):
     """Static row indices of one image; the batch offsets are added at run time."""
+    m: int                # outputs per tile side
+    r: int                # kernel side
     ho: int
     wo: int
     tiles: int            # tiles per image
     tile_in: np.ndarray   # [36, tiles]: input pixel (r*W + c) of each tile tap, -1 for padding
-    x_back: np.ndarray    # [H*W, 4, 2]: (tap, tile) of the up to 4 tile taps reading each pixel, -1: none
+    x_back: np.ndarray    # [H*W, k, 2]: (tap, tile) of the tile taps reading each pixel, -1: none
     y_out: np.ndarray     # [Ho*Wo, 2]: (output tap, tile) of each output pixel
-    y_back: np.ndarray    # [16, tiles]: output pixel of each output tap of each tile, -1 outside
+    y_back: np.ndarray    # [m*m, tiles]: output pixel of each output tap of each tile, -1 outside
 
 
-def _winograd_plan(h: int, wd: int, same: bool) -> _WinogradPlan:
-    ho, wo = (h, wd) if same else (h - 2, wd - 2)
-    pad = 1 if same else 0
-    th, tw = -(-ho // _M), -(-wo // _M)
+def _winograd_plan(h: int, wd: int, r: int, same: bool) -> _WinogradPlan:
+    m = _A - r + 1
+    ho, wo = (h, wd) if same else (h - r + 1, wd - r + 1)
+    pad = (r - 1) // 2 if same else 0
+    th, tw = -(-ho // m), -(-wo // m)
     ty, tx, a, b = np.meshgrid(np.arange(th), np.arange(tw), np.arange(_A), np.arange(_A), indexing="ij")
-    r, c = ty * _M + a - pad, tx * _M + b - pad
-    inside = (r >= 0) & (r < h) & (c >= 0) & (c < wd)
-    tile_in = np.where(inside, r * wd + c, -1).transpose(2, 3, 0, 1).reshape(_A * _A, th * tw)
-    # Pixel (r, c) sits at tap a = (r+pad) mod 4 (+4) of row tile (r+pad) // 4 (-1): two candidates
-    # per axis, four per pixel.
-    r, c = np.meshgrid(np.arange(h) + pad, np.arange(wd) + pad, indexing="ij")
+    y, x = ty * m + a - pad, tx * m + b - pad
+    inside = (y >= 0) & (y < h) & (x >= 0) & (x < wd)
+    tile_in = np.where(inside, y * wd + x, -1).transpose(2, 3, 0, 1).reshape(_A * _A, th * tw)
+    # Pixel (y, x) is tap a = (y+pad) mod m (+ m, + 2m, ...) of row tile (y+pad) // m (- 1, - 2, ...):
+    # ceil(6 / m) candidates per axis (2 for F(4,3), 3 for F(2,5)).
+    y, x = np.meshgrid(np.arange(h) + pad, np.arange(wd) + pad, indexing="ij")
     back = []
-    for kr in (0, 1):
-        for kc in (0, 1):
-            ty, a, tx, b = r // _M - kr, r % _M + _M * kr, c // _M - kc, c % _M + _M * kc
+    for ky in range(-(-_A // m)):
+        for kx in range(-(-_A // m)):
+            ty, a, tx, b = y // m - ky, y % m + m * ky, x // m - kx, x % m + m * kx
             ok = (ty >= 0) & (ty < th) & (a < _A) & (tx >= 0) & (tx < tw) & (b < _A)
             back.append(np.stack([np.where(ok, a * _A + b, -1), np.where(ok, ty * tw + tx, -1)], -1))
-    x_back = np.stack(back, 2).reshape(h * wd, 4, 2)
+    x_back = np.stack(back, 2).reshape(h * wd, len(back), 2)
     oy, ox = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
-    y_out = np.stack([(oy % _M) * _M + ox % _M, (oy // _M) * tw + ox // _M], -1).reshape(ho * wo, 2)
-    ty, tx, i, j = np.meshgrid(np.arange(th), np.arange(tw), np.arange(_M), np.arange(_M), indexing="ij")
-    oy, ox = ty * _M + i, tx * _M + j
-    y_back = np.where((oy < ho) & (ox < wo), oy * wo + ox, -1).transpose(2, 3, 0, 1).reshape(_M * _M, th * tw)
-    return _WinogradPlan(ho, wo, th * tw, tile_in, x_back, y_out, y_back)
+    y_out = np.stack([(oy % m) * m + ox % m, (oy // m) * tw + ox // m], -1).reshape(ho * wo, 2)
+    ty, tx, i, j = np.meshgrid(np.arange(th), np.arange(tw), np.arange(m), np.arange(m), indexing="ij")
+    oy, ox = ty * m + i, tx * m + j
+    y_back = np.where((oy < ho) & (ox < wo), oy * wo + ox, -1).transpose(2, 3, 0, 1).reshape(m * m, th * tw)
+    return _WinogradPlan(m, r, ho, wo, th * tw, tile_in, x_back, y_out, y_back)
 
 
 def _rows(src: tf.Tensor, channels: int) -> tf.Tensor:
@@ -389,13 +419,6 @@ def _image_major(static: np.ndarray, n: tf.Tensor, tiles: int, taps: int) -> tf.
     return tf.where(tap >= 0, (tap * n + images) * tiles + tile, taps * n * tiles)
 
 
-def _winograd_transforms(dtype) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """kron(B^T, B^T) [36,36], kron(G, G) [36,9], kron(A^T, A^T) [16,36]: the 2-D transforms as matmuls
-    over the tap axis of tap-major data."""
-    return (tf.constant(np.kron(_BT, _BT), dtype), tf.constant(np.kron(_G, _G), dtype),
-            tf.constant(np.kron(_AT, _AT), dtype))
-
-
 def _winograd_forward(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
     """The forward pass alone (inference; autodiff through it is correct but slow)."""
     return _winograd_conv(x, w, same)
@@ -403,9 +426,15 @@ def _winograd_forward(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
 
 def _winograd_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
     _, h, wd, cin = x.shape
-    cout = w.shape[-1]
-    plan = _winograd_plan(h, wd, same)
-    bt, g, at = _winograd_transforms(x.dtype)
+    r, cout = w.shape[0], w.shape[-1]
+    plan = _winograd_plan(h, wd, r, same)
+    m, taps = plan.m, _A * _A
+    # The 2-D transforms as matmuls over the tap axis of tap-major data: kron(B^T, B^T) [36, 36],
+    # kron(G, G) [36, r*r], kron(A^T, A^T) [m*m, 36].
+    bt, g, at = (np.kron(t, t) for t in _winograd_matrices(m, r))
+    bt, g, at = (tf.constant(t, x.dtype) for t in (bt, g, at))
+    # B's adjoint with an extra zero row: its output ends in zero rows that the input gradient's
+    # gather reads for missing taps (cheaper than padding its output).
     bt_zero = tf.pad(tf.transpose(bt), [[0, 1], [0, 0]])
     n = tf.shape(x)[0]
     nt = n * plan.tiles
@@ -414,26 +443,24 @@ def _winograd_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
     def conv(x, w):
         # Tiles, tap-major [36, N*tiles, Cin]: the 36 tap GEMMs then have the whole batch as M.
         d = tf.gather(_rows(x, cin), _tap_major(plan.tile_in, n, h * wd))
-        v = tf.reshape(tf.matmul(bt, tf.reshape(d, [_A * _A, -1])), [_A * _A, nt, cin])
-        u = tf.reshape(tf.matmul(g, tf.reshape(w, [9, cin * cout])), [_A * _A, cin, cout])
-        m = tf.matmul(v, u)  # [36, N*tiles, Cout]
-        yt = tf.matmul(at, tf.reshape(m, [_A * _A, -1]))  # [16, N*tiles*Cout]
-        y = tf.gather(tf.reshape(yt, [-1, cout]), _image_major(plan.y_out, n, plan.tiles, _M * _M))
+        v = tf.reshape(tf.matmul(bt, tf.reshape(d, [taps, -1])), [taps, nt, cin])
+        u = tf.reshape(tf.matmul(g, tf.reshape(w, [r * r, cin * cout])), [taps, cin, cout])
+        prod = tf.matmul(v, u)  # [36, N*tiles, Cout]
+        yt = tf.matmul(at, tf.reshape(prod, [taps, -1]))  # [m*m, N*tiles*Cout]
+        y = tf.gather(tf.reshape(yt, [-1, cout]), _image_major(plan.y_out, n, plan.tiles, m * m))
         y = tf.reshape(y, [-1, plan.ho, plan.wo, cout])
 
+        @_in_backward_scope
         def grad(dy):
             # The output gather's adjoint is a gather too (a permutation, zeros where tiles overhang).
             dyt = tf.gather(_rows(dy, cout), _tap_major(plan.y_back, n, plan.ho * plan.wo))
-            dm = tf.matmul(at, tf.reshape(dyt, [_M * _M, -1]), transpose_a=True)
-            dm = tf.reshape(dm, [_A * _A, nt, cout])
-            du = tf.matmul(v, dm, transpose_a=True)  # [36, Cin, Cout], summed over all tiles
-            dw = tf.reshape(tf.matmul(g, tf.reshape(du, [_A * _A, -1]), transpose_a=True), [3, 3, cin, cout])
-            dv = tf.matmul(dm, u, transpose_b=True)  # [36, N*tiles, Cin]
-            # B's transform with a 37th, zero row: its output ends in the zero rows that the
-            # gather below reads for missing taps (cheaper than padding dd).
-            dd = tf.matmul(bt_zero, tf.reshape(dv, [_A * _A, -1]))
-            # Overlapping tiles: each pixel sums the up to 4 tile taps that read it.
-            dx = tf.gather(tf.reshape(dd, [-1, cin]), _image_major(plan.x_back, n, plan.tiles, _A * _A))
+            dprod = tf.reshape(tf.matmul(at, tf.reshape(dyt, [m * m, -1]), transpose_a=True), [taps, nt, cout])
+            du = tf.matmul(v, dprod, transpose_a=True)  # [36, Cin, Cout], summed over all tiles
+            dw = tf.reshape(tf.matmul(g, tf.reshape(du, [taps, -1]), transpose_a=True), [r, r, cin, cout])
+            dv = tf.matmul(dprod, u, transpose_b=True)  # [36, N*tiles, Cin]
+            dd = tf.matmul(bt_zero, tf.reshape(dv, [taps, -1]))
+            # Overlapping tiles: each pixel sums the tile taps that read it.
+            dx = tf.gather(tf.reshape(dd, [-1, cin]), _image_major(plan.x_back, n, plan.tiles, taps))
             return tf.reshape(tf.reduce_sum(dx, axis=2), [-1, h, wd, cin]), dw
 
         return y, grad

@@ -61,7 +61,7 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     entries = json.loads(path.read_text())[conv_autotune.machine_key()]
     # Timed: the inception's three 3x3s (one shape). Not the stem (only the gather: Winograd needs
     # 8 input channels), conv1 (stride 2: only the gather) or the 1x1s (always matmul).
-    assert sorted(entries) == ["6x6x16-3x3/1x1-same-16-float32|train|batch 4"]
+    assert sorted(entries) == ["6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd"]
     for entry in entries.values():
         assert set(entry["ms"]) == {"gather", "winograd"} and entry["form"] in entry["ms"]
     chosen = [c.train_form for c in convs(model)]
@@ -74,7 +74,7 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     assert [c.train_form for c in convs(again)] == chosen
 
     # A cached choice is used as is, so a planted one shows it was read.
-    key = "6x6x16-3x3/1x1-same-16-float32|train|batch 4"
+    key = "6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd"
     entries[key]["form"] = "gather" if entries[key]["form"] == "winograd" else "winograd"
     path.write_text(json.dumps({conv_autotune.machine_key(): entries}))
     third = small_model()

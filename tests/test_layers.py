@@ -82,11 +82,12 @@ def test_im2col_matches_native_values_and_gradients(k, stride, padding, hw, form
     assert_close(dw, dw_ref, 1e-4)
 
 
-# Winograd's 6x6 input tiles step by 4: sizes below, at and between multiples of 4, where the last
-# tile overhangs the image by 0-3 pixels and the overlapping taps sum in the input gradient.
+# Winograd's 6x6 input tiles step by 4 (3x3 kernels) or 2 (5x5): sizes below, at and between
+# multiples of the step, where the last tile overhangs the image and the overlapping taps of 2 or 3
+# tiles sum in the input gradient.
 WINOGRAD_EDGES, WINOGRAD_EDGE_IDS = with_forms(
-    [(3, 1, "SAME", hw) for hw in [(1, 1), (2, 3), (4, 4), (5, 6), (12, 13)]]
-    + [(3, 1, "VALID", hw) for hw in [(3, 3), (6, 6), (7, 10)]])
+    [(k, 1, "SAME", hw) for k in (3, 5) for hw in [(1, 1), (2, 3), (4, 4), (5, 6), (12, 13)]]
+    + [(3, 1, "VALID", hw) for hw in [(3, 3), (6, 6), (7, 10)]] + [(5, 1, "VALID", hw) for hw in [(5, 5), (6, 9)]])
 
 
 @pytest.mark.parametrize("k,stride,padding,hw,form", WINOGRAD_EDGES, ids=WINOGRAD_EDGE_IDS)
