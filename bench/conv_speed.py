@@ -1,9 +1,14 @@
-"""Forward+backward time of our im2col convolution vs tf.nn.conv2d on the real network's shapes.
+"""Every form of our convolution against tf.nn.conv2d, one layer shape at a time (what the autotune
+in conv_autotune.py chooses from).
 
-Usage: python bench/conv_speed.py [--reps 5] [--dtype float32|bfloat16]
-Prints ms per training call for each implementation and the ratio native/im2col (1.0 = as fast).
+    python bench/conv_speed.py [--batch 128] [--reps 4] [--dtype float32|bfloat16] [--layers seed|zoo|all]
+
+For each layer shape of the seed network (and with --layers zoo|all, of the zoo's models), prints
+ms per call of native and of every applicable im2col form: training (forward, then + filter
+gradient, then + input gradient, each cumulative) and inference (forward + bias + ReLU), the best
+of --reps calls, the forms interleaved. The first conv of a network never needs its input
+gradient; its row shows it anyway.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -13,74 +18,104 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import utils  # noqa: E402
+import utils  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
 
 import tensorflow as tf  # noqa: E402
 
-from layers import conv2d_func  # noqa: E402
+import conv_forms  # noqa: E402
 
-# (name, input shape, Cout, kernel, stride, needs dx); the first conv sees the images, so a
-# training step never asks for its input gradient.
-SHAPES = [
-    ("stem 3x3 s1", (32, 100, 100, 3), 64, 3, 1, False),
-    ("3x3 s2", (32, 100, 100, 64), 128, 3, 2, True),
-    ("3x3 s1", (32, 25, 25, 64), 96, 3, 1, True),
-    ("1x1 s1", (32, 25, 25, 128), 64, 1, 1, True),
+# (name, (h, w, cin), cout, kernel, stride)
+SEED = [
+    ("stem 3x3", (100, 100, 3), 64, 3, 1),
+    ("conv2 3x3/2", (100, 100, 64), 128, 3, 2),
+    ("inc2 1x1", (25, 25, 128), 64, 1, 1),
+    ("inc2 3x3 96", (25, 25, 64), 96, 3, 1),
+    ("inc2 3x3 64", (25, 25, 64), 64, 3, 1),
+    ("inc3 1x1 96", (13, 13, 320), 96, 1, 1),
+    ("inc3 3x3 96", (13, 13, 96), 96, 3, 1),
+    ("inc3 3x3 64", (13, 13, 96), 64, 3, 1),
+]
+ZOO = [
+    ("cifar10 5x5 24px", (24, 24, 3), 64, 5, 1),
+    ("cifar10 5x5 12px", (12, 12, 64), 64, 5, 1),
+    ("resnet 7x7/2 stem", (64, 64, 3), 64, 7, 2),
+    ("resnet 3x3 16px", (16, 16, 64), 64, 3, 1),
+    ("resnet 3x3/2 16px", (16, 16, 64), 128, 3, 2),
+    ("resnet 1x1/2 16px", (16, 16, 64), 128, 1, 2),
+    ("resnet 3x3 4px 512", (4, 4, 512), 512, 3, 1),
+    ("vgg 3x3 32px", (32, 32, 64), 128, 3, 1),
+    ("vgg 3x3 8px 512", (8, 8, 512), 512, 3, 1),
 ]
 
 
-def make_step(impl: str, shape, cout: int, k: int, s: int, needs_dx: bool, dtype):
-    x = tf.cast(tf.random.normal(shape), dtype)
-    w = tf.Variable(tf.random.normal((k, k, shape[-1], cout), stddev=0.05))
-
-    @tf.function
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = conv2d_func(x, w, s, "SAME", impl=impl)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2)
-        grads = tape.gradient(loss, [x, w] if needs_dx else [w])
-        return [tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads]
-
-    def run() -> float:
-        start = time.perf_counter()
-        [g.numpy() for g in step(x)]
-        return time.perf_counter() - start
-
-    run()  # trace + warm up
-    return run
-
-
-def time_pair(shape, cout: int, k: int, s: int, needs_dx: bool, dtype, reps: int) -> dict[str, float]:
-    """Best ms per call of each impl; runs alternate so a busy machine slows both alike."""
-    runs = {impl: make_step(impl, shape, cout, k, s, needs_dx, dtype) for impl in ("native", "im2col")}
-    best = {impl: float("inf") for impl in runs}
+def best_ms(f, reps: int) -> float:
+    best = float("inf")
     for _ in range(reps):
-        for impl, run in runs.items():
-            best[impl] = min(best[impl], run() * 1000)
-    return best
+        start = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - start)
+    return best * 1000
+
+
+def calls(form: str, shape, cout: int, k: int, s: int, batch: int, dtype) -> dict:
+    """{"fwd", "dw", "dx", "infer"}: each a function running one traced call."""
+    x = tf.cast(tf.random.normal((batch,) + shape), dtype)
+    w = tf.cast(tf.random.normal((k, k, shape[-1], cout), stddev=0.05), dtype)
+    bias = tf.zeros([cout], dtype)
+
+    def conv(x, w):
+        if form == "native":
+            return tf.nn.conv2d(x, w, s, "SAME")
+        return conv_forms.conv2d(x, w, s, s, True, form)
+
+    # Each returns a slice of its outputs, so no part is pruned; the upstream gradient is y itself.
+    def train(wrt):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = conv(x, w)
+        grads = tape.gradient(y, wrt(x, w), output_gradients=y) if wrt(x, w) else []
+        return [tf.reduce_sum(y[:1])] + [tf.reduce_sum(g[:1]) for g in grads]
+
+    def infer():
+        if form == "native":
+            y = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, w, s, "SAME"), bias))
+        else:
+            y = conv_forms.conv2d_bias_act(x, w, bias, s, s, True, form, True)
+        return tf.reduce_sum(y[:1])
+
+    fns = {"fwd": lambda: train(lambda x, w: []), "dw": lambda: train(lambda x, w: [w]),
+           "dx": lambda: train(lambda x, w: [x, w]), "infer": infer}
+    out = {}
+    for name, fn in fns.items():
+        traced = tf.function(fn, autograph=False)
+        out[name] = lambda traced=traced: tf.nest.map_structure(lambda t: t.numpy(), traced())
+        out[name]()  # trace and warm up
+    return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = parser.parse_args()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--layers", default="seed", choices=["seed", "zoo", "all"])
+    args = p.parse_args()
     dtype = tf.as_dtype(args.dtype)
-    print(f"CPU: {utils.cpu_line()}")
-    print(f"TensorFlow {tf.__version__}, dtype {args.dtype}, best of {args.reps}")
-    print(f"{'layer':<12} {'input':<20} {'Cout':>4} {'native ms':>10} {'im2col ms':>10} {'native/im2col':>14}")
-    total = {"native": 0.0, "im2col": 0.0}
-    for name, shape, cout, k, s, needs_dx in SHAPES:
-        ms = time_pair(shape, cout, k, s, needs_dx, dtype, args.reps)
-        for impl in total:
-            total[impl] += ms[impl]
-        print(
-            f"{name:<12} {str(list(shape)):<20} {cout:>4} {ms['native']:>10.1f} {ms['im2col']:>10.1f}"
-            f" {ms['native'] / ms['im2col']:>14.2f}"
-        )
-    print(f"{'all':<12} {'':<20} {'':>4} {total['native']:>10.1f} {total['im2col']:>10.1f}"
-          f" {total['native'] / total['im2col']:>14.2f}")
+    rows = {"seed": SEED, "zoo": ZOO, "all": SEED + ZOO}[args.layers]
+    print(f"machine: CPU: {utils.cpu_line()}")
+    print(f"TensorFlow {tf.__version__}, {args.dtype}, batch {args.batch}, best of {args.reps}; ms per call: "
+          "train = fwd / +dW / +dX (cumulative), infer = fwd + bias + ReLU")
+    for name, shape, cout, k, s in rows:
+        spec = conv_forms.ConvSpec(*shape, cout, k, k, s, s, True, args.dtype)
+        forms = ("native",) + conv_forms.applicable_forms(spec)
+        runs = {form: calls(form, shape, cout, k, s, args.batch, dtype) for form in forms}
+        ms = {form: {part: float("inf") for part in fns} for form, fns in runs.items()}
+        for _ in range(args.reps):  # interleaved, so a busy machine slows all alike
+            for form, fns in runs.items():
+                for part, fn in fns.items():
+                    ms[form][part] = min(ms[form][part], best_ms(fn, 1))
+        cells = [f"{form} {m['fwd']:.1f}/{m['dw']:.1f}/{m['dx']:.1f} infer {m['infer']:.1f}" for form, m in ms.items()]
+        print(f"{name:<20} {str(shape):<16} {cout:>4}  " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ training=False, fp32). Synthetic data, default config section (100x100, 65 class
 
 Op time is the sum of each op's duration on TensorFlow's executor threads. Two ops can run at
 once (inter-op parallelism) and an op's time includes waiting for a core, so on 2 cores the sum
-exceeds the wall time and overlapping ops look slower than alone; the shares are what to read.
-Take img/s ratios from train_throughput.py.
+exceeds the wall time and overlapping ops look slower than alone; the shares are what to read, or
+run with --serial (one op at a time), where op times add up to about the wall time. The im2col
+runs use the conv forms conv_autotune picks (cached; printed). Take img/s ratios from
+train_throughput.py.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import collections
 import glob
 import os
+import re
 import sys
 import tempfile
 import time
@@ -33,11 +36,14 @@ import utils  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
 
 RUNS = ("im2col", "native", "bf16", "keras", "infer-im2col", "infer-native")
 
-# Ops the im2col custom gradient (layers._im2col_conv) creates: tf.custom_gradient builds them
-# outside any layer's name scope, so in the trace they are the unscoped gathers and matmuls.
-IM2COL_GRAD_TYPES = {"MatMul", "_MklMatMul", "BatchMatMulV2", "GatherV2", "Transpose", "_MklTranspose",
-                     "ConcatV2", "Pad", "Reshape", "StridedSlice", "Fill", "ZerosLike"}
-IM2COL_FWD_TYPES = {"MatMul", "_MklMatMul", "GatherV2", "Pad"}  # in a conv layer's scope
+# Ops the im2col forms' custom gradients (conv_forms.py) create: tf.custom_gradient builds them
+# outside any layer's name scope, so in the trace they are the unscoped gathers and matmuls (and
+# Winograd's batched matmuls, index arithmetic and tap sums).
+IM2COL_GRAD_TYPES = {"MatMul", "_MklMatMul", "BatchMatMulV2", "_MklBatchMatMulV2", "GatherV2", "Transpose",
+                     "_MklTranspose", "ConcatV2", "Pad", "Reshape", "StridedSlice", "Fill", "ZerosLike", "Sum",
+                     "SelectV2", "Range", "DynamicStitch", "ParallelDynamicStitch"}
+IM2COL_FWD_TYPES = {"MatMul", "_MklMatMul", "BatchMatMulV2", "_MklBatchMatMulV2", "GatherV2", "Pad", "SelectV2",
+                    "_MklNativeFusedMatMul", "BiasAdd", "Relu"}  # in a conv layer's scope
 UPDATE_TYPES = {"Mul", "Sub", "AddV2", "RealDiv", "Sqrt", "Maximum", "Minimum", "Cast", "Pow",
                 "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp", "ReadVariableOp"}
 
@@ -49,6 +55,8 @@ def category(path: str, op_type: str) -> str:
     top_level = "/" not in scoped
     if "Conv2D" in op_type:
         return "conv bwd (native)" if "Backprop" in op_type else "conv fwd (native)"
+    if "/im2col_grad/" in path:  # conv_forms puts its hand-written gradients there
+        return "conv bwd (im2col gradient)"
     if "/bn" in scoped or "batch_normalization" in scoped or "_bn" in scoped:
         return "batch norm (fwd+bwd)"
     if scoped.startswith(("adam/", "Adam/")) or (top_level and op_type in UPDATE_TYPES and not backward):
@@ -119,16 +127,29 @@ def make_run(which: str, cfg, batch: int):
     return tt.hw2_train(cfg, "fp32", which, batch)
 
 
+def conv_layer(path: str) -> str:
+    """The conv layer an op belongs to, e.g. conv2 or inception2/b_3x3 (Keras' _1 suffixes dropped)."""
+    parts = [re.sub(r"_\d+$", "", p) for p in path.removeprefix("gradient_tape/").split("/")[1:-1]]
+    parts = [p for p in parts if p != "im2col_grad"]
+    keep = [p for p in parts if re.match(r"(conv|inception|stage|stem|a_|b_|c_|d_|shortcut)", p)]
+    return "/".join(keep) or "?"
+
+
 def report(which: str, wall: float, times: dict[str, int], steps: int, top: int) -> dict[str, float]:
-    """Prints one run's categories and top ops; returns ms per step by category."""
+    """Prints one run's categories, top ops and conv time per layer; returns ms per step by category."""
     per_step = 1e-9 / steps  # ps over all steps -> ms per step
     total = sum(times.values()) * per_step
     by_cat: dict[str, float] = collections.Counter()
     by_type: dict[str, float] = collections.Counter()
+    by_layer: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for name, ps in times.items():
         path, op_type = name.rsplit(":", 1)
-        by_cat[category(path, op_type)] += ps * per_step
+        cat = category(path, op_type)
+        by_cat[cat] += ps * per_step
         by_type[op_type] += ps * per_step
+        if cat.startswith("conv"):
+            by_layer[conv_layer(path)][cat.startswith("conv bwd")] += ps * per_step
+    report.by_layer = dict(by_layer)
     print(f"\n== {which}: wall {wall * 1000:.0f} ms/step, op time {total:.0f} ms/step")
     print(f"{'category':<30} {'ms/step':>8} {'share':>6}")
     for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
@@ -142,6 +163,17 @@ def report(which: str, wall: float, times: dict[str, int], steps: int, top: int)
     return by_cat
 
 
+def print_layers(layers: dict[str, dict[str, list[float]]]) -> None:
+    """Conv op ms per step by layer, forward / backward, runs side by side."""
+    names = sorted({n for by in layers.values() for n in by}, key=lambda n: -max(sum(by.get(n, [0, 0]))
+                                                                              for by in layers.values()))
+    print("\n== conv op ms/step by layer, forward / backward")
+    print(f"{'layer':<30}" + "".join(f" {w:>15}" for w in layers))
+    for n in names:
+        print(f"{n:<30}" + "".join(f" {by.get(n, [0, 0])[0]:>7.1f}/{by.get(n, [0, 0])[1]:<7.1f}"
+                                   for by in layers.values()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
@@ -150,12 +182,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="profiled rounds per run, interleaved; the fastest counts")
     p.add_argument("--top", type=int, default=12, help="rows of the op-type and op tables")
     p.add_argument("--logdir", default="", help="keep the traces here (TensorBoard's profile tab reads them)")
+    p.add_argument("--serial", action="store_true",
+                   help="one op at a time (inter-op parallelism 1): op times then add up to the wall time")
     args = p.parse_args()
     runs = [r for r in args.runs.split(",") if r]
     if not runs or set(runs) - set(RUNS):
         raise SystemExit(f"--runs: pick from {', '.join(RUNS)}")
 
     import tensorflow as tf
+    if args.serial:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     cfg = utils.load_config("default")
     print(f"machine: CPU: {utils.cpu_line()}")
     print(f"TensorFlow {tf.__version__}; seed network {cfg.image_size}x{cfg.image_size}, 65 classes, batch "
@@ -164,6 +200,9 @@ def main() -> None:
     root = args.logdir or tmp.name
     start = time.perf_counter()
     makers = {which: make_run(which, cfg, args.batch) for which in runs}  # each traces + warms up
+    for which, run in makers.items():
+        if getattr(run, "forms", None) and "native" not in which:
+            print(f"{which}: {run.forms}")
     print(f"(built and traced in {time.perf_counter() - start:.0f} s)", flush=True)
     # Rounds alternate between runs so a busy machine slows all alike; the fastest round counts.
     best: dict[str, tuple[float, str]] = {}
@@ -173,9 +212,11 @@ def main() -> None:
             wall = profile(run, args.steps, logdir)
             if which not in best or wall < best[which][0]:
                 best[which] = (wall, logdir)
-    cats = {which: report(which, wall, op_times(logdir),
-                          args.steps + getattr(makers[which], "extra_steps", 0), args.top)
-            for which, (wall, logdir) in best.items()}
+    cats, layers = {}, {}
+    for which, (wall, logdir) in best.items():
+        cats[which] = report(which, wall, op_times(logdir),
+                             args.steps + getattr(makers[which], "extra_steps", 0), args.top)
+        layers[which] = report.by_layer
     if len(cats) > 1:
         names = sorted({c for by in cats.values() for c in by},
                        key=lambda c: -max(by.get(c, 0.0) for by in cats.values()))
@@ -185,6 +226,7 @@ def main() -> None:
             print(f"{c:<30}" + "".join(f" {by.get(c, 0.0):>9.1f}" for by in cats.values()))
         print(f"{'total':<30}" + "".join(f" {sum(by.values()):>9.1f}" for by in cats.values()))
         print(f"{'wall ms/step (profiled)':<30}" + "".join(f" {best[w][0] * 1000:>9.1f}" for w in cats))
+    print_layers(layers)
     if tmp is not None:
         tmp.cleanup()
 

@@ -46,6 +46,26 @@ def machine_line() -> str:
     return f"CPU: {utils.cpu_line()}"
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it has bf16 kernels on this kind of CPU.
+BF16_CAPS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+             "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "DEFAULT", "ALL")
+
+
+def capped_cpu_flags() -> set[str]:
+    """This CPU's flags as oneDNN sees them: ONEDNN_MAX_CPU_ISA=AVX2 drops avx512*/amx*.
+
+    Under such a cap TensorFlow still believes the CPU does bf16 and a bf16 MatMul crashes
+    (oneDNN has no primitive for it), so the bench treats the capped CPU as the AVX2-only CPU it
+    stands for: precision auto -> fp32 and no bf16 rows.
+    """
+    import precision as prec
+    flags = prec.cpu_flags()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and cap not in BF16_CAPS:
+        flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
+    return flags
+
+
 def synthetic_batch(batch: int, size: int, seed: int = 0, channels: int = 3):
     import numpy as np
     rng = np.random.default_rng(seed)
@@ -57,8 +77,22 @@ def synthetic_batch(batch: int, size: int, seed: int = 0, channels: int = 3):
 # ---------------------------------------------------------------- the timed configurations
 # Each maker returns run(steps) -> seconds for `steps` steps, after tracing and one warm-up step.
 
+def create_model(cfg, num_classes: int):
+    """hw2's model constructor (hw2.create_model; hw2.build_model before issue 14 renamed it)."""
+    import hw2
+    return (getattr(hw2, "create_model", None) or hw2.build_model)(cfg, num_classes)
+
+
+def choose_forms(model, cfg, batch: int, training: bool) -> str:
+    """conv_autotune.choose_conv_forms as hw2's scripts call it (autotuned, cached)."""
+    import conv_autotune
+    shape = (batch, cfg.image_size, cfg.image_size, cfg.channels)
+    return conv_autotune.choose_conv_forms(model, shape, model.dtype_policy.compute_dtype, training, autotune=True)
+
+
 def hw2_train(cfg, precision: str, conv_impl: str, batch: int):
-    """hw2's own train step (hw2.make_train_step: loss, Adam, EMA) under the default strategy."""
+    """hw2's own train step (hw2.make_train_step: loss, Adam, EMA) under the default strategy,
+    its convolutions in the forms choose_conv_forms picks (run.forms: its log line)."""
     import keras
     import tensorflow as tf
 
@@ -67,10 +101,11 @@ def hw2_train(cfg, precision: str, conv_impl: str, batch: int):
     cfg = utils.Config({**cfg, "conv_impl": conv_impl, "precision": precision})
     prec.apply(precision)  # layers take the global policy when they are built
     try:
-        model = hw2.build_model(cfg, NUM_CLASSES)
+        model = create_model(cfg, NUM_CLASSES)
         optimizer = hw2.make_optimizer(cfg, model)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    forms = choose_forms(model, cfg, batch, training=True)
     ema = hw2.EMA(model, cfg.ema_decay)
     strategy = tf.distribute.get_strategy()
     x, y = synthetic_batch(batch, cfg.image_size, channels=cfg.channels)
@@ -86,14 +121,15 @@ def hw2_train(cfg, precision: str, conv_impl: str, batch: int):
         return time.perf_counter() - start
 
     run(1)
+    run.forms, run.model = forms, model
     return run
 
 
 def hw2_infer(cfg, conv_impl: str, batch: int):
     import tensorflow as tf
 
-    import hw2
-    model = hw2.build_model(utils.Config({**cfg, "conv_impl": conv_impl}), NUM_CLASSES)
+    model = create_model(utils.Config({**cfg, "conv_impl": conv_impl}), NUM_CLASSES)
+    forms = choose_forms(model, cfg, batch, training=False)
     x = tf.constant(synthetic_batch(batch, cfg.image_size)[0])
     forward = tf.function(lambda x: model(x, training=False))
 
@@ -104,6 +140,7 @@ def hw2_infer(cfg, conv_impl: str, batch: int):
         return time.perf_counter() - start
 
     run(1)
+    run.forms = forms
     return run
 
 
@@ -262,6 +299,49 @@ def input_pipeline(cfg, root: str, items, batch: int):
     return run
 
 
+def gemm_roof():
+    """run(steps) for a 2048^3 float32 matmul: this machine's fp32 GEMM roof, timed with the rest."""
+    import tensorflow as tf
+    a, b = tf.random.normal((2048, 2048)), tf.random.normal((2048, 2048))
+    gemm = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)[:1]))
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            float(gemm())
+        return time.perf_counter() - start
+
+    run(1)
+    run.flops = 2 * 2048**3
+    return run
+
+
+def train_flops_per_image(model, cfg) -> float:
+    """FLOPs (2 x multiply-adds) of one image's training step in the convolutions and dense layers,
+    counted as direct convolutions: forward, filter gradient and input gradient (none for the first
+    conv, which reads the images). Winograd does fewer, so a fraction of the roof can pass 1."""
+    import keras
+
+    import conv_forms
+    import layers
+    image = (cfg.image_size, cfg.image_size, cfg.channels)
+    total = 0
+    for conv in layers._conv_layers(model):
+        (h, w), (kh, kw, cin, cout), s = conv.input_hw, conv.kernel.shape, conv.stride
+        same = conv.padding == "SAME"
+        pixels = conv_forms.axis_plan(h, kh, s, same)[0] * conv_forms.axis_plan(w, kw, s, same)[0]
+        total += 2 * pixels * kh * kw * cin * cout * (2 if (h, w, cin) == image else 3)
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.Dense):
+            total += 3 * 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return total
+
+
+def form_counts(line: str) -> str:
+    """'4 winograd, 2 gather' out of choose_conv_forms' log line."""
+    return line.split("): ", 1)[1].split(" (", 1)[0]
+
+
 def matmul_ceiling(batch: int):
     """run(steps) per dtype for the GEMMs of conv2 (3x3/2, 64->128 at 100x100, the network's
     largest layer): forward cols x W and the filter gradient cols^T x dY. Their bf16/fp32 ratio is
@@ -335,30 +415,33 @@ def zoo_ratios(rows: list[tuple[str, str, dict]], batch: int, steps: int, repeat
         n = max(steps, math.ceil(1.0 / max(run(1) for run in runs.values())))
         ips = {impl: batch / s for impl, s in time_interleaved(runs, n, max(repeats, 3)).items()}
         print(f"zoo {name} {cfg.image_size}px im2col/native train {ips['im2col'] / ips['native']:.2f} "
-              f"(im2col {ips['im2col']:.0f} img/s, native {ips['native']:.0f} img/s)", flush=True)
+              f"(im2col {ips['im2col']:.0f} img/s, native {ips['native']:.0f} img/s; "
+              f"forms {form_counts(runs['im2col'].forms)})", flush=True)
         del runs
         gc.collect()  # the next model's buffers should not stack on this one's
 
 
 # ---------------------------------------------------------------- peak memory (a child process)
 
-def memory_child(batch: int, steps: int, requested: str) -> None:
+def memory_child(batch: int, steps: int, requested: str, conv_impl: str) -> None:
     """Train `steps` steps at `batch` with the default config in `requested` precision; print peak RSS."""
     import precision as prec
     cfg = utils.load_config("default")
-    chosen, _ = prec.choose(requested, prec.cpu_flags(), prec.gpu_compute_capability())
-    hw2_train(cfg, chosen, cfg.conv_impl, batch)(steps)
+    chosen, _ = prec.choose(requested, capped_cpu_flags(), prec.gpu_compute_capability())
+    conv_impl = conv_impl or cfg.conv_impl
+    hw2_train(cfg, chosen, conv_impl, batch)(steps)
     # Not ru_maxrss: a child spawned by a big parent inherits the parent's high-water mark across
     # exec (the full bench's parent reached 8 GiB, and the child reported exactly that). VmHWM is
     # this process's own address space only.
     with open("/proc/self/status") as f:
         kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_gib": kib / 2**20, "precision": chosen, "conv_impl": cfg.conv_impl}))
+    print(json.dumps({"peak_rss_gib": kib / 2**20, "precision": chosen, "conv_impl": conv_impl}))
 
 
-def peak_memory(batch: int, steps: int, requested: str) -> dict:
+def peak_memory(batch: int, steps: int, requested: str, conv_impl: str = "") -> dict:
+    """Peak RSS of a training run in a fresh process (its conv forms come from the autotune cache)."""
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory_child", "--batch", str(batch),
-                        "--steps", str(steps), "--memory_precision", requested],
+                        "--steps", str(steps), "--memory_precision", requested, "--memory_conv_impl", conv_impl],
                        capture_output=True, text=True, timeout=900)
     if p.returncode:
         raise SystemExit(f"memory child failed:\n{p.stderr[-2000:]}")
@@ -391,9 +474,10 @@ def main() -> None:
     p.add_argument("--zoo_batch", type=int, default=64, help="batch of the zoo rows (--quick: 32)")
     p.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory_precision", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--memory_conv_impl", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
-        return memory_child(args.batch, args.steps, args.memory_precision)
+        return memory_child(args.batch, args.steps, args.memory_precision, args.memory_conv_impl)
     if args.quick:
         args.batch, args.steps, args.repeats, args.images, args.zoo_batch = 32, 2, 2, 160, 32
     skip = set(filter(None, args.skip.split(",")))
@@ -403,7 +487,7 @@ def main() -> None:
 
     import precision as prec
     cfg = utils.load_config("default")
-    flags, gpu_cc = prec.cpu_flags(), prec.gpu_compute_capability()
+    flags, gpu_cc = capped_cpu_flags(), prec.gpu_compute_capability()
     auto, reason = prec.choose("auto", flags, gpu_cc)
     default_impl = cfg.conv_impl
     print(f"machine: {machine_line()}")
@@ -414,10 +498,15 @@ def main() -> None:
 
     bf16 = "bf16"
     train = {"im2col fp32": hw2_train(cfg, "fp32", "im2col", args.batch),
-             "native fp32": hw2_train(cfg, "fp32", "native", args.batch),
-             f"{default_impl} {bf16}": hw2_train(cfg, bf16, default_impl, args.batch)}
+             "native fp32": hw2_train(cfg, "fp32", "native", args.batch)}
+    # bf16 without bf16 hardware is still measured (an AVX2 CPU runs it, slowly), but not under a
+    # cap that hides the hardware (it would crash, see capped_cpu_flags).
+    bf16_runs = capped_cpu_flags() == prec.cpu_flags() or auto == "bf16"
+    if bf16_runs:
+        train[f"{default_impl} {bf16}"] = hw2_train(cfg, bf16, default_impl, args.batch)
     if auto == "bf16":
         train.update(matmul_ceiling(args.batch))
+    train["GEMM roof"] = gemm_roof()
     if "infer" not in skip:
         train["infer im2col"] = hw2_infer(cfg, "im2col", args.batch)
         train["infer native"] = hw2_infer(cfg, "native", args.batch)
@@ -441,14 +530,25 @@ def main() -> None:
     sec = time_interleaved(train, args.steps, args.repeats)
     ips = {name: args.batch / s for name, s in sec.items()}
 
+    for name, run in train.items():
+        if hasattr(run, "forms") and "im2col" in name:
+            print(f"{name}: {run.forms}")
     print("img/s: " + ", ".join(f"{name} {v:.1f}" for name, v in ips.items() if not name.startswith("GEMM")))
     hw2_default = ips[f"{default_impl} {auto}"]  # what training runs at by default here
     print(f"im2col/native train {ips['im2col fp32'] / ips['native fp32']:.2f}")
+    roof = train["GEMM roof"].flops / sec["GEMM roof"]
+    flops = train_flops_per_image(train["im2col fp32"].model, cfg)
+    print(f"train FLOP/s / fp32 GEMM roof: im2col fp32 {flops * ips['im2col fp32'] / roof:.2f}, native fp32 "
+          f"{flops * ips['native fp32'] / roof:.2f} ({flops / 1e9:.2f} GFLOP per image as direct convolutions; "
+          f"roof: 2048^3 fp32 matmul {roof / 1e9:.0f} GFLOP/s)")
     if "infer" not in skip:
         print(f"im2col/native infer {ips['infer im2col'] / ips['infer native']:.2f}")
-    by_precision = {"fp32": ips[f"{default_impl} fp32"], "bf16": ips[f"{default_impl} {bf16}"]}
-    print(f"auto({auto})/best(fp32,bf16) train {by_precision[auto] / max(by_precision.values()):.2f}")
-    print(f"bf16/fp32 train (im2col) {by_precision['bf16'] / by_precision['fp32']:.2f}")
+    if bf16_runs:
+        by_precision = {"fp32": ips[f"{default_impl} fp32"], "bf16": ips[f"{default_impl} {bf16}"]}
+        print(f"auto({auto})/best(fp32,bf16) train {by_precision[auto] / max(by_precision.values()):.2f}")
+        print(f"bf16/fp32 train (im2col) {by_precision['bf16'] / by_precision['fp32']:.2f}")
+    else:
+        print("auto(fp32), bf16/fp32: no bf16 rows under this ONEDNN_MAX_CPU_ISA cap")
     if "GEMM bfloat16" in ips:
         print(f"bf16/fp32 GEMM alone (conv2's forward + filter-gradient shapes) "
               f"{ips['GEMM bfloat16'] / ips['GEMM float32']:.2f}")
@@ -474,11 +574,18 @@ def main() -> None:
     zoo_ratios(zoo, args.zoo_batch, args.steps, args.repeats)
     if "memory" not in skip:
         # Full mode measures twice: glibc's per-thread arenas fill differently from run to run.
-        for requested in ("auto", "fp32") if auto != "fp32" else ("auto",):
-            peaks = [peak_memory(128, 1, requested) for _ in range(1 if args.quick else 2)]
-            gib = [p["peak_rss_gib"] for p in peaks]
-            print(f"peak RSS of training at batch 128 ({peaks[0]['conv_impl']} {peaks[0]['precision']}) "
-                  f"{max(gib):.2f} GiB (runs: {', '.join(f'{g:.2f}' for g in gib)})")
+        runs = range(1 if args.quick else 2)
+        if auto != "fp32":
+            gib = [peak_memory(128, 1, "auto")["peak_rss_gib"] for _ in runs]
+            print(f"peak RSS of training at batch 128 ({default_impl} {auto}) {max(gib):.2f} GiB "
+                  f"(runs: {', '.join(f'{g:.2f}' for g in gib)})")
+        gib = {impl: [] for impl in ("im2col", "native")}
+        for _ in runs:
+            for impl in gib:
+                gib[impl].append(peak_memory(128, 1, "fp32", impl)["peak_rss_gib"])
+        print(f"peak RSS im2col/native train (fp32, batch 128) {max(gib['im2col']) / max(gib['native']):.2f} "
+              + "(" + "; ".join(f"{impl} {max(g):.2f} GiB, runs {', '.join(f'{v:.2f}' for v in g)}"
+                                for impl, g in gib.items()) + ")")
 
 
 if __name__ == "__main__":
