@@ -287,14 +287,15 @@ class RunModel:
         import tensorflow as tf
 
         import hw2
+        # Checkpoints of hw2 0.1.0 have no averaged batch-norm statistics: the model's own apply.
+        stats = tf.train.load_checkpoint(path).has_tensor("ema_stats/0/.ATTRIBUTES/VARIABLE_VALUE")
+        parts = {"model": hw2.variables_by_path(self.model), "ema": self.ema.shadow,
+                 **({"ema_stats": self.ema.stats_shadow} if stats else {})}
         try:
-            tf.train.Checkpoint(model=hw2.variables_by_path(self.model), ema=self.ema.shadow,
-                                ema_stats=self.ema.stats_shadow).restore(path) \
-                .expect_partial().assert_existing_objects_matched()
+            tf.train.Checkpoint(**parts).restore(path).expect_partial().assert_existing_objects_matched()
         except (ValueError, AssertionError, tf.errors.OpError) as e:
             first = str(e).strip().splitlines()[0][:200]
             raise UserError(f"checkpoint {path} does not match the network in {CONFIG}: {first}") from None
-        if averaged:  # checkpoints written before batch-norm statistics were averaged keep the model's
-            self.ema.copy_to_model(stats=tf.train.load_checkpoint(path).has_tensor(
-                "ema_stats/0/.ATTRIBUTES/VARIABLE_VALUE") or not self.ema.stats_shadow)
+        if averaged:
+            self.ema.copy_to_model(stats=stats)
         return checkpoint_step(path)

@@ -52,9 +52,12 @@ class TrainState:
     vars: dict  # name -> scalar float64 tf.Variable (STATE_FIELDS)
     precision: str
 
-    def checkpoint(self, with_optimizer: bool = True) -> tf.train.Checkpoint:
-        parts = {"model": hw2.variables_by_path(self.model), "ema": self.ema.shadow, "ema_stats": self.ema.stats_shadow,
-                 "state": self.vars}
+    def checkpoint(self, with_optimizer: bool = True, saved_by: str = "") -> tf.train.Checkpoint:
+        """The objects a checkpoint holds; saved_by="0.1.0" restores one written by hw2 0.1.0,
+        which had neither the named run state nor averaged batch-norm statistics."""
+        parts = {"model": hw2.variables_by_path(self.model), "ema": self.ema.shadow}
+        if saved_by != "0.1.0":
+            parts.update(ema_stats=self.ema.stats_shadow, state=self.vars)
         return tf.train.Checkpoint(**parts, **({"optimizer": self.optimizer} if with_optimizer else {}))
 
     def get(self, name: str) -> float:
@@ -129,8 +132,8 @@ class Checkpoints:
     """RUN's regular checkpoints and best/ copy. Every worker takes part in a save (it is a
     collective); only the chief's land in RUN, the others write to a temporary folder."""
 
-    def __init__(self, state: TrainState, train_dir: str, strategy, keep: int):
-        self.state, self.train_dir = state, train_dir
+    def __init__(self, state: TrainState, train_dir: str, strategy, keep: int, cfg: Mapping | None = None):
+        self.state, self.train_dir, self.cfg = state, train_dir, cfg
         self.chief, self.write_dir = _chief_and_write_dir(strategy, train_dir)
         resolver = getattr(strategy, "cluster_resolver", None)
         self.single_process = resolver is None or not resolver.task_type  # a save needs no other worker
@@ -153,8 +156,11 @@ class Checkpoints:
 
     def restore(self, path: str) -> int:
         path = run_dir.readable_checkpoint(path)
+        reader = tf.train.load_checkpoint(path)
+        if not reader.has_tensor("state/optimizer_kind/.ATTRIBUTES/VARIABLE_VALUE"):
+            return self._restore_0_1_0(path, reader)
         kind = self.state.get("optimizer_kind")
-        saved_kind = tf.train.load_checkpoint(path).get_tensor("state/optimizer_kind/.ATTRIBUTES/VARIABLE_VALUE")
+        saved_kind = reader.get_tensor("state/optimizer_kind/.ATTRIBUTES/VARIABLE_VALUE")
         if saved_kind == kind:
             self.state.checkpoint().restore(path).assert_existing_objects_matched()
         else:  # fresh slots for the new optimizer; weights, step, averages and policy carry over
@@ -165,6 +171,29 @@ class Checkpoints:
             logging.info("optimizer changed from %s to %s: its state starts fresh (weights, step, moving "
                          "averages and LR policy carry over)", OPTIMIZER_KINDS[int(saved_kind)],
                          OPTIMIZER_KINDS[int(kind)])
+        return int(self.state.optimizer.iterations.numpy())
+
+    def restore_weights(self, path: str) -> None:
+        """The weights, averages and run state of `path`, not the optimizer (to measure it)."""
+        if tf.train.load_checkpoint(path).has_tensor("state/optimizer_kind/.ATTRIBUTES/VARIABLE_VALUE"):
+            self.state.checkpoint(with_optimizer=False).restore(path).expect_partial().assert_existing_objects_matched()
+        else:
+            self.state.checkpoint(with_optimizer=False, saved_by="0.1.0").restore(path).expect_partial() \
+                .assert_nontrivial_match()
+
+    def _restore_0_1_0(self, path: str, reader) -> int:
+        """A checkpoint of hw2 0.1.0: its policy vector and LR become the run state; the averaged
+        batch-norm statistics start from the model's."""
+        self.state.checkpoint(saved_by="0.1.0").restore(path).expect_partial().assert_nontrivial_match()
+        best, best_step, ref, stale, lowered, lr_scale = reader.get_tensor("policy/.ATTRIBUTES/VARIABLE_VALUE")
+        multiplier = 1.0  # 0.1.0 kept the plateau policy's LR in the optimizer; a schedule recomputes its own
+        if self.cfg and self.cfg["lr_schedule"] == "plateau":
+            multiplier = float(self.state.optimizer.learning_rate.numpy()) / (self.cfg["learning_rate"] * lr_scale)
+        self.state.set(best=best, best_step=best_step, ref=ref, stale=stale, since_drop=0 if lowered else stale,
+                       lowered=lowered, lr_scale=lr_scale, lr_multiplier=multiplier)
+        for s, v in zip(self.state.ema.stats_shadow, self.state.ema._stats):
+            s.assign(v)
+        logging.info("resumed a checkpoint of hw2 0.1.0 (%s)", path)
         return int(self.state.optimizer.iterations.numpy())
 
     def save(self, step: int) -> None:
@@ -360,7 +389,7 @@ class Session:
         self.plan = plan = make_plan(cfg, split, strategy)
         _seed(cfg)
         self.state = create_train_state(cfg, plan.num_classes, strategy)
-        self.ckpts = Checkpoints(self.state, train_dir, strategy, cfg["keep_checkpoints"])
+        self.ckpts = Checkpoints(self.state, train_dir, strategy, cfg["keep_checkpoints"], cfg)
         self.hooks = hooks if self.ckpts.chief else ()  # hooks write files: one writer per run
         self.start = _start(self.state, self.ckpts, plan, strategy, resume)
         self.writers = {name: tf.summary.create_file_writer(os.path.join(train_dir, name)) if self.ckpts.chief
@@ -571,8 +600,7 @@ def _finish(state, ckpts, policy, validate, plan, stop_reason, hooks) -> dict:
         logging.info("no validation ran (max_steps=%d already reached)", plan.max_steps)
         ckpts.finish()
         return {"top1": float("nan"), "topk": float("nan"), "step": -1}
-    state.checkpoint(with_optimizer=False).restore(ckpts.best.latest_checkpoint).expect_partial() \
-        .assert_existing_objects_matched()
+    ckpts.restore_weights(ckpts.best.latest_checkpoint)
     result = validate.measure()
     ckpts.finish()
     logging.info("stopped: %s", stop_reason)

@@ -90,11 +90,12 @@ def run_keras(pool: str, test: str, minutes: float, image_size: int, seed: int) 
     train_ds, val_ds = keras.utils.image_dataset_from_directory(
         pool, validation_split=0.2, subset="both", seed=seed, image_size=size, batch_size=128)
     test_ds = keras.utils.image_dataset_from_directory(test, shuffle=False, image_size=size, batch_size=128)
+    num_classes = len(train_ds.class_names)
     augment = keras.Sequential([layers.RandomFlip("horizontal"), layers.RandomRotation(0.1)])
     train_ds = train_ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     train_ds, val_ds = train_ds.prefetch(tf.data.AUTOTUNE), val_ds.cache().prefetch(tf.data.AUTOTUNE)
     cfg = utils.load_config("default", {"image_size": str(image_size)})
-    model = seed_network(cfg, len(train_ds.class_names), rescale=1.0 / 255)
+    model = seed_network(cfg, num_classes, rescale=1.0 / 255)
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from helpers import make_image_folder
 
@@ -107,3 +108,32 @@ def test_a_second_interrupt_quits_at_once(monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
         assert exits == [130]
     assert signal.getsignal(signal.SIGINT) is before  # handlers put back
+
+
+def test_a_run_of_hw2_0_1_0_evaluates_and_resumes(tiny_run, tmp_path, capsys):
+    """hw2 0.1.0 saved a policy vector and no averaged batch-norm statistics: its runs still
+    evaluate, and resume with their policy counters and plateau-lowered LR."""
+    import tensorflow as tf
+
+    import hw2
+    import hw2_eval
+    import hw2_train
+    import run_dir as run_dirs
+    import training
+    run = tiny_run.copy(tmp_path)
+    cfg, names = run_dirs.read_config(run)
+    state = training.create_train_state(cfg, len(names))
+    training.Checkpoints(state, run, None, 5).restore(os.path.join(run, "ckpt-4"))
+    state.optimizer.learning_rate.assign(cfg.learning_rate / 2)  # one plateau drop
+    old = tf.train.Checkpoint(model=hw2.variables_by_path(state.model), optimizer=state.optimizer,
+                              ema=state.ema.shadow, policy=tf.Variable([0.75, 2, 0.75, 3, 1, 1], dtype=tf.float64))
+    tf.train.CheckpointManager(old, run, max_to_keep=5, checkpoint_name="ckpt").save(checkpoint_number=4)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert hw2_eval.main(["--checkpoint_dir", run, "--no_report", "--eval_dir", str(tmp_path / "e")]) == 0
+        assert hw2_train.main(["--train_dir", run, "--section", "tiny", "--max_steps", "6"]) == 0
+    assert "(step 4, ema weights" in out.getvalue()
+    err = capsys.readouterr().err
+    assert "resumed a checkpoint of hw2 0.1.0" in err and "resuming from step 4" in err
+    reader = tf.train.load_checkpoint(os.path.join(run, "ckpt-6"))
+    assert reader.get_tensor("state/lr_multiplier/.ATTRIBUTES/VARIABLE_VALUE") == pytest.approx(0.5)
+    assert reader.get_tensor("state/stale/.ATTRIBUTES/VARIABLE_VALUE") >= 3
