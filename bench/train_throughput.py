@@ -4,7 +4,11 @@
                                       [--zoo default|all|MODEL,...] [--zoo_batch 64]
 
 Rows (one ratio per line, both sides timed in this run, interleaved, best of --repeats):
-  im2col/native train, im2col/native infer     our convolution vs tf.nn.conv2d (fp32)
+  im2col/native train, im2col/native infer     our convolution (its forms autotuned and cached by
+                                               conv_autotune.choose_conv_forms, printed first) vs
+                                               tf.nn.conv2d (fp32)
+  train FLOP/s / fp32 GEMM roof                training FLOPs per image (as direct convolutions) x
+                                               img/s, over a 2048^3 fp32 matmul's FLOP/s timed here
   auto/best(fp32,bf16) train                   what --precision auto picks vs the faster of the two
   bf16/fp32 train (im2col)                     mixed bfloat16 vs float32
   bf16/fp32 GEMM alone                         the same ratio for conv2's two big matmuls alone
@@ -13,10 +17,12 @@ Rows (one ratio per line, both sides timed in this run, interleaved, best of --r
                                                auto picks bf16), and each one's default precision
   hw2/torch-eager train                        the same vs PyTorch eager, channels_last (bf16: autocast)
   input pipeline/train                         decode + augment of real JPEGs alone vs training
-  peak RSS                                     of a training run at batch 128 (separate process)
+  peak RSS                                     of a training run at batch 128 (separate process):
+                                               auto precision, and im2col/native in fp32
   zoo MODEL im2col/native train                each zoo model (models.py) at its own input size, fp32
 Synthetic images and labels (65 classes), default config section, 100x100 input; the zoo rows use
-the sections and sizes in ZOO_ROWS.
+the sections and sizes in ZOO_ROWS. Under ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only CPU) the bench
+treats the CPU as having no bf16 hardware: no bf16 rows, auto -> fp32.
 """
 from __future__ import annotations
 
