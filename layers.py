@@ -377,24 +377,17 @@ class InceptionModule(keras.layers.Layer):
         }
 
 
-def inception_v1_module(
-    towers: tuple[int, int, int, int],
-    bottleneck: int,
-    conv_impl: str = "im2col",
-    weight_decay: float = 0.0,
-    name: str | None = None,
-) -> InceptionModule:
-    return InceptionModule(1, towers, bottleneck, conv_impl, weight_decay, name=name)
+def _inception_constructor(version: int):
+    def make(towers: tuple[int, int, int, int], bottleneck: int, conv_impl: str = "im2col",
+             weight_decay: float = 0.0, name: str | None = None) -> InceptionModule:
+        return InceptionModule(version, towers, bottleneck, conv_impl, weight_decay, name=name)
+    make.__name__ = make.__qualname__ = f"inception_v{version}_module"
+    make.__doc__ = f"An InceptionModule of version {version} (the seed's inception_v{version}_module)."
+    return make
 
 
-def inception_v2_module(
-    towers: tuple[int, int, int, int],
-    bottleneck: int,
-    conv_impl: str = "im2col",
-    weight_decay: float = 0.0,
-    name: str | None = None,
-) -> InceptionModule:
-    return InceptionModule(2, towers, bottleneck, conv_impl, weight_decay, name=name)
+inception_v1_module = _inception_constructor(1)
+inception_v2_module = _inception_constructor(2)
 
 
 def spatial_dropout(keep_prob: float) -> keras.layers.SpatialDropout2D:
