@@ -567,7 +567,7 @@ def _recover_from_nan(state: TrainState, ckpts: Checkpoints, cfg: Mapping, total
 def _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, since_val, hooks, log) -> str:
     """Validate the averaged weights, apply the plateau policy, save best/ (first) and the checkpoint."""
     val = validate(step)
-    is_best, action = policy.update(val["top1"], step)
+    is_best, action = policy.update(val["top1"], step, val["n"])
     if cfg["lr_schedule"] != "plateau" and action in ("lower_lr", "stop"):
         action = "wait"  # another schedule owns the LR and runs to its end (max_steps or the budget)
     if action == "lower_lr":

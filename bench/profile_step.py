@@ -8,7 +8,7 @@ XPlane trace it wrote, and prints for each run: wall ms per step, op time per st
 (conv forward, conv backward, batch norm, optimizer + EMA, ...), the top op types and ops.
 Runs: im2col, native (hw2's step, fp32), bf16 (im2col, mixed bfloat16), keras (the same network
 as a stock Keras model, model.fit), infer-im2col and infer-native (the forward pass alone,
-training=False, fp32). Synthetic data, default config section (100x100, 65 classes).
+training=False, fp32). Synthetic data, config section [seed] (100x100, 65 classes).
 
 Op time is the sum of each op's duration on TensorFlow's executor threads. Two ops can run at
 once (inter-op parallelism) and an op's time includes waiting for a core, so on 2 cores the sum
@@ -192,7 +192,7 @@ def main() -> None:
     import tensorflow as tf
     if args.serial:
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    cfg = utils.load_config("default")
+    cfg = utils.load_config("seed")
     print(f"machine: CPU: {utils.cpu_line()}")
     print(f"TensorFlow {tf.__version__}; seed network {cfg.image_size}x{cfg.image_size}, 65 classes, batch "
           f"{args.batch}, {args.steps} profiled steps per run after a warm-up step", flush=True)

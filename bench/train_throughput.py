@@ -20,7 +20,7 @@ Rows (one ratio per line, both sides timed in this run, interleaved, best of --r
   peak RSS                                     of a training run at batch 128 (separate process):
                                                auto precision, and im2col/native in fp32
   zoo MODEL im2col/native train                each zoo model (models.py) at its own input size, fp32
-Synthetic images and labels (65 classes), default config section, 100x100 input; the zoo rows use
+Synthetic images and labels (65 classes), the seed network of config section [seed], 100x100; the zoo rows use
 the sections and sizes in ZOO_ROWS. Under ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only CPU) the bench
 treats the CPU as having no bf16 hardware: no bf16 rows, auto -> fp32.
 """
@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
+from keras_reference import seed_network  # noqa: E402  (bench/, this script's folder)
 
 NUM_CLASSES = 65
 
@@ -97,22 +98,17 @@ def choose_forms(model, cfg, batch: int, training: bool) -> str:
 
 
 def hw2_train(cfg, precision: str, conv_impl: str, batch: int):
-    """hw2's own train step (hw2.make_train_step: loss, Adam, EMA) under the default strategy,
-    its convolutions in the forms choose_conv_forms picks (run.forms: its log line)."""
-    import keras
+    """hw2's own train step (hw2.make_train_step: loss, Adam, EMA) on the state the training loop
+    creates (training.create_train_state), under the default strategy, its convolutions in the
+    forms choose_conv_forms picks (run.forms: its log line)."""
     import tensorflow as tf
 
     import hw2
-    import precision as prec
+    import training
     cfg = utils.Config({**cfg, "conv_impl": conv_impl, "precision": precision})
-    prec.apply(precision)  # layers take the global policy when they are built
-    try:
-        model = create_model(cfg, NUM_CLASSES)
-        optimizer = hw2.make_optimizer(cfg, model)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    state = training.create_train_state(cfg, NUM_CLASSES, precision=precision)
+    model, optimizer, ema = state.model, state.optimizer, state.ema
     forms = choose_forms(model, cfg, batch, training=True)
-    ema = hw2.EMA(model, cfg.ema_decay)
     strategy = tf.distribute.get_strategy()
     x, y = synthetic_batch(batch, cfg.image_size, channels=cfg.channels)
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
@@ -150,43 +146,6 @@ def hw2_infer(cfg, conv_impl: str, batch: int):
     return run
 
 
-def keras_model(cfg):
-    """HW2Net rebuilt from stock Keras 3 layers (Conv2D, BatchNormalization), for model.fit."""
-    import keras
-    from keras import layers
-    wd = cfg.weight_decay
-    reg = keras.regularizers.L2(wd) if wd else None
-
-    def conv(x, filters, k, stride=1):
-        x = layers.Conv2D(filters, k, stride, padding="same", use_bias=False, kernel_initializer="he_normal",
-                          kernel_regularizer=reg)(x)
-        x = layers.BatchNormalization(momentum=0.99, epsilon=1e-3)(x)
-        return layers.ReLU()(x)
-
-    def inception(x, towers, bottleneck):
-        t1, t3, t5, tp = towers
-        a = conv(x, t1, 1)
-        b = conv(conv(x, bottleneck, 1), t3, 3)
-        c = conv(conv(conv(x, bottleneck, 1), bottleneck, 3), t5, 3)
-        d = conv(layers.MaxPooling2D(3, 1, padding="same")(x), tp, 1)
-        return layers.Concatenate()([a, b, c, d])
-
-    s = cfg.image_size
-    inputs = keras.Input((s, s, 3))
-    x = inputs
-    for f in (cfg.conv_stack if isinstance(cfg.conv_stack, tuple) else (cfg.conv_stack,)):
-        x = conv(x, f, 3)
-    x = layers.MaxPooling2D(3, 2, padding="same")(conv(x, cfg.conv2, 3, 2))
-    x = inception(x, cfg.inception2, cfg.inception2_bottleneck)
-    x = layers.SpatialDropout2D(1 - cfg.keep_prob_1)(layers.MaxPooling2D(3, 2, padding="same")(x))
-    x = inception(x, cfg.inception3, cfg.inception3_bottleneck)
-    x = layers.SpatialDropout2D(1 - cfg.keep_prob_2)(layers.MaxPooling2D(3, 2, padding="same")(x))
-    x = layers.Dense(cfg.dense_units, use_bias=False, kernel_initializer="he_normal",
-                     kernel_regularizer=reg)(layers.Flatten()(x))
-    x = layers.Dropout(1 - cfg.keep_prob_dense)(layers.ReLU()(layers.BatchNormalization()(x)))
-    return keras.Model(inputs, layers.Dense(NUM_CLASSES, dtype="float32")(x))
-
-
 def keras_fit(cfg, batch: int, precision: str = "fp32"):
     """The same network as a stock Keras model trained with model.fit (native convs); bf16 is
     Keras' own mixed_bfloat16 policy."""
@@ -194,7 +153,7 @@ def keras_fit(cfg, batch: int, precision: str = "fp32"):
     import tensorflow as tf
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
     try:
-        model = keras_model(cfg)
+        model = seed_network(cfg, NUM_CLASSES)  # stock Keras 3 layers (bench/keras_reference.py)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     model.compile(keras.optimizers.Adam(cfg.learning_rate),
@@ -382,13 +341,13 @@ ZOO_ROWS = [
     ("simple_cnn", "mnist_cnn", {}),                       # 28x28 grayscale
     ("resnet14", "resnet18_64px", {"model": "resnet14"}),  # 64x64, 7x7/2 stem + max-pool
     ("resnet18", "resnet18_64px", {}),
-    ("vgg10", "default", {"model": "vgg10", "image_size": "32"}),
+    ("vgg10", "seed", {"model": "vgg10", "image_size": "32"}),
 ]
 # Opt-in (--zoo all): each costs 1-2 minutes more at batch 64 on 2 cores (vgg15: ~3 s a step at batch 32).
 ZOO_EXTRA = [
-    ("vgg12", "default", {"model": "vgg12", "image_size": "32"}),
-    ("vgg15", "default", {"model": "vgg15", "image_size": "32"}),
-    ("vgg18", "default", {"model": "vgg18", "image_size": "32"}),
+    ("vgg12", "seed", {"model": "vgg12", "image_size": "32"}),
+    ("vgg15", "seed", {"model": "vgg15", "image_size": "32"}),
+    ("vgg18", "seed", {"model": "vgg18", "image_size": "32"}),
     ("resnet34", "resnet18_64px", {"model": "resnet34"}),
 ]
 
@@ -432,7 +391,7 @@ def zoo_ratios(rows: list[tuple[str, str, dict]], batch: int, steps: int, repeat
 def memory_child(batch: int, steps: int, requested: str, conv_impl: str) -> None:
     """Train `steps` steps at `batch` with the default config in `requested` precision; print peak RSS."""
     import precision as prec
-    cfg = utils.load_config("default")
+    cfg = utils.load_config("seed")
     chosen, _ = prec.choose(requested, capped_cpu_flags(), prec.gpu_compute_capability())
     conv_impl = conv_impl or cfg.conv_impl
     hw2_train(cfg, chosen, conv_impl, batch)(steps)
@@ -492,7 +451,7 @@ def main() -> None:
     import tensorflow as tf
 
     import precision as prec
-    cfg = utils.load_config("default")
+    cfg = utils.load_config("seed")
     flags, gpu_cc = capped_cpu_flags(), prec.gpu_compute_capability()
     auto, reason = prec.choose("auto", flags, gpu_cc)
     default_impl = cfg.conv_impl

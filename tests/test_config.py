@@ -13,7 +13,7 @@ def write_cfg(tmp_path, text):
 
 def test_default_types_come_from_the_file():
     cfg = load_config()
-    assert cfg.batch_size == 128 and isinstance(cfg.batch_size, int)
+    assert cfg.batch_size == 0 and isinstance(cfg.batch_size, int)  # 0: auto, from the data
     assert cfg.learning_rate == pytest.approx(1e-3) and isinstance(cfg.learning_rate, float)
     assert cfg.flip_lr is True
     assert cfg.inception2 == (64, 96, 96, 64)
@@ -145,3 +145,12 @@ def test_save_json_replaces_atomically(tmp_path):
     run_dir.save_json(path, {"a": [3]})
     assert run_dir.load_json(path, "x") == {"a": [3]}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
+
+
+def test_seed_section_is_the_seed_projects_recipe():
+    """--section seed reproduces the seed report's training: whatever the defaults become."""
+    cfg = load_config("seed")
+    assert (cfg.image_size, cfg.batch_size, cfg.lr_schedule, cfg.warmup_epochs, cfg.label_smoothing) == \
+        (100, 128, "plateau", 0.0, 0.0)
+    assert (cfg.save_checkpoint_steps, cfg.checkpoint_minutes, cfg.precision, cfg.rotate_deg) == (500, 0, "fp32", 0.0)
+    assert (cfg.lr_patience, cfg.stop_patience, cfg.ema_decay, cfg.weight_decay, cfg.l2_on) == (7, 15, 0.999, 5e-4, "all")

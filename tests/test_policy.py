@@ -73,3 +73,16 @@ def test_state_round_trip_continues_identically():
         if a == "stop":
             break
     assert first + rest == whole
+
+
+def test_best_moves_to_a_later_validation_within_the_noise_of_a_small_val_set():
+    """49 val images: an early 0.88 is within sqrt(2 * 0.88 * 0.12 / 49) = 0.066 of 0.82 and 0.816
+    (best moves on), not of 0.80 or 0.78; the policy's gains still need a real improvement."""
+    p = PlateauPolicy(7, 15, 0.001)
+    marks = [p.update(m, step, 49)[0] for step, m in enumerate([0.5, 0.88, 0.80, 0.82, 0.78, 0.816], 1)]
+    assert marks == [True, True, False, True, False, True]
+    assert p.best_step == 6 and p.best == 0.816 and p.ref == 0.88 and p.stale == 4
+    # 2,000 val images: the allowance shrinks to 0.014, so 0.86 no longer counts as a tie of 0.88.
+    p = PlateauPolicy(7, 15, 0.001)
+    assert [p.update(m, s, 2000)[0] for s, m in enumerate([0.88, 0.86, 0.87], 1)] == [True, False, True]
+    assert p.best_step == 3
