@@ -381,6 +381,18 @@ def resume_command() -> str:
     return shlex.join(["python", *argv] if argv and argv[0].endswith(".py") else argv)
 
 
+def _choose_conv_forms(state: TrainState, cfg: Mapping, plan: Plan, strategy) -> None:
+    """Each convolution's form (conv_forms.py): the fastest for its shape on this machine, timed
+    once and cached (conv_autotune), or the fixed defaults where timing must not decide anything:
+    --deterministic, the tests (HW2_CONV_AUTOTUNE=0), several workers (each would time its own)."""
+    import conv_autotune
+    autotune = not cfg["deterministic"] and os.environ.get("HW2_CONV_AUTOTUNE", "1") != "0" \
+        and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    shape = (plan.global_batch // plan.replicas, cfg["image_size"], cfg["image_size"], cfg["channels"])
+    logging.info("%s", conv_autotune.choose_conv_forms(
+        state.model, shape, state.model.dtype_policy.compute_dtype, training=True, autotune=autotune))
+
+
 class Session:
     """One start of a run: everything the loop works with, and the loop's named steps."""
 
@@ -389,6 +401,7 @@ class Session:
         self.plan = plan = make_plan(cfg, split, strategy)
         _seed(cfg)
         self.state = create_train_state(cfg, plan.num_classes, strategy)
+        _choose_conv_forms(self.state, cfg, plan, strategy)
         self.ckpts = Checkpoints(self.state, train_dir, strategy, cfg["keep_checkpoints"], cfg)
         self.hooks = hooks if self.ckpts.chief else ()  # hooks write files: one writer per run
         self.start = _start(self.state, self.ckpts, plan, strategy, resume)

@@ -15,6 +15,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Fixed convolution forms (conv_forms.default_form): a test's result must not depend on timings,
+# and every test-started training run (subprocesses too) would otherwise time forms on its own.
+os.environ["HW2_CONV_AUTOTUNE"] = "0"
 
 
 @dataclass

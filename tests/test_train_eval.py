@@ -224,3 +224,21 @@ def test_auto_image_and_batch_size_come_from_the_data_and_stay_on_resume(tmp_pat
     run_dirs.save_config(run, "tiny", utils.Config({**resolved, "image_size": 32}), split["class_names"])
     assert run_dirs.resolve_auto(cfg, split, run).image_size == 32  # a resumed run keeps what it had
     assert run_dirs.resolve_config(run, "tiny", {"image_size": "0"}).image_size == 0  # no "changed network"
+
+
+def test_a_run_times_its_conv_forms_once_and_caches_them(tiny_run, tmp_path, monkeypatch, capsys):
+    """Outside tests (conftest sets HW2_CONV_AUTOTUNE=0) a run times each conv shape's forms once
+    per machine and caches the winners; the next run reads them; --deterministic never times."""
+    monkeypatch.setenv("HW2_CONV_AUTOTUNE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    argv = ["--data_dir", tiny_run.data, "--section", "tiny", "--max_steps", "1", "--precision", "fp32",
+            "--conv_stack", "8,8"]  # Winograd is a candidate: fp32, a 3x3 stride-1 conv with 8 input channels
+    assert hw2_train.main(argv + ["--train_dir", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "conv forms (training" in err and "autotuned" in err and "from the cache" not in err
+    cache = tmp_path / "cache" / "hw2" / "conv_forms.json"
+    assert cache.is_file() and "winograd" in cache.read_text()
+    assert hw2_train.main(argv + ["--train_dir", str(tmp_path / "b")]) == 0
+    assert "from the cache" in capsys.readouterr().err
+    assert hw2_train.main(argv + ["--train_dir", str(tmp_path / "c"), "--deterministic", "true"]) == 0
+    assert "(fixed defaults)" in capsys.readouterr().err
