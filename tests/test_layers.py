@@ -77,6 +77,11 @@ def test_the_grid_covers_every_form():
 def test_im2col_matches_native_values_and_gradients(k, stride, padding, hw, form):
     x, w = random_inputs(2, *hw, 3, k, 4, seed=k * 10 + stride)
     y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
+    if k == 1 and stride > 1:
+        # Under ONEDNN_MAX_CPU_ISA=AVX2, tf.nn.conv2d's filter gradient of a 1x1 stride-2 conv is
+        # wrong (TensorFlow 2.21: 40 of 40 random draws on a Zen 4, right without the cap): the
+        # reference is the sum it stands for, over the pixels the kernel visits.
+        dw_ref = np.einsum("bhwc,bhwo->co", np.asarray(x)[:, ::stride, ::stride], np.asarray(upstream))[None, None]
     y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form=form)
     assert_close(y, y_ref, 1e-4)
     assert_close(dx, dx_ref, 1e-4)
@@ -95,6 +100,11 @@ WINOGRAD_EDGES, WINOGRAD_EDGE_IDS = with_forms(
 def test_im2col_matches_native_at_winograd_tile_edges(k, stride, padding, hw, form):
     x, w = random_inputs(3, *hw, 3, k, 4, seed=hw[0] * 7 + hw[1])
     y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
+    if k == 1 and stride > 1:
+        # Under ONEDNN_MAX_CPU_ISA=AVX2, tf.nn.conv2d's filter gradient of a 1x1 stride-2 conv is
+        # wrong (TensorFlow 2.21: 40 of 40 random draws on a Zen 4, right without the cap): the
+        # reference is the sum it stands for, over the pixels the kernel visits.
+        dw_ref = np.einsum("bhwc,bhwo->co", np.asarray(x)[:, ::stride, ::stride], np.asarray(upstream))[None, None]
     y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form=form)
     assert_close(y, y_ref, 1e-4)
     assert_close(dx, dx_ref, 1e-4)
@@ -134,6 +144,11 @@ MORE_CHANNELS, MORE_CHANNELS_IDS = with_forms([(k, s, "SAME", (9, 8)) for k in (
 def test_im2col_with_more_channels_matches_native(k, stride, padding, hw, form):
     x, w = random_inputs(2, *hw, 16, k, 12, seed=stride)
     y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
+    if k == 1 and stride > 1:
+        # Under ONEDNN_MAX_CPU_ISA=AVX2, tf.nn.conv2d's filter gradient of a 1x1 stride-2 conv is
+        # wrong (TensorFlow 2.21: 40 of 40 random draws on a Zen 4, right without the cap): the
+        # reference is the sum it stands for, over the pixels the kernel visits.
+        dw_ref = np.einsum("bhwc,bhwo->co", np.asarray(x)[:, ::stride, ::stride], np.asarray(upstream))[None, None]
     y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form=form)
     assert_close(y, y_ref, 1e-4)
     assert_close(dx, dx_ref, 1e-4)
