@@ -192,8 +192,9 @@ def trained_precision(run: str) -> str | None:
 
 # image_size 0: the images' median short side, within these bounds (upscaling adds no detail and
 # costs time; above the top, a 5-10 minute run on 2 CPU cores gets too few epochs: hymenoptera
-# photos reached test top-1 0.67 at 64 px against 0.61 at 100 px, bench/README.md); batch_size 0: about 16 steps
-# per epoch, within these bounds (a small folder still gets many updates per epoch).
+# photos reached test top-1 0.67 at 64 px against 0.61 at 100 px, bench/README.md).
+# batch_size 0: about 16 steps per epoch, within these bounds (a small folder still gets many
+# updates per epoch).
 AUTO_IMAGE_SIZE, AUTO_BATCH_SIZE = (24, 64), (16, 128)
 
 
