@@ -26,16 +26,13 @@ def base_short_side(cfg: Mapping[str, Any]) -> int:
     return math.ceil(round(size * scale, 6))
 
 
-def _resize_short_side(image: tf.Tensor, short: tf.Tensor) -> tf.Tensor:
-    """Resizes a float [H,W,C] image so that its short side is `short`, aspect kept."""
+CROP_MODES = ("center", "squash")
+
+
+def _resize_to(image: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor) -> tf.Tensor:
+    """Resizes a float [H,W,C] image to new_h x new_w; a no-op when it already has that size."""
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
-    short = tf.cast(short, tf.int32)
-    hf, wf, sf = tf.cast(h, tf.float32), tf.cast(w, tf.float32), tf.cast(short, tf.float32)
-    long_h = tf.cast(tf.round(hf * sf / wf), tf.int32)
-    long_w = tf.cast(tf.round(wf * sf / hf), tf.int32)
-    new_h = tf.where(h <= w, short, long_h)
-    new_w = tf.where(h <= w, long_w, short)
     new_size = tf.stack([new_h, new_w])
 
     def resize() -> tf.Tensor:
@@ -44,13 +41,33 @@ def _resize_short_side(image: tf.Tensor, short: tf.Tensor) -> tf.Tensor:
         # antialiased there and aliases little below 2x; big images passed in directly still
         # get antialiasing.
         return tf.cond(
-            tf.minimum(h, w) > 2 * short,
+            tf.logical_or(h > 2 * new_h, w > 2 * new_w),
             lambda: tf.image.resize(image, new_size, antialias=True),
             lambda: tf.image.resize(image, new_size),
         )
 
     # Skipping the no-op resize keeps an already-sized image bit-exact (and saves the work).
     return tf.cond(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)), lambda: image, resize)
+
+
+def _resize_short_side(image: tf.Tensor, short: tf.Tensor) -> tf.Tensor:
+    """Resizes a float [H,W,C] image so that its short side is `short`, aspect kept."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short = tf.cast(short, tf.int32)
+    hf, wf, sf = tf.cast(h, tf.float32), tf.cast(w, tf.float32), tf.cast(short, tf.float32)
+    long_h = tf.cast(tf.round(hf * sf / wf), tf.int32)
+    long_w = tf.cast(tf.round(wf * sf / hf), tf.int32)
+    return _resize_to(image, tf.where(h <= w, short, long_h), tf.where(h <= w, long_w, short))
+
+
+def _resize(image: tf.Tensor, short: tf.Tensor, crop_mode: str) -> tf.Tensor:
+    """center: short side to `short`, aspect kept (the crop that follows cuts the long side);
+    squash: the whole image to short x short, aspect changed (nothing is cut but the scale margin)."""
+    if crop_mode == "squash":
+        short = tf.cast(short, tf.int32)
+        return _resize_to(image, short, short)
+    return _resize_short_side(image, short)
 
 
 def _to_unit_float(image: tf.Tensor, channels: int) -> tf.Tensor:
@@ -101,7 +118,7 @@ def train_preprocess(
     )
     # A short side below S would leave nothing to crop from.
     short = tf.maximum(size, tf.cast(tf.round(size * u), tf.int32))
-    image = _resize_short_side(image, short)
+    image = _resize(image, short, cfg["crop_mode"])
     image = tf.image.stateless_random_crop(image, [size, size, channels], seeds[_CROP])
     if cfg["flip_lr"]:
         image = tf.image.stateless_random_flip_left_right(image, seeds[_FLIP])
@@ -139,12 +156,13 @@ def train_preprocess(
 
 
 def eval_preprocess(image: tf.Tensor, cfg: Mapping[str, Any], standardize: bool = True) -> tf.Tensor:
-    """Short-side resize to round(S * eval_scale), central S x S crop, per-image standardization."""
+    """Resize (crop_mode) to a short side of round(S * eval_scale), central S x S crop, per-image
+    standardization."""
     size = int(cfg["image_size"])
     channels = int(cfg["channels"])
     image = _to_unit_float(image, channels)
     short = max(size, round(size * float(cfg["eval_scale"])))
-    image = _resize_short_side(image, short)
+    image = _resize(image, short, cfg["crop_mode"])
     shape = tf.shape(image)
     top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
     image = image[top:top + size, left:left + size]

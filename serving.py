@@ -226,7 +226,7 @@ def export(run: str, checkpoint: str, export_dir: str, raw: bool = False, top_k:
 # ------------------------------------------------------------------------------------- TFLite
 
 TFLITE = "model.tflite"
-TFLITE_CONFIG_KEYS = ("image_size", "channels", "eval_scale", "scale_max")  # what eval preprocessing reads
+TFLITE_CONFIG_KEYS = ("image_size", "channels", "eval_scale", "scale_max", "crop_mode")  # what eval preprocessing reads
 
 
 def write_tflite(module, path: str, info: dict) -> None:
@@ -260,6 +260,7 @@ def write_tflite(module, path: str, info: dict) -> None:
     with open(path, "wb") as f:
         f.write(flatbuffer)
     short = max(size, round(size * float(cfg.eval_scale)))
+    squash = cfg.crop_mode == "squash"
     run_dir.save_json(path + ".json", {
         "class_names": info["class_names"], "image_size": size, "channels": channels, "top_k": info["top_k"],
         "input": f"float32 [N, {size}, {size}, {channels}]: {'RGB' if channels == 3 else 'grey'} values 0-255, "
@@ -267,8 +268,8 @@ def write_tflite(module, path: str, info: dict) -> None:
         "output": f"probabilities [N, {len(info['class_names'])}] in class_names order",
         "preprocessing": {
             "decode": "RGB, turned upright by its EXIF orientation, transparency composited over white",
-            "resize_short_side_to": short,
-            "resize": f"bilinear, antialiased when shrinking (hw2: PIL to a short side of "
+            "resize_to" if squash else "resize_short_side_to": [short, short] if squash else short,
+            "resize": ("the whole image to a square, aspect changed; " if squash else "") + f"bilinear, antialiased when shrinking (hw2: PIL to a short side of "
                       f"{augmentation.base_short_side(cfg)}, bilinear down or bicubic up, rounded to uint8; "
                       f"then TensorFlow bilinear to {short})",
             "center_crop": [size, size],
@@ -296,7 +297,8 @@ class TFLiteModel:
             raise UserError(f"{path} is not a TFLite model: {str(e).strip().splitlines()[0][:160]}") from None
         self.info = run_dir.load_json(path + ".json", "its description (hw2_export.py --tflite writes it)")
         self.class_names, self.top_k = self.info["class_names"], self.info["top_k"]
-        cfg = self.info["config"]
+        # A model.tflite.json from before crop_mode existed was cropped in the centre.
+        cfg = {"crop_mode": "center", **self.info["config"]}
         self.short_side = augmentation.base_short_side(cfg)
         # Unstandardized eval crops (0..1) of any image size, one trace.
         self._crop = tf.function(lambda image: augmentation.eval_preprocess(image, cfg, standardize=False),

@@ -97,6 +97,16 @@ def test_a_saved_config_reads_back_with_its_types_and_new_keys_defaulted():
     assert back == cfg and back.conv_stack == (4, 4)
 
 
+def test_a_saved_config_without_crop_mode_was_center_cropped():
+    """An older hw2 had no crop_mode and always cropped the centre: its runs must evaluate so,
+    whatever today's default is."""
+    import json
+    saved = json.loads(json.dumps(load_config("tiny", {"crop_mode": "squash"})))
+    assert utils.config_from_json(saved).crop_mode == "squash"
+    del saved["crop_mode"]
+    assert utils.config_from_json(saved).crop_mode == "center"
+
+
 def test_unknown_section_lists_the_known_ones():
     with pytest.raises(UserError) as e:
         load_config("nope")

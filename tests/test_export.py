@@ -181,6 +181,26 @@ def test_decode_upright_matches_hw2_reader_before_resizing(size, short_side):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("mode", ["center", "squash"])
+def test_export_preprocessing_follows_crop_mode_like_hw2_eval(tmp_path, mode):
+    """The serving graph's preprocessing is hw2_eval's for either crop_mode, on a wide PNG whose
+    short side is already the base size (both paths are TensorFlow ops: equal to float rounding)."""
+    import tensorflow as tf
+
+    import hw2_input
+    import utils
+    cfg = utils.load_config("tiny", {"crop_mode": mode})
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)).save(tmp_path / "a" / "wide.png")
+    (want, _), = hw2_input.eval_dataset(str(tmp_path), [("a/wide.png", 0)], cfg, 1)
+    got = serving.preprocess_bytes(tf.constant((tmp_path / "a" / "wide.png").read_bytes()), cfg)
+    np.testing.assert_allclose(got.numpy(), want.numpy()[0], atol=1e-5)
+    other = utils.load_config("tiny", {"crop_mode": "center" if mode == "squash" else "squash"})
+    assert not np.allclose(serving.preprocess_bytes(tf.constant((tmp_path / "a" / "wide.png").read_bytes()),
+                                                    other).numpy(), want.numpy()[0], atol=0.1)
+
+
 def test_export_reads_sideways_phone_jpegs_like_hw2(exported, tmp_path):
     """JPEGs stored sideways with an EXIF orientation: the export predicts what hw2_eval predicts."""
     tmp, run_dir, model_dir = exported

@@ -302,6 +302,29 @@ def test_output_shape_for_any_input_size_in_graph_mode(hw):
         assert x.shape == (S, S, 3) and np.isfinite(x.numpy()).all()
 
 
+@pytest.mark.parametrize("mode", ["center", "squash"])
+def test_squash_keeps_the_ends_of_a_wide_image_that_center_cuts(mode):
+    """A 16x48 image whose left and right thirds are bright: eval's centre crop sees only the dark
+    middle and a training crop one 16-wide window of it; squash sees all three thirds, in train
+    (scale 1: the crop takes the whole square) and in eval alike."""
+    image = np.zeros((S, 3 * S, 3), np.uint8)
+    image[:, :S], image[:, 2 * S:] = 200, 100
+    cfg = config(**{**OFF, "crop_mode": mode})
+    outs = [augmentation.eval_preprocess(image, cfg, standardize=False).numpy(),
+            augmentation.train_preprocess(image, cfg, seed(0), standardize=False).numpy()]
+    for i, out in enumerate(outs):
+        assert out.shape == (S, S, 3)
+        if mode == "center" and i == 0:
+            np.testing.assert_array_equal(out, 0.0)
+        elif mode == "center":
+            unit = image / np.float32(255)
+            assert any(np.allclose(out, unit[:, k:k + S]) for k in range(2 * S + 1))
+        else:
+            want = tf.image.resize(image.astype(np.float32) / 255, [S, S], antialias=True).numpy()  # 3x down
+            np.testing.assert_allclose(out, want, atol=1e-6)
+            assert out[:, 0].mean() > 0.7 and out[:, -1].mean() > 0.35 and out[:, S // 2].max() == 0
+
+
 def test_base_short_side():
     assert augmentation.base_short_side(config("seed")) == 125
     assert augmentation.base_short_side(config("seed", scale_max=1.1, eval_scale=1.1)) == 110
