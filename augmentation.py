@@ -41,6 +41,7 @@ def _resize_to(image: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor) -> tf.Tenso
         # antialiased there and aliases little below 2x; big images passed in directly still
         # get antialiasing.
         return tf.cond(
+            # Per axis: a squash can shrink the long side 3x while the short side stays.
             tf.logical_or(h > 2 * new_h, w > 2 * new_w),
             lambda: tf.image.resize(image, new_size, antialias=True),
             lambda: tf.image.resize(image, new_size),

@@ -28,14 +28,10 @@ class Key:
     choices: tuple | str | None = None  # the allowed values, or "module.NAME" of the owner's tuple
     check: str | None = None  # ">0", ">=0", ">=1", "(0,1]", "[0,1)", "[0,1]"
     model: bool = False  # defines the network's variables: changing it makes old checkpoints unusable
-    # What a saved config.json that lacks the key meant (the behaviour of the hw2 that wrote it),
-    # where that differs from today's default; None: the default.
-    saved_default: Any = None
 
 
-def _k(type_, default, help_, choices=None, check=None, model=False, saved_default=None) -> Key:
-    return Key(type_, IntList(default) if type_ is IntList else default, help_, choices, check, model,
-               saved_default)
+def _k(type_, default, help_, choices=None, check=None, model=False) -> Key:
+    return Key(type_, IntList(default) if type_ is IntList else default, help_, choices, check, model)
 
 
 KEYS: dict[str, Key] = {
@@ -73,7 +69,7 @@ KEYS: dict[str, Key] = {
     "scale_max": _k(float, 1.25, "see scale_min", check=">=1"),
     "eval_scale": _k(float, 1.14, "eval: short side to image_size * eval_scale, central crop", check=">=1"),
     "crop_mode": _k(str, "center", "center: resize the short side, crop the middle; squash: the whole "
-                    "image to a square, aspect changed", "augmentation.CROP_MODES", saved_default="center"),
+                    "image to a square, aspect changed", "augmentation.CROP_MODES"),
     "flip_lr": _k(bool, True, "random left-right flips"),
     "flip_ud": _k(float, 0.0, "probability of a vertical flip", check="[0,1]"),
     "brightness": _k(float, 0.25, "max brightness delta on a 0..1 scale (0: off)", check=">=0"),

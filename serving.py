@@ -261,6 +261,7 @@ def write_tflite(module, path: str, info: dict) -> None:
         f.write(flatbuffer)
     short = max(size, round(size * float(cfg.eval_scale)))
     squash = cfg.crop_mode == "squash"
+    resize_to = {"resize_to": [short, short]} if squash else {"resize_short_side_to": short}
     run_dir.save_json(path + ".json", {
         "class_names": info["class_names"], "image_size": size, "channels": channels, "top_k": info["top_k"],
         "input": f"float32 [N, {size}, {size}, {channels}]: {'RGB' if channels == 3 else 'grey'} values 0-255, "
@@ -268,8 +269,9 @@ def write_tflite(module, path: str, info: dict) -> None:
         "output": f"probabilities [N, {len(info['class_names'])}] in class_names order",
         "preprocessing": {
             "decode": "RGB, turned upright by its EXIF orientation, transparency composited over white",
-            "resize_to" if squash else "resize_short_side_to": [short, short] if squash else short,
-            "resize": ("the whole image to a square, aspect changed; " if squash else "") + f"bilinear, antialiased when shrinking (hw2: PIL to a short side of "
+            **resize_to,
+            "resize": ("the whole image to a square, aspect changed; " if squash else "")
+                      + f"bilinear, antialiased when shrinking (hw2: PIL to a short side of "
                       f"{augmentation.base_short_side(cfg)}, bilinear down or bicubic up, rounded to uint8; "
                       f"then TensorFlow bilinear to {short})",
             "center_crop": [size, size],

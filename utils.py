@@ -153,8 +153,7 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
 def config_from_json(obj: dict, where: str = "config.json") -> Config:
     """A config saved in a run directory: declared types back, and the declared default for a key
     that an older hw2 did not have yet."""
-    cfg = Config((name, key.default if key.saved_default is None else key.saved_default)
-                 for name, key in config_keys.KEYS.items())
+    cfg = Config((name, key.default) for name, key in config_keys.KEYS.items())
     _apply(cfg, {k: v for k, v in obj.items() if k != "section"}, where)
     cfg["section"] = obj.get("section", "default")
     return cfg

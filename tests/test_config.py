@@ -98,8 +98,8 @@ def test_a_saved_config_reads_back_with_its_types_and_new_keys_defaulted():
 
 
 def test_a_saved_config_without_crop_mode_was_center_cropped():
-    """An older hw2 had no crop_mode and always cropped the centre: its runs must evaluate so,
-    whatever today's default is."""
+    """An older hw2 had no crop_mode and always cropped the centre: its runs must evaluate so (a
+    default other than center would need its own value for saved configs that lack the key)."""
     import json
     saved = json.loads(json.dumps(load_config("tiny", {"crop_mode": "squash"})))
     assert utils.config_from_json(saved).crop_mode == "squash"
