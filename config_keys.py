@@ -34,6 +34,11 @@ def _k(type_, default, help_, choices=None, check=None, model=False) -> Key:
     return Key(type_, IntList(default) if type_ is IntList else default, help_, choices, check, model)
 
 
+# What augment = strong raises these keys to (at least). augment = auto leaves a key alone that
+# the user set (a [section] or a flag): it then resolves to base.
+STRONG_AUGMENT = {"scale_max": 1.5, "rotate_deg": 20.0}
+
+
 KEYS: dict[str, Key] = {
     # ---- model
     "model": _k(str, "hw2_inception", "hw2_inception (the seed network) or a zoo model (models.py)",
@@ -77,6 +82,8 @@ KEYS: dict[str, Key] = {
     "rotate_deg": _k(float, 0.0, "max rotation in degrees", check=">=0"),
     "shift_frac": _k(float, 0.0, "max shift as a fraction of image_size", check=">=0"),
     "noise_std": _k(float, 0.0, "std of added Gaussian noise on a 0..1 scale", check=">=0"),
+    "augment": _k(str, "auto", "auto: strong below run_dir.AUTO_STRONG_BELOW training images, else base; "
+                  "base: the values as set; strong: at least STRONG_AUGMENT", ("auto", "base", "strong")),
     # ---- input
     "val_fraction": _k(float, 0.2, "share of each class held out for validation", check="(0,1)"),
     "seed": _k(int, 0, "seeds the split, weights, shuffle and augmentation", check=">=0"),

@@ -119,6 +119,10 @@ def load_config(section: str = "default", overrides: dict[str, str] | None = Non
     layers.append(("command line", overrides or {}))
     for where, values in layers:
         _apply(cfg, values, where)
+    # A scale or rotation the user chose (a section or a flag, an ablation grid's cell) is kept.
+    chosen = {k for _, values in layers[1:] for k in values}
+    if cfg.augment == "auto" and chosen & config_keys.STRONG_AUGMENT.keys():
+        cfg["augment"] = "base"
     _check(cfg)
     cfg["section"] = section
     return cfg

@@ -158,7 +158,8 @@ def main() -> None:
 
 def side_run(side: str, pool: str, test: str, args, out: str, results: dict) -> dict:
     if side == "hw2":
-        return run_hw2(pool, test, args.minutes, shlex.split(args.hw2_args), out)
+        # --seed seeds both sides (an explicit --seed in --hw2_args comes later and wins).
+        return run_hw2(pool, test, args.minutes, ["--seed", str(args.seed), *shlex.split(args.hw2_args)], out)
     hw2_json = os.path.join(out, "hw2.json")
     size = (results.get("hw2") or (json.load(open(hw2_json)) if os.path.isfile(hw2_json) else {})).get("image_size")
     size = size or utils.load_config("default").image_size

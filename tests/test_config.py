@@ -107,6 +107,32 @@ def test_a_saved_config_without_crop_mode_was_center_cropped():
     assert utils.config_from_json(saved).crop_mode == "center"
 
 
+def test_augment_auto_keeps_a_scale_or_rotation_the_user_chose(tmp_path):
+    assert load_config().augment == "auto"
+    assert load_config("default", {"rotate_deg": "0"}).augment == "base"  # chosen, though equal to the default
+    assert load_config("default", {"scale_max": "1.3"}).augment == "base"
+    assert load_config("default", {"augment": "strong", "rotate_deg": "5"}).augment == "strong"
+    path = write_cfg(tmp_path, "[default]\n[photos]\nrotate_deg = 10\n[other]\nflip_ud = 0.5\n")
+    assert load_config("photos", path=path).augment == "base"
+    assert load_config("other", path=path).augment == "auto"
+
+
+def _resolved(n_train, overrides):
+    import run_dir
+    cfg = load_config("default", {"image_size": "32", "batch_size": "8", **overrides})
+    out = run_dir.resolve_auto(cfg, {"train": ["x.png"] * n_train})
+    return out.augment, out.scale_max, out.rotate_deg
+
+
+def test_augment_auto_is_strong_below_the_threshold_only():
+    from run_dir import AUTO_STRONG_BELOW
+    assert _resolved(AUTO_STRONG_BELOW - 1, {}) == ("strong", 1.5, 20.0)
+    assert _resolved(AUTO_STRONG_BELOW, {}) == ("base", 1.25, 0.0)
+    assert _resolved(10, {"rotate_deg": "5"}) == ("base", 1.25, 5.0)  # the user's rotation stands
+    assert _resolved(10**5, {"augment": "strong", "rotate_deg": "45"}) == ("strong", 1.5, 45.0)  # raised, never lowered
+    assert _resolved(10, {"augment": "base"}) == ("base", 1.25, 0.0)
+
+
 def test_unknown_section_lists_the_known_ones():
     with pytest.raises(UserError) as e:
         load_config("nope")
@@ -163,4 +189,5 @@ def test_seed_section_is_the_seed_projects_recipe():
     assert (cfg.image_size, cfg.batch_size, cfg.lr_schedule, cfg.warmup_epochs, cfg.label_smoothing) == \
         (100, 128, "plateau", 0.0, 0.0)
     assert (cfg.save_checkpoint_steps, cfg.checkpoint_minutes, cfg.precision, cfg.rotate_deg) == (500, 0, "fp32", 0.0)
+    assert (cfg.augment, cfg.scale_max) == ("base", 1.25)
     assert (cfg.lr_patience, cfg.stop_patience, cfg.ema_decay, cfg.weight_decay, cfg.l2_on) == (7, 15, 0.999, 5e-4, "all")

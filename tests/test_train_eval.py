@@ -226,6 +226,16 @@ def test_auto_image_and_batch_size_come_from_the_data_and_stay_on_resume(tmp_pat
     assert run_dirs.resolve_config(run, "tiny", {"image_size": "0"}).image_size == 0  # no "changed network"
 
 
+def test_a_small_folder_trains_with_strong_augmentation_and_config_json_says_so(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+    assert hw2_train.main(["--data_dir", data, "--train_dir", str(run), "--section", "tiny", "--augment", "auto",
+                           "--max_steps", "1"]) == 0
+    assert "augment auto: strong (10 training images, strong below 1000)" in capsys.readouterr().err
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert (saved["augment"], saved["scale_max"], saved["rotate_deg"]) == ("strong", 1.5, 20.0)
+
+
 def test_a_run_times_its_conv_forms_once_and_caches_them(tiny_run, tmp_path, monkeypatch, capsys):
     """Outside tests (conftest sets HW2_CONV_AUTOTUNE=0) a run times each conv shape's forms once
     per machine and caches the winners; the next run reads them; --deterministic never times."""
