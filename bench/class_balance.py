@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
+from linked_folder import link_image  # noqa: E402
 
 
 def imbalanced_copy(data_dir: str, out: str, whole: int, keep: float, test_per_class: int, seed: int):
@@ -39,11 +40,8 @@ def imbalanced_copy(data_dir: str, out: str, whole: int, keep: float, test_per_c
         test, rest = items[:test_per_class], items[test_per_class:]
         pool = rest if label == whole else rest[:max(1, round(keep * len(rest)))]
         for part, rels in (("test", test), ("pool", pool)):
-            os.makedirs(os.path.join(out, part, name), exist_ok=True)
             for rel in rels:
-                target = os.path.join(out, part, name, rel.split("/", 1)[1].replace("/", "__"))
-                if not os.path.lexists(target):
-                    os.symlink(os.path.join(scan.data_dir, rel), target)
+                link_image(scan.data_dir, rel, os.path.join(out, part), name)
     return os.path.join(out, "pool"), os.path.join(out, "test")
 
 

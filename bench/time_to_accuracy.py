@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
+from linked_folder import link_image  # noqa: E402
 
 
 def link_split(data_dir: str, test_dir: str | None, seed: int, out: str) -> tuple[str, str]:
@@ -47,10 +48,7 @@ def link_split(data_dir: str, test_dir: str | None, seed: int, out: str) -> tupl
         parts = {"pool": (scan, pool), "test": (scan, test)}
     for name, (source, items) in parts.items():
         for rel, label in items:
-            target = os.path.join(out, name, source.class_names[label], rel.split("/", 1)[1].replace("/", "__"))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if not os.path.lexists(target):
-                os.symlink(os.path.join(source.data_dir, rel), target)
+            link_image(source.data_dir, rel, os.path.join(out, name), source.class_names[label])
     return os.path.join(out, "pool"), os.path.join(out, "test")
 
 
