@@ -83,7 +83,7 @@ KEYS: dict[str, Key] = {
     "shift_frac": _k(float, 0.0, "max shift as a fraction of image_size", check=">=0"),
     "noise_std": _k(float, 0.0, "std of added Gaussian noise on a 0..1 scale", check=">=0"),
     "augment": _k(str, "auto", "auto: strong below run_dir.AUTO_STRONG_BELOW training images, else base; "
-                  "base: the values as set; strong: at least STRONG_AUGMENT", ("auto", "base", "strong")),
+                  "base: the values as set; strong: scale_max >= 1.5, rotate_deg >= 20", ("auto", "base", "strong")),
     # ---- input
     "val_fraction": _k(float, 0.2, "share of each class held out for validation", check="(0,1)"),
     "seed": _k(int, 0, "seeds the split, weights, shuffle and augmentation", check=">=0"),

@@ -199,7 +199,8 @@ AUTO_IMAGE_SIZE, AUTO_BATCH_SIZE = (24, 64), (16, 128)
 # augment auto: strong (config_keys.STRONG_AUGMENT) below this many training images. A time budget
 # buys a small folder hundreds of epochs, and at the base scale and no rotation the network
 # memorizes it: on 196 hymenoptera photos train top-1 reached 1.00 by epoch ~300 of 625 while val
-# top-1 stayed at 0.82 (bench/README.md). On CIFAR-10 (8,000 images) rotation cost 5.5 points.
+# top-1 stayed at 0.82 (bench/README.md). On CIFAR-10 (6,400 training images) rotation cost 5.5
+# points: big folders keep base.
 AUTO_STRONG_BELOW = 1000
 
 

@@ -12,8 +12,9 @@ DATA_DIR is split stratified 80/20 into a pool and a test set (unless --test_dat
   same wall-clock minutes (counted from the dataset's creation, as hw2's budget counts from its
   start), keeping its best-val weights; scored on the same test set.
 --seed seeds the 80/20 split, hw2 (`--seed`) and Keras alike: a repeat with another seed is a
-repeat of the whole comparison. Each side runs in its own process, one after the other. `--only hw2` / `--only keras` with the
-same --out runs one side (results are kept in OUT/*.json), so the two halves can run apart.
+repeat of the whole comparison. Each side runs in its own process, one after the other.
+`--only hw2` / `--only keras` with the same --out runs one side (results are kept in OUT/*.json),
+so the two halves can run apart.
 The first line is the machine; the last: `time-to-accuracy hw2 A keras-fit B diff +C pts (M min)`.
 """
 from __future__ import annotations
