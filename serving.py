@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 
 import run_dir
+import utils
 from utils import UserError
 
 def exif_orientation(encoded):
@@ -299,8 +300,8 @@ class TFLiteModel:
             raise UserError(f"{path} is not a TFLite model: {str(e).strip().splitlines()[0][:160]}") from None
         self.info = run_dir.load_json(path + ".json", "its description (hw2_export.py --tflite writes it)")
         self.class_names, self.top_k = self.info["class_names"], self.info["top_k"]
-        # A model.tflite.json from before crop_mode existed was cropped in the centre.
-        cfg = {"crop_mode": "center", **self.info["config"]}
+        # Declared defaults for keys an older model.tflite.json lacks (crop_mode: center, as then).
+        cfg = utils.config_from_json(self.info["config"], path + ".json")
         self.short_side = augmentation.base_short_side(cfg)
         # Unstandardized eval crops (0..1) of any image size, one trace.
         self._crop = tf.function(lambda image: augmentation.eval_preprocess(image, cfg, standardize=False),
