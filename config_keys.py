@@ -82,6 +82,10 @@ KEYS: dict[str, Key] = {
     "rotate_deg": _k(float, 0.0, "max rotation in degrees", check=">=0"),
     "shift_frac": _k(float, 0.0, "max shift as a fraction of image_size", check=">=0"),
     "noise_std": _k(float, 0.0, "std of added Gaussian noise on a 0..1 scale", check=">=0"),
+    "mix": _k(str, "none", "train batches: none, mixup (blend each image with a partner) or cutmix "
+              "(paste a box of the partner); the target mixes the labels alike", "mixing.MODES"),
+    "mix_alpha": _k(float, 1.0, "mix: the mixed share is Beta(mix_alpha, mix_alpha), folded to <= 0.5",
+                    check=">0"),
     "augment": _k(str, "auto", "auto: strong below run_dir.AUTO_STRONG_BELOW training images, else base; "
                   "base: the values as set; strong: scale_max >= 1.5, rotate_deg >= 20", ("auto", "base", "strong")),
     # ---- input

@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 import keras
 import tensorflow as tf
 
+import mixing
 import models
 from layers import ConvBNReLU, ConvStack, InceptionModule, spatial_dropout
 
@@ -105,25 +106,40 @@ def inference(model: keras.Model, images: tf.Tensor, training: bool = False) -> 
     return tf.cast(model(images, training=training), tf.float32)
 
 
+def _targets(labels: tf.Tensor, num_classes: tf.Tensor, label_smoothing: float) -> tf.Tensor:
+    """(1 - eps) * one_hot + eps / num_classes."""
+    return tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + label_smoothing / tf.cast(
+        num_classes, tf.float32)
+
+
 def loss(logits: tf.Tensor, labels: tf.Tensor, model: keras.Model, global_batch_size: int,
-         label_smoothing: float = 0.0, class_weights=None) -> tuple[tf.Tensor, tf.Tensor]:
+         label_smoothing: float = 0.0, class_weights=None, mix=None) -> tuple[tf.Tensor, tf.Tensor]:
     """Softmax cross-entropy averaged over the global batch + L2 shared out over replicas.
 
     `class_weights` [classes] (mean 1, from --class_balance weights) scale each example's
-    cross-entropy by its label's weight. Returns (total, cross_entropy). Summing each replica's
-    total across replicas gives the true global loss, which is what tf.distribute's gradient
-    all-reduce expects.
+    cross-entropy by its label's weight. `mix` = (partner_labels, lam) from mixing.mix_batch: the
+    target (and the weight) is lam * the label's + (1 - lam) * the partner's. Returns (total,
+    cross_entropy). Summing each replica's total across replicas gives the true global loss, which
+    is what tf.distribute's gradient all-reduce expects.
     """
     logits = tf.cast(logits, tf.float32)
-    if label_smoothing > 0:  # targets (1 - eps) * one_hot + eps / num_classes
-        num_classes = tf.shape(logits)[-1]
-        targets = tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + label_smoothing / tf.cast(
-            num_classes, tf.float32)
+    num_classes = tf.shape(logits)[-1]
+    if mix is not None:
+        partner, lam = mix
+        targets = lam * _targets(labels, num_classes, label_smoothing) + (1.0 - lam) * _targets(
+            partner, num_classes, label_smoothing)
+        per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+    elif label_smoothing > 0:
+        targets = _targets(labels, num_classes, label_smoothing)
         per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     else:
         per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     if class_weights is not None:
-        per_example *= tf.gather(tf.cast(class_weights, tf.float32), labels)
+        weights = tf.cast(class_weights, tf.float32)
+        weight = tf.gather(weights, labels)
+        if mix is not None:
+            weight = lam * weight + (1.0 - lam) * tf.gather(weights, mix[0])
+        per_example *= weight
     ce = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
     l2 = tf.nn.scale_regularization_loss(tf.add_n(model.losses)) if model.losses else 0.0
     return ce + l2, ce
@@ -198,23 +214,33 @@ def make_optimizer(cfg: Mapping, model: keras.Model) -> keras.optimizers.Optimiz
 
 
 def make_train_step(model: keras.Model, optimizer, ema: EMA, strategy: tf.distribute.Strategy,
-                    global_batch_size: int, label_smoothing: float = 0.0, class_weights=None) -> Callable:
+                    global_batch_size: int, label_smoothing: float = 0.0, class_weights=None,
+                    mix: tuple = ("none", 0.0, 0)) -> Callable:
     """The train step: next batch from a distributed iterator -> forward, loss, gradients, update,
-    moving average; returns the global (loss, cross-entropy, top-1 correct)."""
+    moving average; returns the global (loss, cross-entropy, top-1 correct).
+    `mix` = (mode, alpha, seed): mixing.mix_batch on each replica's batch, drawn from (seed, step)."""
+    mode, alpha, seed = mix
 
-    def replica_step(images, labels):
+    def replica_step(images, labels, step):
+        mixed = None
+        if mode != "none":
+            images, partner, lam = mixing.mix_batch(images, labels, mode, alpha,
+                                                    tf.stack([tf.constant(seed, tf.int64), step]))
+            mixed = (partner, lam)
         with tf.GradientTape() as tape:
             logits = inference(model, images, training=True)
-            total, ce = loss(logits, labels, model, global_batch_size, label_smoothing, class_weights)
+            total, ce = loss(logits, labels, model, global_batch_size, label_smoothing, class_weights, mixed)
             scaled = optimizer.scale_loss(total)  # total itself unless fp16 loss scaling is on
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        # Mixed: counted against each example's own label, the larger part of its mix (lam >= 0.5).
         return total, ce, count_correct(logits, labels, 1)
 
     @tf.function(autograph=False)  # no Python control flow on tensors; saves seconds of conversion per trace
     def train_step(iterator):
         images, labels = next(iterator)
-        total, ce, correct = strategy.run(replica_step, args=(images, labels))
+        step = tf.cast(tf.identity(optimizer.iterations), tf.int64)
+        total, ce, correct = strategy.run(replica_step, args=(images, labels, step))
         ema.update(optimizer.iterations)
         return tuple(strategy.reduce("SUM", t, axis=None) for t in (total, ce, correct))
 

@@ -410,7 +410,8 @@ class Session:
         self.validate = Validator(self.state, split, cfg, plan, strategy, self.writers)
         self.train_step = hw2.make_train_step(self.state.model, self.state.optimizer, self.state.ema, strategy,
                                               plan.global_batch, cfg["label_smoothing"],
-                                              _class_weights(cfg, split, plan))
+                                              _class_weights(cfg, split, plan),
+                                              (cfg["mix"], cfg["mix_alpha"], cfg["seed"]))
         self.iterator = _train_iterator(cfg, split, plan, strategy, self.start)
         self.policy = schedules.PlateauPolicy(cfg["lr_patience"], cfg["stop_patience"], cfg["min_delta"])
         self.policy.load({f: self.state.get(f) for f in self.policy.FIELDS})
