@@ -49,6 +49,7 @@ def two_workers(data, run_dirs, max_steps):
     procs = [subprocess.Popen([sys.executable, "hw2_multi_gpu_train.py", "--data_dir", data, "--train_dir", run_dir,
                                "--section", "tiny", "--model", "simple_cnn", "--fc_units", "8",
                                "--max_steps", str(max_steps), "--worker_hosts", hosts,
+                               "--mix", "cutmix",  # the mixed step (its step-seeded draw) runs distributed too
                                "--task_index", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i, run_dir in enumerate(run_dirs)]
     try:
