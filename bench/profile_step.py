@@ -93,8 +93,8 @@ def profile(run, steps: int, logdir: str) -> float:
     return seconds / steps
 
 
-def op_times(logdir: str) -> dict[str, int]:
-    """Picoseconds per 'scope/name:Type' op event on the executor threads of the host trace."""
+def read_xspace(logdir: str):
+    """The newest XPlane trace (an XSpace proto) that tf.profiler wrote under `logdir`."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
     files = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
     if not files:
@@ -102,6 +102,12 @@ def op_times(logdir: str) -> dict[str, int]:
     space = xplane_pb2.XSpace()
     with open(max(files, key=os.path.getmtime), "rb") as f:
         space.ParseFromString(f.read())
+    return space
+
+
+def op_times(logdir: str) -> dict[str, int]:
+    """Picoseconds per 'scope/name:Type' op event on the executor threads of the host trace."""
+    space = read_xspace(logdir)
     times: dict[str, int] = collections.Counter()
     for plane in space.planes:
         if plane.name != "/host:CPU":
