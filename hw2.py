@@ -124,13 +124,11 @@ def loss(logits: tf.Tensor, labels: tf.Tensor, model: keras.Model, global_batch_
     """
     logits = tf.cast(logits, tf.float32)
     num_classes = tf.shape(logits)[-1]
-    if mix is not None:
-        partner, lam = mix
-        targets = lam * _targets(labels, num_classes, label_smoothing) + (1.0 - lam) * _targets(
-            partner, num_classes, label_smoothing)
-        per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-    elif label_smoothing > 0:
+    partner, lam = mix if mix is not None else (None, None)
+    if mix is not None or label_smoothing > 0:
         targets = _targets(labels, num_classes, label_smoothing)
+        if mix is not None:
+            targets = lam * targets + (1.0 - lam) * _targets(partner, num_classes, label_smoothing)
         per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     else:
         per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
@@ -138,7 +136,7 @@ def loss(logits: tf.Tensor, labels: tf.Tensor, model: keras.Model, global_batch_
         weights = tf.cast(class_weights, tf.float32)
         weight = tf.gather(weights, labels)
         if mix is not None:
-            weight = lam * weight + (1.0 - lam) * tf.gather(weights, mix[0])
+            weight = lam * weight + (1.0 - lam) * tf.gather(weights, partner)
         per_example *= weight
     ce = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
     l2 = tf.nn.scale_regularization_loss(tf.add_n(model.losses)) if model.losses else 0.0

@@ -64,15 +64,14 @@ def child(conv_impl: str, batch: int, top: int) -> None:
 
     import utils
     from profile_step import read_xspace
-    from train_throughput import hw2_train
+    from train_throughput import hw2_train, peak_rss_gib
     run = hw2_train(utils.load_config("seed"), "fp32", conv_impl, batch)  # traced, one warm-up step
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         run(1)
         tf.profiler.experimental.stop()
         result = live_at_peak(read_xspace(logdir), top)
-    with open("/proc/self/status") as f:
-        result["peak_rss_gib"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    result["peak_rss_gib"] = peak_rss_gib()
     print(json.dumps(result))
 
 
@@ -86,8 +85,7 @@ def main() -> None:
     if args.child:
         return child(args.child, args.batch, args.top)
     from train_throughput import machine_line
-    print(machine_line(), f"(ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']})"
-          if os.environ.get("ONEDNN_MAX_CPU_ISA") else "", flush=True)
+    print(machine_line(), flush=True)  # names an ONEDNN_MAX_CPU_ISA cap too
     env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true")
     for impl in args.runs.split(","):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", impl, "--batch", str(args.batch),

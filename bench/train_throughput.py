@@ -395,12 +395,15 @@ def memory_child(batch: int, steps: int, requested: str, conv_impl: str) -> None
     chosen, _ = prec.choose(requested, capped_cpu_flags(), prec.gpu_compute_capability())
     conv_impl = conv_impl or cfg.conv_impl
     hw2_train(cfg, chosen, conv_impl, batch)(steps)
-    # Not ru_maxrss: a child spawned by a big parent inherits the parent's high-water mark across
-    # exec (the full bench's parent reached 8 GiB, and the child reported exactly that). VmHWM is
-    # this process's own address space only.
+    print(json.dumps({"peak_rss_gib": peak_rss_gib(), "precision": chosen, "conv_impl": conv_impl}))
+
+
+def peak_rss_gib() -> float:
+    """This process's peak RSS. Not ru_maxrss: a child spawned by a big parent inherits the
+    parent's high-water mark across exec (the full bench's parent reached 8 GiB, and the child
+    reported exactly that). VmHWM is this process's own address space only."""
     with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_gib": kib / 2**20, "precision": chosen, "conv_impl": conv_impl}))
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
 
 
 def peak_memory(batch: int, steps: int, requested: str, conv_impl: str = "") -> dict:
