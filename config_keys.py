@@ -56,7 +56,8 @@ KEYS: dict[str, Key] = {
     "keep_prob_1": _k(float, 0.75, "spatial dropout keep probability after pool2", check="(0,1]"),
     "keep_prob_2": _k(float, 0.75, "spatial dropout keep probability after pool3", check="(0,1]"),
     "keep_prob_dense": _k(float, 0.5, "dropout keep probability after dense1", check="(0,1]"),
-    "weight_decay": _k(float, 0.0005, "L2 factor (keras L2: weight_decay * sum(w^2))", check=">=0"),
+    "weight_decay": _k(float, 0.0005, "adam, sgd: L2 factor (keras L2: weight_decay * sum(w^2)); "
+                      "adamw: decoupled, each step scales the kernels by 1 - weight_decay * lr", check=">=0"),
     "l2_on": _k(str, "all", "which kernels get L2: all (every conv and dense) or dense (the seed's: dense only)",
                 ("all", "dense")),
     "conv_impl": _k(str, "im2col", "im2col (our convolution) or native (tf.nn.conv2d)", "layers.CONV_IMPLS"),
@@ -99,7 +100,7 @@ KEYS: dict[str, Key] = {
     # ---- training
     "batch_size": _k(int, 0, "per replica (0: ~16 steps per epoch, 16-128)", check=">=0"),
     "eval_batch_size": _k(int, 256, "validation and eval batch", check=">0"),
-    "optimizer": _k(str, "adam", "adam or sgd", ("adam", "sgd")),
+    "optimizer": _k(str, "adam", "adam, adamw (decoupled weight decay) or sgd", ("adam", "adamw", "sgd")),
     "learning_rate": _k(float, 0.001, "for one replica's batch_size (see lr_scaling)", check=">0"),
     "momentum": _k(float, 0.9, "sgd only", check=">=0"),
     "nesterov": _k(bool, False, "sgd only: Nesterov momentum"),

@@ -71,6 +71,10 @@ MODELS = ("hw2_inception",) + models.ZOO  # config key `model`
 
 def create_model(cfg: Mapping, num_classes: int) -> keras.Model:
     """The network cfg["model"] names, with its variables created (before any checkpoint restore)."""
+    if cfg["optimizer"] == "adamw":
+        # AdamW decays the kernels itself (make_optimizer): an L2 term in the loss as well would
+        # decay them twice, once through Adam's per-weight step scaling, which is what AdamW avoids.
+        cfg = {**cfg, "weight_decay": 0.0}
     model = HW2Net(cfg, num_classes) if cfg["model"] == "hw2_inception" else models.create(cfg, num_classes)
     model(tf.zeros([1, cfg["image_size"], cfg["image_size"], cfg["channels"]]), training=False)
     return model
@@ -201,6 +205,13 @@ def make_optimizer(cfg: Mapping, model: keras.Model) -> keras.optimizers.Optimiz
     if cfg["optimizer"] == "sgd":
         opt = keras.optimizers.SGD(cfg["learning_rate"], momentum=cfg["momentum"],
                                    nesterov=cfg["nesterov"])
+    elif cfg["optimizer"] == "adamw":
+        # Decoupled weight decay (Loshchilov & Hutter 2019): each step multiplies a kernel by
+        # 1 - weight_decay * lr, apart from Adam's normalized step. Kernels only, as timm does:
+        # biases and batch-norm scales and offsets (1-D) are left alone, as L2 leaves them.
+        opt = keras.optimizers.AdamW(cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+        opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables
+                                                if not _decayed(v, cfg["l2_on"])])
     else:
         opt = keras.optimizers.Adam(cfg["learning_rate"])
     if model.dtype_policy.compute_dtype == "float16":
@@ -209,6 +220,11 @@ def make_optimizer(cfg: Mapping, model: keras.Model) -> keras.optimizers.Optimiz
     # Slots must exist before a tf.distribute step runs (and before a restore fills them).
     opt.build(model.trainable_variables)
     return opt
+
+
+def _decayed(variable, l2_on: str) -> bool:
+    """Whether AdamW decays this variable: every kernel, or the dense kernels only (l2_on = dense)."""
+    return len(variable.shape) == 2 or (len(variable.shape) > 2 and l2_on == "all")
 
 
 def make_train_step(model: keras.Model, optimizer, ema: EMA, strategy: tf.distribute.Strategy,

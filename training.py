@@ -72,7 +72,7 @@ def optimizer_kind(cfg: Mapping) -> str:
     """What decides the optimizer's slot variables: a checkpoint of another kind cannot fill them."""
     if cfg["optimizer"] == "sgd":
         return "sgd with momentum" if cfg["momentum"] > 0 else "sgd"
-    return cfg["optimizer"]
+    return "adam"  # adamw keeps Adam's slots: either resumes the other's checkpoint
 
 
 def create_train_state(cfg: Mapping, num_classes: int, strategy=None, precision: str | None = None) -> TrainState:

@@ -187,6 +187,35 @@ def test_another_optimizer_on_resume_carries_the_run_over(tiny_run, tmp_path, ca
     assert "optimizer changed" not in capsys.readouterr().err  # now it is the run's own
 
 
+def test_adamw_scales_the_kernels_each_step_and_adds_no_l2_to_the_loss():
+    import numpy as np
+    import tensorflow as tf
+
+    import hw2
+    import utils
+    for l2_on, decayed_ndims in [("all", {2, 4}), ("dense", {2})]:
+        cfg = utils.load_config("tiny", {"optimizer": "adamw", "weight_decay": 0.5, "learning_rate": 0.01,
+                                         "l2_on": l2_on})
+        model = hw2.create_model(cfg, 2)
+        assert model.losses == []  # the decay is the optimizer's, not an L2 term in the loss
+        optimizer = hw2.make_optimizer(cfg, model)
+        before = [v.numpy() for v in model.trainable_variables]
+        # Zero gradients: Adam's own step is 0, so what moves is the decay alone.
+        optimizer.apply_gradients([(tf.zeros_like(v), v) for v in model.trainable_variables])
+        for v, old in zip(model.trainable_variables, before):
+            factor = 1 - 0.5 * 0.01 if len(v.shape) in decayed_ndims else 1.0
+            np.testing.assert_allclose(v.numpy(), old * factor, rtol=1e-6, err_msg=v.path)
+        assert any(len(v.shape) == 4 for v in model.trainable_variables)  # the conv kernels were checked
+
+
+def test_adamw_resumes_an_adam_run_with_its_slots(tiny_run, tmp_path, capsys):
+    copy = tiny_run.copy(tmp_path)
+    argv = ["--train_dir", copy, "--section", "tiny", "--max_steps", "6", "--optimizer", "adamw", "--weight_decay", "0.1"]
+    assert hw2_train.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "resuming from step 4" in err and "optimizer changed" not in err  # Adam's moments carry over
+
+
 def test_the_seed_eval_command_line(tiny_run, tmp_path, monkeypatch, capsys):
     """The seed report's command, as its users type it (a 1 s timeout instead of waiting 10 minutes)."""
     monkeypatch.chdir(tmp_path)
