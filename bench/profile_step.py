@@ -188,6 +188,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="profiled rounds per run, interleaved; the fastest counts")
     p.add_argument("--top", type=int, default=12, help="rows of the op-type and op tables")
     p.add_argument("--logdir", default="", help="keep the traces here (TensorBoard's profile tab reads them)")
+    p.add_argument("--section", default="seed", help="config section of the network (a zoo model's: "
+                   "--section cifar10_tutorial, --section resnet18_64px --model resnet14)")
+    p.add_argument("--model", default="", help="the model, if not the section's")
     p.add_argument("--serial", action="store_true",
                    help="one op at a time (inter-op parallelism 1): op times then add up to the wall time")
     args = p.parse_args()
@@ -198,9 +201,12 @@ def main() -> None:
     import tensorflow as tf
     if args.serial:
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    cfg = utils.load_config("seed")
+    # A small rate, as train_throughput's zoo rows: one synthetic batch repeated at the tutorial's
+    # SGD 0.1 reaches NaN (the time per step does not depend on the rate).
+    cfg = utils.load_config(args.section, {**({"model": args.model} if args.model else {}),
+                                           "learning_rate": "0.0001"})
     print(f"machine: CPU: {utils.cpu_line()}")
-    print(f"TensorFlow {tf.__version__}; seed network {cfg.image_size}x{cfg.image_size}, 65 classes, batch "
+    print(f"TensorFlow {tf.__version__}; {cfg.model} {cfg.image_size}x{cfg.image_size}, 65 classes, batch "
           f"{args.batch}, {args.steps} profiled steps per run after a warm-up step", flush=True)
     tmp = None if args.logdir else tempfile.TemporaryDirectory()
     root = args.logdir or tmp.name
