@@ -46,7 +46,7 @@ def test_every_shipped_section_loads():
     ({"batch_size": "-2"}, "'batch_size' must be >= 0"),
     ({"eval_batch_size": "0"}, "'eval_batch_size' must be > 0"),
     ({"max_steps": "-5"}, "'max_steps' must be > 0"),
-    ({"optimizer": "lbfgs"}, "'optimizer' must be one of adam|sgd"),
+    ({"optimizer": "lbfgs"}, "'optimizer' must be one of adam|adamw|sgd"),
     ({"keep_prob_dense": "1.5"}, "'keep_prob_dense' must be in (0, 1]"),
     ({"inception3": "1,2,3"}, "'inception3' must list 4 tower widths"),
 ])
