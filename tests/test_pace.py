@@ -56,6 +56,28 @@ def test_validation_when_checkpoint_minutes_have_passed_but_not_when_determinist
     assert not det.validation_due(500)
 
 
+def test_a_small_folder_validates_at_the_first_epoch_end_after_nine_validations_of_training():
+    clock = Clock()
+    p = pace.Pace(cfg(), steps_per_epoch=4, max_steps=1000, start_step=0, clock=clock)
+    due = []
+    for step in range(1, 101):
+        run_steps(p, clock, step, step, 0.5)  # an epoch: 2 s
+        if p.validation_due(step):
+            due.append(step)
+            validate(p, clock, 1.0)  # waits for 9 s of training
+    assert due == [4, 24, 44, 64, 84]  # 18 steps after step 4 is step 22: the epoch ends at 24
+    assert p.validation_seconds / (clock.t - 1000.0) <= pace.VALIDATION_SHARE
+    for fixed in (cfg(save_checkpoint_steps=4), cfg(deterministic="true")):  # both keep every epoch end
+        p = pace.Pace(fixed, steps_per_epoch=4, max_steps=1000, start_step=0, clock=clock)
+        due = []
+        for step in range(1, 21):
+            run_steps(p, clock, step, step, 0.5)
+            if p.validation_due(step):
+                due.append(step)
+                validate(p, clock, 1.0)
+        assert due == [4, 8, 12, 16, 20]
+
+
 def test_a_budget_stops_when_a_step_and_a_final_validation_would_not_fit():
     clock = Clock()
     p = pace.Pace(cfg(time_budget=1), steps_per_epoch=10, max_steps=10_000, start_step=0, clock=clock)
@@ -63,8 +85,9 @@ def test_a_budget_stops_when_a_step_and_a_final_validation_would_not_fit():
     run_steps(p, clock, 1, 10, 2.0)  # 2 s per step (the first 3 are warm-up, left out)
     validate(p, clock, 4.0)  # 24 s spent
     assert p.step_seconds() == pytest.approx(2.0)
-    # 60 - 24 - 4 (final validation) = 32 s left at 2 s/step + 4 s per 10 steps = 2.4 s/step: 13 steps
-    assert p.horizon(10) == 10 + 13
+    # A 4 s validation waits for 36 s (18 steps) of training: every 20 steps (two epochs).
+    # 60 - 24 - 4 (final validation) = 32 s left at 2 s/step + 4 s per 20 steps = 2.2 s/step: 14 steps
+    assert p.horizon(10) == 10 + 14
     run_steps(p, clock, 11, 20, 2.0)  # 44 s
     validate(p, clock, 4.0)  # 48 s
     assert not p.out_of_time()  # 48 + 2 + 4 = 54
@@ -86,10 +109,14 @@ def test_eta_to_the_next_validation_and_the_end():
     p = pace.Pace(cfg(), steps_per_epoch=10, max_steps=100, start_step=0, clock=clock)
     assert all(math.isnan(x) for x in p.eta(0))
     run_steps(p, clock, 1, 14, 0.5)
-    validate(p, clock, 1.0)
+    validate(p, clock, 0.25)  # waits for 2.25 s (4.5 steps) of training: the next epoch end, step 20
     to_val, to_end = p.eta(14)
     assert to_val == pytest.approx(6 * 0.5)
-    assert to_end == pytest.approx(86 * 0.5 + 8.6 * 1.0)
+    assert to_end == pytest.approx(86 * 0.5 + 8.6 * 0.25)
+    validate(p, clock, 1.75)  # now 1 s on average: 9 s (18 steps) of training, the epoch end at step 40
+    to_val, to_end = p.eta(14)
+    assert to_val == pytest.approx(26 * 0.5)
+    assert to_end == pytest.approx(86 * 0.5 + 86 / 20 * 1.0)
     assert pace.clock_text(3725) == "1:02:05" and pace.clock_text(42.4) == "0:42"
 
 
