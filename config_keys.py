@@ -119,6 +119,8 @@ KEYS: dict[str, Key] = {
                                 check=">=0"),
     "checkpoint_minutes": _k(float, 10.0, "also validate and checkpoint when this long has passed (0: off)",
                              check=">=0"),
+    "validation_share": _k(float, 0.0, "at most this share of the time validates at epoch ends (0: every "
+                           "epoch end; 0.1 skips ends until 9x a validation's time has trained)", check="[0,1)"),
     "time_budget": _k(float, 0.0, "minutes for the whole run, validations included (0: off)", check=">=0"),
     "warmup_epochs": _k(float, 1.0, "LR rises linearly from 0 over this many epochs", check=">=0"),
     "keep_checkpoints": _k(int, 3, "regular checkpoints kept (best/ apart)", check=">0"),

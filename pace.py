@@ -3,8 +3,10 @@ and how long until the next validation and the end.
 
     validate   every epoch (or every save_checkpoint_steps steps when that is set), and also
                whenever checkpoint_minutes of training have passed since the last validation;
-               on a small folder, whose epochs take less than ~9x a validation, at the first epoch
-               end after 9x a validation's time (validating takes at most a tenth of the run)
+               with validation_share s > 0, an epoch end validates only once (1 - s) / s times a
+               validation's measured time has trained since the last one. Every epoch, validating
+               and saving took a quarter of a 196-photo folder's run (697-708 steps in a 1-minute
+               budget; 827-860 at s = 0.1)
     budget     time_budget minutes for the whole run, its earlier starts included: training stops
                when the next step and a final validation would no longer fit
     horizon    the step the run is expected to end at: max_steps, or what fits in the budget at
@@ -21,21 +23,22 @@ from typing import Callable, Mapping
 
 # Step times of the first steps after a start include tracing and warm-up: left out of the pace.
 WARMUP_STEPS = 3
-# At most this share of the time goes to validating and saving when validations follow epochs.
-# Every epoch, they took a quarter of a 196-photo folder's run: 697-708 steps in a 1-minute budget
-# against 879-900 when validating every 10 epochs (bench/README.md, time to accuracy).
-VALIDATION_SHARE = 0.1
 
 
 class Pace:
     def __init__(self, cfg: Mapping, steps_per_epoch: int, max_steps: int, start_step: int,
-                 spent_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic):
+                 spent_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 one_process: bool = True):
         self.clock = clock
         self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
         self.every_steps = cfg["save_checkpoint_steps"]  # 0: once per epoch
         # Time-triggered validations would make --deterministic runs depend on the machine's speed.
         self.every_seconds = 0.0 if cfg["deterministic"] else 60.0 * cfg["checkpoint_minutes"]
-        self.share = 0.0 if cfg["deterministic"] or self.every_steps else VALIDATION_SHARE
+        self.share = 0.0 if cfg["deterministic"] or self.every_steps else cfg["validation_share"]
+        if not one_process:
+            # Several workers validate together (a collective): each one's own clock could make
+            # them disagree on when, so only steps decide there.
+            self.every_seconds = self.share = 0.0
         self.budget = 60.0 * cfg["time_budget"]
         self.t0, self.spent_before = clock(), spent_seconds
         self.last_validation, self.last_step_end = self.t0, self.t0
@@ -101,7 +104,7 @@ class Pace:
 
     def training_between_validations(self) -> float:
         """Seconds of training an epoch-end validation waits for since the last one: 0, or with
-        VALIDATION_SHARE, (1 - share) / share times a validation's measured time."""
+        validation_share, (1 - share) / share times a validation's measured time."""
         if not self.share or not self.validations:
             return 0.0
         return self.one_validation() * (1.0 - self.share) / self.share

@@ -56,9 +56,9 @@ def test_validation_when_checkpoint_minutes_have_passed_but_not_when_determinist
     assert not det.validation_due(500)
 
 
-def test_a_small_folder_validates_at_the_first_epoch_end_after_nine_validations_of_training():
+def test_a_validation_share_validates_at_the_first_epoch_end_after_nine_validations_of_training():
     clock = Clock()
-    p = pace.Pace(cfg(), steps_per_epoch=4, max_steps=1000, start_step=0, clock=clock)
+    p = pace.Pace(cfg(validation_share=0.1), steps_per_epoch=4, max_steps=1000, start_step=0, clock=clock)
     due = []
     for step in range(1, 101):
         run_steps(p, clock, step, step, 0.5)  # an epoch: 2 s
@@ -66,9 +66,13 @@ def test_a_small_folder_validates_at_the_first_epoch_end_after_nine_validations_
             due.append(step)
             validate(p, clock, 1.0)  # waits for 9 s of training
     assert due == [4, 24, 44, 64, 84]  # 18 steps after step 4 is step 22: the epoch ends at 24
-    assert p.validation_seconds / (clock.t - 1000.0) <= pace.VALIDATION_SHARE
-    for fixed in (cfg(save_checkpoint_steps=4), cfg(deterministic="true")):  # both keep every epoch end
-        p = pace.Pace(fixed, steps_per_epoch=4, max_steps=1000, start_step=0, clock=clock)
+    assert p.validation_seconds / (clock.t - 1000.0) <= 0.1
+    # An explicit interval, --deterministic and several workers (whose clocks could disagree) keep
+    # every epoch end; the workers' 0.01-minute checkpoint_minutes adds no time-triggered validation.
+    for fixed, one_process in ((cfg(save_checkpoint_steps=4, validation_share=0.1), True),
+                               (cfg(deterministic="true", validation_share=0.1), True), (cfg(), True),
+                               (cfg(checkpoint_minutes=0.01, validation_share=0.1), False)):
+        p = pace.Pace(fixed, steps_per_epoch=4, max_steps=1000, start_step=0, clock=clock, one_process=one_process)
         due = []
         for step in range(1, 21):
             run_steps(p, clock, step, step, 0.5)
@@ -85,9 +89,8 @@ def test_a_budget_stops_when_a_step_and_a_final_validation_would_not_fit():
     run_steps(p, clock, 1, 10, 2.0)  # 2 s per step (the first 3 are warm-up, left out)
     validate(p, clock, 4.0)  # 24 s spent
     assert p.step_seconds() == pytest.approx(2.0)
-    # A 4 s validation waits for 36 s (18 steps) of training: every 20 steps (two epochs).
-    # 60 - 24 - 4 (final validation) = 32 s left at 2 s/step + 4 s per 20 steps = 2.2 s/step: 14 steps
-    assert p.horizon(10) == 10 + 14
+    # 60 - 24 - 4 (final validation) = 32 s left at 2 s/step + 4 s per 10 steps = 2.4 s/step: 13 steps
+    assert p.horizon(10) == 10 + 13
     run_steps(p, clock, 11, 20, 2.0)  # 44 s
     validate(p, clock, 4.0)  # 48 s
     assert not p.out_of_time()  # 48 + 2 + 4 = 54
@@ -106,7 +109,7 @@ def test_a_resumed_budget_counts_the_time_already_spent():
 
 def test_eta_to_the_next_validation_and_the_end():
     clock = Clock()
-    p = pace.Pace(cfg(), steps_per_epoch=10, max_steps=100, start_step=0, clock=clock)
+    p = pace.Pace(cfg(validation_share=0.1), steps_per_epoch=10, max_steps=100, start_step=0, clock=clock)
     assert all(math.isnan(x) for x in p.eta(0))
     run_steps(p, clock, 1, 14, 0.5)
     validate(p, clock, 0.25)  # waits for 2.25 s (4.5 steps) of training: the next epoch end, step 20
