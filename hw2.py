@@ -6,6 +6,7 @@ through `inference`, so a checkpoint scores the same number everywhere.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Mapping
 
 import keras
@@ -209,6 +210,10 @@ def make_optimizer(cfg: Mapping, model: keras.Model) -> keras.optimizers.Optimiz
         # Decoupled weight decay (Loshchilov & Hutter 2019): each step multiplies a kernel by
         # 1 - weight_decay * lr, apart from Adam's normalized step. Kernels only, as timm does:
         # biases and batch-norm scales and offsets (1-D) are left alone, as L2 leaves them.
+        if cfg["weight_decay"] < 0.01:
+            logging.warning("optimizer adamw with weight_decay %g scales the kernels by only 1 - %.1e a step; "
+                            "decoupled decay wants ~0.05-1 (--weight_decay 0.5)", cfg["weight_decay"],
+                            cfg["weight_decay"] * cfg["learning_rate"])
         opt = keras.optimizers.AdamW(cfg["learning_rate"], weight_decay=cfg["weight_decay"])
         opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables
                                                 if not _decayed(v, cfg["l2_on"])])

@@ -208,6 +208,14 @@ def test_adamw_scales_the_kernels_each_step_and_adds_no_l2_to_the_loss():
         assert any(len(v.shape) == 4 for v in model.trainable_variables)  # the conv kernels were checked
 
 
+def test_adamw_with_an_l2_sized_weight_decay_warns(caplog):
+    import hw2
+    import utils
+    cfg = utils.load_config("tiny", {"optimizer": "adamw"})  # weight_decay stays adam's 0.0005
+    hw2.make_optimizer(cfg, hw2.create_model(cfg, 2))
+    assert "decoupled decay wants ~0.05-1" in caplog.text
+
+
 def test_adamw_resumes_an_adam_run_with_its_slots(tiny_run, tmp_path, capsys):
     copy = tiny_run.copy(tmp_path)
     argv = ["--train_dir", copy, "--section", "tiny", "--max_steps", "6", "--optimizer", "adamw", "--weight_decay", "0.1"]
