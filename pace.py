@@ -114,7 +114,10 @@ class Pace:
         if not self.step_seconds():
             return self.steps_per_epoch
         steps = max(1, math.ceil(self.training_between_validations() / self.step_seconds()))
-        return -(-steps // self.steps_per_epoch) * self.steps_per_epoch
+        return self._epoch_end_at_or_after(steps)
+
+    def _epoch_end_at_or_after(self, step: int) -> int:
+        return -(-step // self.steps_per_epoch) * self.steps_per_epoch
 
     def steps_between_validations(self) -> float:
         steps = self.every_steps or self._epoch_steps_between_validations()
@@ -132,7 +135,7 @@ class Pace:
         else:  # the first epoch end after the training a validation waits for
             wait = max(0.0, self.training_between_validations() - (self.clock() - self.last_validation))
             first = step + max(1, math.ceil(wait / per - 1e-9))
-            to_val = (-(-first // self.steps_per_epoch) * self.steps_per_epoch - step) * per
+            to_val = (self._epoch_end_at_or_after(first) - step) * per
         if self.every_seconds:
             to_val = min(to_val, max(0.0, self.every_seconds - (self.clock() - self.last_validation)))
         end = self.horizon(step) or self.max_steps
