@@ -12,6 +12,10 @@ and how long until the next validation and the end.
     horizon    the step the run is expected to end at: max_steps, or what fits in the budget at
                the measured pace (steps and validations), re-estimated as the run goes; the LR
                schedule is laid over it
+    agree      several workers each read their own clock: with a budget, `decide` sums every
+               worker's reading (one small all-reduce a step) so that all stop at the same step
+               and lay the LR over the same horizon; a worker that stopped alone would leave the
+               others waiting in a collective, and different LRs would tear the replicas apart
 
 Time comes from `clock` (time.monotonic by default), so tests can drive it.
 """
@@ -28,8 +32,8 @@ WARMUP_STEPS = 3
 class Pace:
     def __init__(self, cfg: Mapping, steps_per_epoch: int, max_steps: int, start_step: int,
                  spent_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic,
-                 one_process: bool = True):
-        self.clock = clock
+                 one_process: bool = True, agree: Callable[[list[float]], list[float]] | None = None):
+        self.clock, self.agree = clock, agree
         self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
         self.every_steps = cfg["save_checkpoint_steps"]  # 0: once per epoch
         # Time-triggered validations would make --deterministic runs depend on the machine's speed.
@@ -81,6 +85,15 @@ class Pace:
         if not self.budget:
             return False
         return self.spent() + self.step_seconds() + self.one_validation() > self.budget
+
+    def decide(self, step: int) -> tuple[bool, int | None]:
+        """(out_of_time, horizon) for the next step; with `agree`, the same answer on every worker:
+        out of time when any one is, the horizon their mean (None while no worker knows it)."""
+        out, horizon = self.out_of_time(), self.horizon(step)
+        if self.agree is None or not self.budget:
+            return out, horizon
+        outs, known, total = self.agree([float(out), float(horizon is not None), float(horizon or 0)])
+        return outs > 0, (int(total / known) if known else None)
 
     def horizon(self, step: int) -> int | None:
         """The step the run should end at: max_steps, or with a budget what fits in it at the

@@ -222,6 +222,14 @@ def _check_workers_agree(strategy, start: int, train_dir: str) -> None:
                         "that every worker sees (a shared file system), not a local folder on each machine")
 
 
+def _sum_over_workers(strategy):
+    """values -> their sums over every replica of every worker (an all-reduce all workers must join)."""
+    def agree(values: list[float]) -> list[float]:
+        per_replica = strategy.run(lambda: tf.constant(values, tf.float64))
+        return [float(v) for v in strategy.reduce("SUM", per_replica, axis=None).numpy()]
+    return agree
+
+
 def _save(manager, step: int, last_good: str | None = None) -> None:
     """CheckpointManager writes the files, then atomically updates `checkpoint`: a kill or a
     full disk mid-save leaves the previous checkpoint the newest readable one."""
@@ -324,10 +332,11 @@ def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Se
         while step < run.plan.max_steps and not stop_reason:
             if interrupts.requested:
                 run.save_and_raise_interrupted(step)
-            if run.pace.out_of_time():
+            out_of_time, horizon = run.pace.decide(step)
+            if out_of_time:
                 stop_reason = f"the time budget of {cfg['time_budget']:g} min is spent"
                 break
-            lr = run.set_learning_rate(step)
+            lr = run.set_learning_rate(step, horizon)
             total, ce, correct = (float(t) for t in run.train_step(run.iterator))
             step += 1
             if not math.isfinite(total):
@@ -422,7 +431,8 @@ class Session:
         self.summarize = hw2.make_summary_step(self.state.model, self.writers["train"], int(self.probe[1].shape[0]),
                                                cfg["label_smoothing"]) if histograms else None
         self.pace = pace.Pace(cfg, plan.steps_per_epoch, plan.max_steps, self.start, self.state.get("train_seconds"),
-                              clock, one_process=self.ckpts.single_process)
+                              clock, one_process=self.ckpts.single_process,
+                              agree=None if self.ckpts.single_process else _sum_over_workers(strategy))
         self.window, self.since_val = Meter(plan.global_batch), Meter(plan.global_batch)
         self.bar = _progress_bar(self.start, plan.max_steps)
         self.log = self.bar.write if self.bar else logging.info
@@ -434,9 +444,8 @@ class Session:
             "global_batch": plan.global_batch, "start_step": self.start, "steps_per_epoch": plan.steps_per_epoch,
             "params": _params(self.state.model), "precision": self.state.precision})
 
-    def set_learning_rate(self, step: int) -> float:
+    def set_learning_rate(self, step: int, horizon: int | None) -> float:
         """The schedule's LR for `step`, laid over the horizon (with a time budget: what fits)."""
-        horizon = self.pace.horizon(step)
         if horizon is None:  # the budget's pace is not measured yet: keep the last estimate
             horizon = int(self.state.get("horizon")) or self.plan.max_steps
         elif self.cfg["time_budget"] and not self.planned:

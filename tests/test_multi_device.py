@@ -50,6 +50,7 @@ def two_workers(data, run_dirs, max_steps):
                                "--section", "tiny", "--model", "simple_cnn", "--fc_units", "8",
                                "--max_steps", str(max_steps), "--worker_hosts", hosts,
                                "--mix", "cutmix",  # the mixed step (its step-seeded draw) runs distributed too
+                               "--time_budget", "30",  # its per-step agreement (an all-reduce) runs too
                                "--task_index", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i, run_dir in enumerate(run_dirs)]
     try:

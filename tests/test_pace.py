@@ -107,6 +107,38 @@ def test_a_resumed_budget_counts_the_time_already_spent():
     assert p.spent() == pytest.approx(60.0) and p.out_of_time()
 
 
+def test_workers_whose_clocks_disagree_stop_at_the_same_step_with_the_same_horizon():
+    """Two workers' Paces, one a slower clock reader; `agree` sums both readings as the all-reduce
+    of training._sum_over_workers does across processes."""
+    clocks = [Clock(), Clock()]
+    workers = []
+    for i in range(2):
+        workers.append(pace.Pace(cfg(time_budget=1), steps_per_epoch=10, max_steps=10_000, start_step=0,
+                                 clock=clocks[i], one_process=False,
+                                 agree=lambda values, i=i: [a + b for a, b in zip(values, local[1 - i])]))
+    stops = []
+    for step in range(1, 100):
+        for i, (p, seconds) in enumerate(zip(workers, (2.0, 2.2))):
+            clocks[i].t += seconds
+            p.step_done(step)
+        local = [[float(p.out_of_time()), float(p.horizon(step) is not None), float(p.horizon(step) or 0)]
+                 for p in workers]
+        decisions = [p.decide(step) for p in workers]
+        assert decisions[0] == decisions[1], step
+        if step == 10:
+            # Alone, 60 - 20 - 6 s left at 2.6 s a step (a validation, 3 steps' time, every 10)
+            # fit 13 more steps, and 60 - 22 - 6.6 at 2.86 s, 10: together, their mean.
+            assert [p.horizon(10) for p in workers] == [23, 20] and decisions[0][1] == 21
+        if decisions[0][0]:
+            stops.append(step)
+            break
+    # The slower clock runs out first (24 x 2.2 + a step + a validation's 6.6 s > 60): both stop
+    # there, where the faster one alone would have trained on.
+    assert stops == [24] and not workers[0].out_of_time()
+    alone = pace.Pace(cfg(time_budget=1), 10, 10_000, 0, clock=Clock())
+    assert alone.decide(0) == (False, None)  # one process: no agreement asked for
+
+
 def test_eta_to_the_next_validation_and_the_end():
     clock = Clock()
     p = pace.Pace(cfg(validation_share=0.1), steps_per_epoch=10, max_steps=100, start_step=0, clock=clock)
