@@ -28,7 +28,8 @@ _MODE_NOTES = {"L": "grey, copied to 3 channels", "LA": "grey + transparency, ov
                "RGBA": "transparency, composited over white", "CMYK": "converted to RGB",
                "1": "black and white", "I;16": "16-bit grey, scaled to 8 bits",
                "I": "32-bit grey, scaled to 8 bits", "F": "float grey, scaled to 8 bits"}
-_FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "BMP": (".bmp",), "GIF": (".gif",)}
+_FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "BMP": (".bmp",), "GIF": (".gif",),
+                      "WEBP": (".webp",), "TIFF": (".tif", ".tiff")}
 
 
 def write_report(scan: Scan, out_dir: str, workers: int = 8, seed: int = 0, seconds: float | None = None) -> list[str]:

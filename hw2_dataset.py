@@ -32,7 +32,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # matched case-insensitively
+# Matched case-insensitively; PIL decodes them all. TIFF is what scanners write; WebP, what web
+# pages serve. (TensorFlow's own decoders, which an exported model uses, read all but TIFF.)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# What iPhones save by default: PIL cannot read it without a plugin, so the skip says what to do.
+CONVERT_FIRST = {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF"}
 # Written by Windows Explorer into image folders, and by macOS into the zips it makes.
 JUNK_FILES = ("thumbs.db", "desktop.ini", "__macosx")
 SPLIT_VERSION = 1
@@ -111,7 +115,7 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
             elif ext.lower() in IMAGE_EXTENSIONS:
                 candidates.append((rel, label))
             else:
-                bad.append((rel, f"unsupported format ({ext or 'no extension'})"))
+                bad.append((rel, unsupported(ext)))
 
     items, info = candidates, {}
     if check_images:
@@ -121,6 +125,13 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
         items = [item for item, i in zip(candidates, infos) if i.problem is None]
         bad += [(rel, i.problem) for (rel, _), i in zip(candidates, infos) if i.problem is not None]
     return Scan(data_dir, class_names, sorted(items), sorted(bad), sorted(skipped), info)
+
+
+def unsupported(ext: str) -> str:
+    """Why a file with this extension is skipped."""
+    if ext.lower() in CONVERT_FIRST:
+        return f"unsupported format ({ext}): convert {CONVERT_FIRST[ext.lower()]} to JPEG first"
+    return f"unsupported format ({ext or 'no extension'})"
 
 
 def _list_dir(path: str, skipped: list[tuple[str, str]] | None = None, rel: str = "") -> list[os.DirEntry]:

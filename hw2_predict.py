@@ -24,7 +24,10 @@ import run_dir
 import utils
 from utils import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # as hw2_dataset, matched case-insensitively
+from hw2_dataset import IMAGE_EXTENSIONS
+
+# TIFF's magic numbers (little- and big-endian): the one training format TensorFlow cannot decode.
+_TIFF = (b"II*\x00", b"MM\x00*")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +97,13 @@ def predict_files(module, paths: list[str], batch_size: int) -> list[tuple[np.nd
             if not blobs[i]:
                 del blobs[i]
                 results[i] = (None, "empty file")
+            elif blobs[i].startswith(_TIFF):
+                blobs[i] = _as_png(path)  # PIL reads a scan as training did
         except OSError as e:
             results[i] = (None, f"cannot read: {e.strerror}")
+        except ValueError as e:  # read_image's message starts with the path
+            del blobs[i]
+            results[i] = (None, str(e).removeprefix(f"{os.fsdecode(path)}: "))
 
     def run(indices):
         out = module.serve(tf.constant([blobs[i] for i in indices]))
@@ -114,6 +122,18 @@ def predict_files(module, paths: list[str], batch_size: int) -> list[tuple[np.nd
                 except tf.errors.InvalidArgumentError as e:
                     results[i] = (None, "not a decodable image: " + str(e.message).splitlines()[0][:120])
     return results
+
+
+def _as_png(path: str) -> bytes:
+    """The image at path, decoded by PIL (upright, RGB) and re-encoded losslessly as PNG."""
+    import io
+
+    from PIL import Image
+
+    from hw2_dataset import read_image
+    out = io.BytesIO()
+    Image.fromarray(read_image(path)).save(out, "PNG", compress_level=1)
+    return out.getvalue()
 
 
 def write_predictions(path: str, paths: list[str], results, class_names: list[str], k: int) -> None:

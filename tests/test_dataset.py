@@ -46,6 +46,9 @@ def messy(tmp_path: Path) -> Path:
     (root / "cats" / "notes.jpg").write_text("this is text, not a JPEG")
     (root / "cats" / "truncated.jpg").write_bytes(jpeg_bytes()[:600])
     save(root / "dogs" / "d.jpeg", color=(30, 200, 30), format="JPEG")
+    save(root / "dogs" / "scan.TIF", format="TIFF")  # what scanners write
+    save(root / "dogs" / "web.webp", format="WEBP", lossless=True)
+    (root / "dogs" / "IMG_0002.heic").write_bytes(b"\0" * 64)  # an iPhone's default
     save(root / "dogs" / "tiny.png", size=(4, 20))
     (root / "dogs" / "readme.txt").write_text("hello")
     return root
@@ -57,20 +60,27 @@ def test_scan_finds_usable_images_and_explains_bad_ones(messy: Path):
     scan = ds.scan_dataset(str(messy), workers=2)
     assert scan.data_dir == str(messy.resolve())
     assert scan.class_names == ["cats", "dogs"]
-    assert scan.items == [("cats/a.JPG", 0), ("cats/b.Png", 0), ("cats/nested/deeper/c.bmp", 0), ("dogs/d.jpeg", 1)]
+    assert scan.items == [("cats/a.JPG", 0), ("cats/b.Png", 0), ("cats/nested/deeper/c.bmp", 0), ("dogs/d.jpeg", 1),
+                          ("dogs/scan.TIF", 1), ("dogs/web.webp", 1)]
     bad = dict(scan.bad)
-    assert set(bad) == {"cats/empty.jpg", "cats/notes.jpg", "cats/truncated.jpg", "dogs/tiny.png", "dogs/readme.txt"}
+    assert set(bad) == {"cats/empty.jpg", "cats/notes.jpg", "cats/truncated.jpg", "dogs/tiny.png", "dogs/readme.txt",
+                        "dogs/IMG_0002.heic"}
     assert bad["cats/empty.jpg"] == "empty file"
     assert bad["cats/notes.jpg"] == "not an image"
     assert bad["cats/truncated.jpg"].startswith("corrupt: ")
     assert bad["dogs/tiny.png"] == "too small (4x20)"
     assert bad["dogs/readme.txt"] == "unsupported format (.txt)"
+    assert bad["dogs/IMG_0002.heic"] == "unsupported format (.heic): convert HEIC to JPEG first"
+    for rel in ("dogs/scan.TIF", "dogs/web.webp"):  # both lossless: read back exactly
+        image = ds.read_image(str(messy / rel))
+        assert image.shape == (12, 16, 3) and (image == [200, 30, 30]).all(), rel
 
 
 def test_scan_without_checking_only_looks_at_extensions(messy: Path):
     scan = ds.scan_dataset(str(messy), check_images=False)
     assert ("cats/truncated.jpg", 0) in scan.items
-    assert scan.bad == [("dogs/readme.txt", "unsupported format (.txt)")]
+    assert scan.bad == [("dogs/IMG_0002.heic", "unsupported format (.heic): convert HEIC to JPEG first"),
+                        ("dogs/readme.txt", "unsupported format (.txt)")]
 
 
 def test_scan_of_a_missing_folder_is_a_user_error(tmp_path: Path):
@@ -402,9 +412,9 @@ def test_cli_writes_a_split(messy: Path, tmp_path: Path, capsys):
     out = tmp_path / "split.json"
     assert ds.main(["--data_dir", str(messy), "--out", str(out), "--val_fraction", "0.5"]) == 0
     printed = capsys.readouterr().out
-    assert "cats" in printed and "5 bad files" in printed
+    assert "cats" in printed and "6 bad files" in printed
     doc = ds.load_split(str(out))
-    assert len(doc["train"]) + len(doc["val"]) == 4
+    assert len(doc["train"]) + len(doc["val"]) == 6
 
 
 def test_cli_user_errors_print_one_line_and_return_2(tmp_path: Path, capsys):
