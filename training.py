@@ -214,8 +214,7 @@ def _check_workers_agree(strategy, start: int, train_dir: str) -> None:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return
-    steps = strategy.run(lambda: tf.constant(float(start), tf.float64))
-    total = float(strategy.reduce("SUM", steps, axis=None))
+    total = _sum_over_workers(strategy)([float(start)])[0]
     if total != start * strategy.num_replicas_in_sync:
         raise UserError(f"the workers found different checkpoints in {train_dir} (this one, {resolver.task_type} "
                         f"{resolver.task_id}, would resume at step {start}): --train_dir must be one folder "
