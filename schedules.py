@@ -58,8 +58,8 @@ class PlateauPolicy:
       stop after 12. With lr_patience > stop_patience: no drop, stop after stop_patience.
     - The best checkpoint follows any strict improvement, gain or not, and also moves to a later
       validation whose top-1 is within the noise of the best so far: one standard error of the
-      difference of two val top-1 figures on n examples, sqrt(2 p (1 - p) / n). On a small val
-      set the highest single figure is mostly luck (the winner's curse): with 49 val images an
+      difference of two val top-1 figures on n examples, sqrt(2 p (1 - p) / n), p = (hits + 1) /
+      (n + 2). On a small val set the highest single figure is mostly luck (the winner's curse): with 49 val images an
       early 0.88 outlier kept a model 6 test points worse than the one the run ended with
       (bench/README.md, time to accuracy). Without n, strict improvements only.
     """
@@ -75,7 +75,10 @@ class PlateauPolicy:
         """Returns (is_new_best, action) with action in 'gain' | 'wait' | 'lower_lr' | 'stop'.
         n: how many val examples `metric` counts (0: unknown, no noise allowance)."""
         top = max(self.best, self.ref)  # the highest top-1 seen, within min_delta
-        noise = math.sqrt(2 * top * (1 - top) / n) if n and 0 < top < 1 else 0.0
+        # p by Laplace's rule, (hits + 1) / (n + 2): a perfect score on a few val images is as
+        # noisy as any other (p = 1 would allow none and keep the run's first perfect model).
+        p = (top * n + 1) / (n + 2) if n and 0 <= top <= 1 else 0.0
+        noise = math.sqrt(2 * p * (1 - p) / n) if p else 0.0
         is_best = metric > self.best or (noise > 0 and metric >= top - noise)
         if is_best:
             self.best, self.best_step = metric, step

@@ -82,7 +82,19 @@ def test_best_moves_to_a_later_validation_within_the_noise_of_a_small_val_set():
     marks = [p.update(m, step, 49)[0] for step, m in enumerate([0.5, 0.88, 0.80, 0.82, 0.78, 0.816], 1)]
     assert marks == [True, True, False, True, False, True]
     assert p.best_step == 6 and p.best == 0.816 and p.ref == 0.88 and p.stale == 4
-    # 2,000 val images: the allowance shrinks to 0.014, so 0.86 no longer counts as a tie of 0.88.
+    # 2,000 val images: the allowance shrinks to 0.010, so 0.86 no longer counts as a tie of 0.88.
     p = PlateauPolicy(7, 15, 0.001)
     assert [p.update(m, s, 2000)[0] for s, m in enumerate([0.88, 0.86, 0.87], 1)] == [True, False, True]
     assert p.best_step == 3
+
+
+def test_a_perfect_val_score_still_has_noise():
+    """A perfect score kept the first model that reached it: with p = 1, sqrt(2 p (1 - p) / n) is 0.
+    By Laplace's rule p = (hits + 1) / (n + 2): on 2 val images a later 1.0 ties (allowance 0.43)
+    and 0.5 does not; on 49, 0.98 (one miss) ties a perfect 1.0 (allowance 0.028) and 0.96 does not."""
+    p = PlateauPolicy(7, 15, 0.001)
+    assert [p.update(m, s, 2)[0] for s, m in enumerate([1.0, 0.5, 1.0, 0.5], 1)] == [True, False, True, False]
+    assert p.best_step == 3
+    p = PlateauPolicy(7, 15, 0.001)
+    assert [p.update(m, s, 49)[0] for s, m in enumerate([1.0, 0.98, 0.96], 1)] == [True, True, False]
+    assert p.best_step == 2
