@@ -32,15 +32,15 @@ WARMUP_STEPS = 3
 class Pace:
     def __init__(self, cfg: Mapping, steps_per_epoch: int, max_steps: int, start_step: int,
                  spent_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic,
-                 one_process: bool = True, agree: Callable[[list[float]], list[float]] | None = None):
+                 agree: Callable[[list[float]], list[float]] | None = None):
         self.clock, self.agree = clock, agree
         self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
         self.every_steps = cfg["save_checkpoint_steps"]  # 0: once per epoch
         # Time-triggered validations would make --deterministic runs depend on the machine's speed.
         self.every_seconds = 0.0 if cfg["deterministic"] else 60.0 * cfg["checkpoint_minutes"]
         self.share = 0.0 if cfg["deterministic"] or self.every_steps else cfg["validation_share"]
-        if not one_process:
-            # Several workers validate together (a collective): each one's own clock could make
+        if agree is not None:
+            # Several workers (what `agree` sums over) validate together (a collective): each one's own clock could make
             # them disagree on when, so only steps decide there.
             self.every_seconds = self.share = 0.0
         self.budget = 60.0 * cfg["time_budget"]

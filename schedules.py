@@ -59,9 +59,9 @@ class PlateauPolicy:
     - The best checkpoint follows any strict improvement, gain or not, and also moves to a later
       validation whose top-1 is within the noise of the best so far: one standard error of the
       difference of two val top-1 figures on n examples, sqrt(2 p (1 - p) / n), p = (hits + 1) /
-      (n + 2). On a small val set the highest single figure is mostly luck (the winner's curse): with 49 val images an
-      early 0.88 outlier kept a model 6 test points worse than the one the run ended with
-      (bench/README.md, time to accuracy). Without n, strict improvements only.
+      (n + 2). On a small val set the highest single figure is mostly luck (the winner's curse):
+      with 49 val images an early 0.88 outlier kept a model 6 test points worse than the one the
+      run ended with (bench/README.md, time to accuracy). Without n, strict improvements only.
     """
 
     FIELDS = ("best", "best_step", "ref", "stale", "since_drop", "lowered")

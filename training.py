@@ -430,8 +430,7 @@ class Session:
         self.summarize = hw2.make_summary_step(self.state.model, self.writers["train"], int(self.probe[1].shape[0]),
                                                cfg["label_smoothing"]) if histograms else None
         self.pace = pace.Pace(cfg, plan.steps_per_epoch, plan.max_steps, self.start, self.state.get("train_seconds"),
-                              clock, one_process=self.ckpts.single_process,
-                              agree=None if self.ckpts.single_process else _sum_over_workers(strategy))
+                              clock, agree=None if self.ckpts.single_process else _sum_over_workers(strategy))
         self.window, self.since_val = Meter(plan.global_batch), Meter(plan.global_batch)
         self.bar = _progress_bar(self.start, plan.max_steps)
         self.log = self.bar.write if self.bar else logging.info

@@ -72,7 +72,8 @@ def test_a_validation_share_validates_at_the_first_epoch_end_after_nine_validati
     for fixed, one_process in ((cfg(save_checkpoint_steps=4, validation_share=0.1), True),
                                (cfg(deterministic="true", validation_share=0.1), True), (cfg(), True),
                                (cfg(checkpoint_minutes=0.01, validation_share=0.1), False)):
-        p = pace.Pace(fixed, steps_per_epoch=4, max_steps=1000, start_step=0, clock=clock, one_process=one_process)
+        p = pace.Pace(fixed, steps_per_epoch=4, max_steps=1000, start_step=0, clock=clock,
+                      agree=None if one_process else lambda values: values)
         due = []
         for step in range(1, 21):
             run_steps(p, clock, step, step, 0.5)
@@ -114,7 +115,7 @@ def test_workers_whose_clocks_disagree_stop_at_the_same_step_with_the_same_horiz
     workers = []
     for i in range(2):
         workers.append(pace.Pace(cfg(time_budget=1), steps_per_epoch=10, max_steps=10_000, start_step=0,
-                                 clock=clocks[i], one_process=False,
+                                 clock=clocks[i],
                                  agree=lambda values, i=i: [a + b for a, b in zip(values, local[1 - i])]))
     stops = []
     for step in range(1, 100):
