@@ -24,7 +24,8 @@ EVAL_KEYS = ("eval_batch_size", "top_k", "eval_timeout_secs")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hw2_eval.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_dir", required=True, help="a training run (RUN) or RUN/best")
+    p.add_argument("--checkpoint_dir", "--train_dir", required=True,
+                   help="a training run (RUN) or RUN/best (--train_dir: the same, as hw2_train names it)")
     p.add_argument("--checkpoint", help="one checkpoint prefix (default: the newest in checkpoint_dir)")
     p.add_argument("--test_data_path", help="class-folder tree to evaluate (default: RUN's validation split)")
     p.add_argument("--num_examples", type=int, help="evaluate a random sample of N examples (seeded)")

@@ -35,7 +35,8 @@ from utils import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hw2_export.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_dir", required=True, help="a training run (RUN) or RUN/best")
+    p.add_argument("--checkpoint_dir", "--train_dir", required=True,
+                   help="a training run (RUN) or RUN/best (--train_dir: the same, as hw2_train names it)")
     p.add_argument("--export_dir", required=True, help="where the SavedModel goes, e.g. saved_model/NAME")
     p.add_argument("--checkpoint", help="one checkpoint prefix (default: RUN/best's, else the newest)")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of their moving average")

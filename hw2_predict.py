@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hw2_predict.py", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a SavedModel written by hw2_export.py, or its model.tflite (--tflite)")
-    src.add_argument("--checkpoint_dir", help="a training run (RUN) or RUN/best: its best checkpoint")
+    src.add_argument("--checkpoint_dir", "--train_dir",
+                     help="a training run (RUN) or RUN/best: its best checkpoint (--train_dir: the same)")
     p.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--top_k", type=int, help="classes per image (default: the model's top_k)")
@@ -120,8 +121,17 @@ def predict_files(module, paths: list[str], batch_size: int) -> list[tuple[np.nd
                 try:
                     results[i] = (run([i])[0], "")
                 except tf.errors.InvalidArgumentError as e:
-                    results[i] = (None, "not a decodable image: " + str(e.message).splitlines()[0][:120])
+                    results[i] = (None, "not a decodable image: " + _op_words(e.message))
     return results
+
+
+def _op_words(message: str) -> str:
+    """The failing op's own words ("Unknown image file format. ...") from a TensorFlow error,
+    whose first line is only "Graph execution error:"."""
+    frame = ("Graph execution error", "Detected at node", "<stack traces", "[[", "File ")
+    lines = [line.strip() for line in message.splitlines()]
+    words = [line for line in lines if line and not line.startswith(frame)]
+    return (words[0] if words else lines[0])[:120]
 
 
 def _as_png(path: str) -> bytes:

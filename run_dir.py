@@ -152,6 +152,9 @@ def prepare_split(train_dir: str, cfg, data_dir: str | None = None, split_file: 
         if not data_dir and scan is None:
             raise UserError("--data_dir is required for a new run")
         scan = scan or hw2_dataset.scan_dataset(data_dir)
+        if len(scan.class_names) < 2:  # before split.json is written, so adding a class fixes it
+            raise UserError(f"{scan.data_dir} has one class folder ({scan.class_names[0]}): a classifier "
+                            "needs at least 2, one per class")
         train, val = hw2_dataset.make_split(scan.items, cfg.val_fraction, cfg.seed, folds, fold)
         report_bad_images(scan, train, val, train_dir, cfg.on_bad_image)
         hw2_dataset.write_split(run_split, scan, train, val, cfg.seed, cfg.val_fraction, folds, fold)

@@ -241,7 +241,7 @@ def test_predict_a_folder_with_an_unreadable_file(exported, tmp_path, capsys):
     out = str(tmp_path / "predictions.csv")
     assert hw2_predict.main(["--model", model_dir, "--images", images, "--out", out, "--batch_size", "3"]) == 0
     captured = capsys.readouterr()
-    assert "broken.png: not a decodable image" in captured.err
+    assert "broken.png: not a decodable image: Unknown image file format" in captured.err
     assert "predicted 6 images, 1 unreadable" in captured.out
     rows = list(csv.DictReader(open(out)))
     assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"]

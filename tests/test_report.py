@@ -130,7 +130,9 @@ def test_eval_writes_the_per_class_report(tiny_run, tmp_path, capsys):
     assert [r["class"] for r in per_class] == ["dark", "light", "macro avg", "weighted avg"]
     cm = [r for r in csv.reader(open(tmp_path / "confusion.csv"))]
     assert sum(int(v) for row in cm[1:] for v in row[1:]) == int(per_class[-1]["support"]) == 4
-    assert hw2_eval.main(["--checkpoint_dir", run_dir, "--eval_dir", str(tmp_path / "no"), "--no_report"]) == 0
+    # --train_dir, as hw2_train names the run, is the same flag
+    assert hw2_eval.main(["--train_dir", run_dir, "--eval_dir", str(tmp_path / "no"), "--no_report"]) == 0
+    assert "(step 4, ema weights" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "no" / "per_class.csv")
 
 

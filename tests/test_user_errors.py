@@ -39,6 +39,16 @@ def test_empty_data_dir(tmp_path, capsys):
     assert rc == 2 and "no class folders" in out.err
 
 
+def test_one_class_is_not_a_classifier_and_adding_one_fixes_it(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=3, classes=("ants",))
+    run = str(tmp_path / "r")
+    rc, out = train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "1")
+    assert rc == 2 and "one class folder (ants)" in out.err
+    make_image_folder(tmp_path / "data", per_class=3, classes=("bees",))
+    rc, out = train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "1")
+    assert rc == 0 and "top-2" in out.out  # two classes: top-2 is reported
+
+
 def test_class_with_only_bad_files_is_named(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=3)
     os.makedirs(tmp_path / "data" / "zebra")
