@@ -588,8 +588,10 @@ def _recover_from_nan(state: TrainState, ckpts: Checkpoints, cfg: Mapping, total
 def _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, since_val, hooks, log) -> str:
     """Validate the averaged weights, apply the plateau policy, save best/ (first) and the checkpoint."""
     val = validate(step)
+    previous_best = policy.best
     is_best, action = policy.update(val["top1"], step, val["n"])
-    if cfg["lr_schedule"] != "plateau" and action in ("lower_lr", "stop"):
+    plateau = cfg["lr_schedule"] == "plateau"
+    if not plateau and action in ("lower_lr", "stop"):
         action = "wait"  # another schedule owns the LR and runs to its end (max_steps or the budget)
     if action == "lower_lr":
         state.set(lr_multiplier=state.get("lr_multiplier") * cfg["lr_factor"])
@@ -601,11 +603,15 @@ def _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, sinc
     ckpts.save(step)
     next_lr = schedules.lr_at(cfg, step, plan.steps_per_epoch, int(state.get("horizon")) or plan.max_steps) \
         * plan.lr_scale * state.get("lr_multiplier")
-    note = {"gain": "", "wait": f" (no gain for {policy.stale})",
+    # The stale count only acts under the plateau schedule; elsewhere it would only read as if it did.
+    note = {"gain": "", "wait": f" (no gain for {policy.stale})" if plateau else "",
             "lower_lr": f" (no gain for {policy.stale}: lr -> {next_lr:g})",
             "stop": f" (no gain for {policy.stale}: stopping)"}[action]
+    best = ""
+    if is_best:
+        best = " best" if val["top1"] > previous_best else f" best (within the noise of {previous_best:.4f})"
     log(f"step {step}: val loss {val['loss']:.4f} top-1 {val['top1']:.4f} top-{plan.top_k} "
-        f"{val['topk']:.4f} n={val['n']} (EMA){' best' if is_best else ''}{note}")
+        f"{val['topk']:.4f} n={val['n']} (EMA){best}{note}")
     train_loss, _, train_top1 = since_val.means()
     _call(hooks, "on_validation", {
         "step": step, "epoch": step / plan.steps_per_epoch, "lr": lr, "train_loss": train_loss,
