@@ -145,6 +145,8 @@ def prepare_split(train_dir: str, cfg, data_dir: str | None = None, split_file: 
         if data_dir and os.path.abspath(data_dir) != os.path.abspath(split["data_dir"]):
             raise UserError(f"{train_dir} was trained on {split['data_dir']}, not {data_dir}: "
                             "use --fresh or a new --train_dir")
+        if data_dir:
+            _note_new_files(split, data_dir)
     elif split_file:
         split = hw2_dataset.load_split(split_file)
         save_json(run_split, split)  # RUN keeps its own copy: eval and resume need no flags
@@ -162,6 +164,23 @@ def prepare_split(train_dir: str, cfg, data_dir: str | None = None, split_file: 
     if not split["val"]:
         raise UserError("the split has no validation images: every class needs at least 2 images")
     return split
+
+
+def _note_new_files(split: dict, data_dir: str) -> None:
+    """A resumed run trains on its split as written; images or classes added to data_dir since
+    would otherwise be ignored without a word (listing the folder costs no decoding)."""
+    import hw2_dataset
+    try:
+        scan = hw2_dataset.scan_dataset(data_dir, check_images=False)
+    except UserError:
+        return  # a folder that no longer scans: the split's own file checks speak for it
+    known = {p for p, _ in split["train"]} | {p for p, _ in split["val"]} | {p for p, *_ in split["bad"]}
+    new = sorted(p for p, _ in scan.items if p not in known)
+    classes = sorted(set(scan.class_names) - set(split["class_names"]))
+    if new:
+        added = f"{len(new)} image(s)" + (f" and class(es) {', '.join(classes)}" if classes else "")
+        logging.warning("%s has %s not in this run's split (e.g. %s), added since the run began: it goes on "
+                        "with its split; --fresh starts a new run with them", data_dir, added, new[0])
 
 
 def report_bad_images(scan, train, val, train_dir: str, on_bad_image: str) -> None:

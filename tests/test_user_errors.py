@@ -49,6 +49,17 @@ def test_one_class_is_not_a_classifier_and_adding_one_fixes_it(tmp_path, capsys)
     assert rc == 0 and "top-2" in out.out  # two classes: top-2 is reported
 
 
+def test_images_added_since_the_run_began_are_named_on_resume(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    run = str(tmp_path / "r")
+    assert train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "1")[0] == 0
+    rc, out = train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "2")
+    assert rc == 0 and "not in this run's split" not in out.err
+    make_image_folder(tmp_path / "data", per_class=2, classes=("zebra",))
+    rc, out = train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "3")
+    assert rc == 0 and "2 image(s) and class(es) zebra not in this run's split (e.g. zebra/0.png)" in out.err
+
+
 def test_class_with_only_bad_files_is_named(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=3)
     os.makedirs(tmp_path / "data" / "zebra")
