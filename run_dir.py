@@ -118,6 +118,21 @@ def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def check_apart(run: str, data_dir: str | None, flag: str = "--train_dir") -> None:
+    """A run folder inside the data would become a class folder of it (best/, train/, val/), and
+    data inside a run would move with it on --fresh: either way the user's images are at stake."""
+    if not data_dir:
+        return
+    run_real, data_real = os.path.realpath(run), os.path.realpath(data_dir)
+    if os.path.commonpath([run_real, data_real]) == data_real:
+        where = "is" if run_real == data_real else "is inside"
+        raise UserError(f"{flag} {run} {where} --data_dir {data_dir}: its checkpoints and logs would "
+                        f"become class folders; put runs beside the data, e.g. {flag} runs/NAME")
+    if os.path.commonpath([run_real, data_real]) == run_real:
+        raise UserError(f"--data_dir {data_dir} is inside {flag} {run}: --fresh would move it aside with "
+                        "the run; keep the data outside the run folder")
+
+
 def prepare(train_dir: str, fresh: bool, chief: bool = True) -> None:
     """Create RUN; with `fresh`, the chief first moves an old RUN aside (never deletes it)."""
     if fresh and chief and os.path.isdir(train_dir) and os.listdir(train_dir):

@@ -60,6 +60,15 @@ def test_images_added_since_the_run_began_are_named_on_resume(tmp_path, capsys):
     assert rc == 0 and "2 image(s) and class(es) zebra not in this run's split (e.g. zebra/0.png)" in out.err
 
 
+@pytest.mark.parametrize("run, data", [("data", "data"), ("data/dark", "data"), ("r", "r/data")])
+def test_a_run_folder_and_the_data_stay_apart(tmp_path, capsys, run, data):
+    make_image_folder(tmp_path / data, per_class=2)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc, out = train(capsys, "--data_dir", str(tmp_path / data), "--train_dir", str(tmp_path / run), "--fresh")
+    assert rc == 2 and " is " in out.err and len(out.err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or moved
+
+
 def test_class_with_only_bad_files_is_named(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=3)
     os.makedirs(tmp_path / "data" / "zebra")
