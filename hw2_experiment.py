@@ -142,17 +142,17 @@ def run_one(run: Run, args, overrides: dict, scan_fn) -> dict:
     import run_record
     import training
     cfg = run_dir.resolve_config(run.train_dir, args.section, {**overrides, **run.values}, args.config)
-    run_dir.prepare(run.train_dir, fresh=False)
-    folds, fold = (args.folds, run.fold) if run.fold is not None else (0, 0)
-    new = not os.path.isfile(os.path.join(run.train_dir, run_dir.SPLIT))
-    split = run_dir.prepare_split(run.train_dir, cfg, folds=folds, fold=fold, scan=scan_fn() if new else None)
-    cfg = run_dir.resolve_auto(cfg, split, run.train_dir)
-    run_dir.save_config(run.train_dir, args.section, cfg, split["class_names"])
-    history = History(run.train_dir)
-    hooks = [history, run_record.RunRecord(run.train_dir, plot_every_seconds=math.inf)]
-    best = training.train(cfg, split, run.train_dir, hooks=hooks)
-    result = summarize_run(run, history.rows, history.info, best)
-    run_dir.save_json(os.path.join(run.train_dir, RESULT), result)
+    with run_dir.prepare(run.train_dir, fresh=False):
+        folds, fold = (args.folds, run.fold) if run.fold is not None else (0, 0)
+        new = not os.path.isfile(os.path.join(run.train_dir, run_dir.SPLIT))
+        split = run_dir.prepare_split(run.train_dir, cfg, folds=folds, fold=fold, scan=scan_fn() if new else None)
+        cfg = run_dir.resolve_auto(cfg, split, run.train_dir)
+        run_dir.save_config(run.train_dir, args.section, cfg, split["class_names"])
+        history = History(run.train_dir)
+        hooks = [history, run_record.RunRecord(run.train_dir, plot_every_seconds=math.inf)]
+        best = training.train(cfg, split, run.train_dir, hooks=hooks)
+        result = summarize_run(run, history.rows, history.info, best)
+        run_dir.save_json(os.path.join(run.train_dir, RESULT), result)
     return result
 
 

@@ -38,18 +38,18 @@ def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
     import training
     strategy = strategy_fn() if strategy_fn else None
     chief = strategy is None or training.is_chief(strategy)
-    run_dir.prepare(args.train_dir, args.fresh, chief)
-    split = run_dir.prepare_split(args.train_dir, cfg, args.data_dir, args.split)
-    cfg = run_dir.resolve_auto(cfg, split, args.train_dir)
-    num_classes = len(split["class_names"])
-    if "top_k" in overrides:
-        run_dir.check_top_k(cfg.top_k, num_classes)
-    elif cfg.top_k > num_classes:
-        logging.info("top_k %d > %d classes: reporting top-%d", cfg.top_k, num_classes, num_classes)
-    run_dir.save_config(args.train_dir, args.section, cfg, split["class_names"])
-    import run_record
-    training.train(cfg, split, args.train_dir, strategy, hooks=[run_record.RunRecord(args.train_dir)],
-                   resume=chief or not args.fresh)
+    with run_dir.prepare(args.train_dir, args.fresh, chief):
+        split = run_dir.prepare_split(args.train_dir, cfg, args.data_dir, args.split)
+        cfg = run_dir.resolve_auto(cfg, split, args.train_dir)
+        num_classes = len(split["class_names"])
+        if "top_k" in overrides:
+            run_dir.check_top_k(cfg.top_k, num_classes)
+        elif cfg.top_k > num_classes:
+            logging.info("top_k %d > %d classes: reporting top-%d", cfg.top_k, num_classes, num_classes)
+        run_dir.save_config(args.train_dir, args.section, cfg, split["class_names"])
+        import run_record
+        training.train(cfg, split, args.train_dir, strategy, hooks=[run_record.RunRecord(args.train_dir)],
+                       resume=chief or not args.fresh)
     return 0
 
 

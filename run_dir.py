@@ -5,6 +5,7 @@
     RUN/bad_images.txt   files the scan skipped and train/val duplicates
     RUN/ckpt-N.*         the last keep_checkpoints checkpoints; RUN/best/best-N.* the best one
     RUN/run.json, summary.csv, curves.png, train/, val/, eval/   records, logs and evaluations
+    RUN/.lock            held by the process training RUN (who and since when, inside)
 
 Every file written here is written whole or not at all (`atomic_write_text`). This module is
 the only one that knows these names; it imports TensorFlow only inside the functions that
@@ -12,6 +13,7 @@ restore checkpoints, so the data tools stay quick to start.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import io
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 from typing import Any, Sequence
 
@@ -28,6 +31,12 @@ from utils import UserError
 CONFIG, SPLIT, BAD_IMAGES = "config.json", "split.json", "bad_images.txt"
 RUN_RECORD, SUMMARY, CURVES = "run.json", "summary.csv", "curves.png"
 BEST, EVAL = "best", "eval"
+LOCK = ".lock"
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, runs go unguarded
+    fcntl = None
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -133,9 +142,53 @@ def check_apart(run: str, data_dir: str | None, flag: str = "--train_dir") -> No
                         "the run; keep the data outside the run folder")
 
 
-def prepare(train_dir: str, fresh: bool, chief: bool = True) -> None:
-    """Create RUN; with `fresh`, the chief first moves an old RUN aside (never deletes it)."""
-    if fresh and chief and os.path.isdir(train_dir) and os.listdir(train_dir):
+@contextlib.contextmanager
+def prepare(train_dir: str, fresh: bool, chief: bool = True):
+    """Create RUN and hold RUN/.lock (the chief) while the block trains; with `fresh`, the chief
+    first moves an old RUN aside (never deletes it). A second process on the same RUN stops with
+    one line, before --fresh can move the first one's run away under it: two runs sharing a
+    folder resume from each other's checkpoints and overwrite each other's best/."""
+    if chief and os.path.isdir(train_dir):
+        probe = _lock(train_dir)
+        if probe is not None:
+            probe.close()
+    _create(train_dir, fresh, chief)
+    held = _lock(train_dir) if chief else None
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.close()  # closing the file releases the lock (so does the process's end, even kill -9)
+
+
+def _lock(train_dir: str):
+    """RUN/.lock, opened and locked by this process; UserError naming the holder if it is taken."""
+    try:
+        f = open(os.path.join(train_dir, LOCK), "a+", encoding="utf-8")
+    except OSError:
+        return None  # an unwritable RUN: _create says so
+    if fcntl is None:
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{train_dir} is in use by {holder}: wait for it to end, or use another "
+                        "--train_dir") from None
+    except OSError:  # a file system without locks (some network mounts): unguarded, as before
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(f"hw2 (pid {os.getpid()} on {socket.gethostname()}, since "
+            f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S})\n")
+    f.flush()
+    return f
+
+
+def _create(train_dir: str, fresh: bool, chief: bool) -> None:
+    if fresh and chief and os.path.isdir(train_dir) and set(os.listdir(train_dir)) - {LOCK}:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         old = f"{train_dir.rstrip('/')}-old-{stamp}"
         os.rename(train_dir, old)

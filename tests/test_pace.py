@@ -179,7 +179,7 @@ def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, mon
                                         "time_budget": "0.5", "max_steps": "1000", "save_checkpoint_steps": "0",
                                         "batch_size": "4", "lr_schedule": "cosine", "stop_patience": "100"})
     run = str(tmp_path / "run")
-    run_dir.prepare(run, False)
+    os.makedirs(run)
     split = run_dir.prepare_split(run, config, make_image_folder(tmp_path / "data", per_class=10))
 
     class Rows:

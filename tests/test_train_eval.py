@@ -253,7 +253,7 @@ def test_auto_image_and_batch_size_come_from_the_data_and_stay_on_resume(tmp_pat
     data = make_image_folder(tmp_path / "data", per_class=10, sizes=((45, 60), (60, 45), (47, 47)))
     cfg = utils.load_config("tiny", {"image_size": "0", "batch_size": "0"})
     run = str(tmp_path / "run")
-    run_dirs.prepare(run, False)
+    os.makedirs(run)
     split = run_dirs.prepare_split(run, cfg, data)
     resolved = run_dirs.resolve_auto(cfg, split, run)
     assert resolved.image_size == 40  # median short side 45, down to a multiple of 8

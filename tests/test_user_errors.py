@@ -69,6 +69,33 @@ def test_a_run_folder_and_the_data_stay_apart(tmp_path, capsys, run, data):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or moved
 
 
+def test_a_run_in_use_stops_a_second_training_even_with_fresh(tmp_path, capsys):
+    import fcntl
+    import subprocess
+    import sys
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run = tmp_path / "r"
+    run.mkdir()
+    # Another process holding RUN/.lock, as a running hw2_train does (flock: released when it exits).
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(run / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.write('hw2 (pid 4242 on box, since 2026-11-26 13:00:00)'); f.flush(); print('held', flush=True)\n"
+        "sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--fresh"]):
+            rc, out = train(capsys, "--data_dir", data, "--train_dir", str(run), *SMALL, "--max_steps", "1", *extra)
+            assert rc == 2 and "is in use by hw2 (pid 4242 on box, since 2026-11-26 13:00:00)" in out.err
+        assert os.listdir(run) == [".lock"] and not list(tmp_path.glob("r-old-*"))  # --fresh moved nothing
+    finally:
+        holder.communicate("")
+    rc, out = train(capsys, "--data_dir", data, "--train_dir", str(run), *SMALL, "--max_steps", "1")
+    assert rc == 0 and os.path.isfile(run / "config.json")
+    with open(run / ".lock") as f:  # released when the training ended
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_class_with_only_bad_files_is_named(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=3)
     os.makedirs(tmp_path / "data" / "zebra")
@@ -212,7 +239,7 @@ def test_nan_under_a_cosine_schedule_retries_at_a_lower_lr_from_the_restored_ste
     cfg = utils.load_config("tiny", {"lr_schedule": "cosine", "learning_rate": "0.01", "max_steps": "6",
                                      "model": "simple_cnn", "fc_units": "8"})
     run = str(tmp_path / "run")
-    run_dirs.prepare(run, False)
+    os.makedirs(run)
     split = run_dirs.prepare_split(run, cfg, tiny_run.data)
 
     class Rows:
