@@ -381,6 +381,8 @@ def _run_guarded(r: Run, args, overrides: dict, scan) -> None:
         if os.path.isfile(error_path):
             os.remove(error_path)
         logging.info("finished %s: val top-1 %.4f in %.0f s", r.train_dir, result["top1"], time.time() - t0)
+    except run_dir.RunInUse as e:  # another experiment process on the same --out is training it
+        logging.info("skipping %s: another process is training it (%s)", r.train_dir, e.holder)
     except Exception as e:  # noqa: BLE001 - one broken variant must not cost the others
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, UserError):

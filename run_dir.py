@@ -142,6 +142,14 @@ def check_apart(run: str, data_dir: str | None, flag: str = "--train_dir") -> No
                         "the run; keep the data outside the run folder")
 
 
+class RunInUse(UserError):
+    """RUN/.lock is held by another process (`holder` says which)."""
+
+    def __init__(self, train_dir: str, holder: str):
+        super().__init__(f"{train_dir} is in use by {holder}: wait for it to end, or use another --train_dir")
+        self.holder = holder
+
+
 @contextlib.contextmanager
 def prepare(train_dir: str, fresh: bool, chief: bool = True):
     """Create RUN and hold RUN/.lock (the chief) while the block trains; with `fresh`, the chief
@@ -175,8 +183,7 @@ def _lock(train_dir: str):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise UserError(f"{train_dir} is in use by {holder}: wait for it to end, or use another "
-                        "--train_dir") from None
+        raise RunInUse(train_dir, holder) from None
     except OSError:  # a file system without locks (some network mounts): unguarded, as before
         return f
     f.seek(0)

@@ -1,7 +1,11 @@
-"""The one image-folder writer the tests share: small real PNG/JPEG files in class folders."""
+"""The one image-folder writer the tests share (small real PNG/JPEG files in class folders), and
+a stand-in for another process training a run."""
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -42,3 +46,22 @@ def bf16_kernels_missing() -> bool:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return bool(cap) and cap.upper() not in precision.BF16_ISAS and bool(
         precision.cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+HOLDER = "hw2 (pid 4242 on box, since 2026-11-26 13:00:00)"
+
+
+@contextlib.contextmanager
+def run_held_by_another_process(run):
+    """RUN/.lock held by a real second process, as a running hw2_train holds it (flock)."""
+    os.makedirs(run, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys\n"
+        f"f = open({os.path.join(str(run), '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        f"f.write({HOLDER!r}); f.flush(); print('held', flush=True)\n"
+        "sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("")

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import hw2_experiment
-from helpers import make_image_folder
+from helpers import HOLDER, make_image_folder, run_held_by_another_process
 from utils import UserError
 
 
@@ -47,6 +47,19 @@ def test_grid_times_folds_gives_one_row_per_variant_and_a_rerun_skips_all(tmp_pa
     capsys.readouterr()
     assert hw2_experiment.main(["--out", out, *ARGS, "--plan"]) == 0
     assert capsys.readouterr().out.count(" done ") == 4
+
+
+def test_a_run_another_process_is_training_is_skipped_not_failed(tmp_path, capsys):
+    data, out = write_folder(tmp_path / "data"), str(tmp_path / "exp")
+    busy = os.path.join(out, "norm-none", "fold-1")
+    with run_held_by_another_process(busy):
+        assert hw2_experiment.main(["--data_dir", data, "--out", out, *ARGS]) == 0
+    assert "| 1 not finished |" in open(os.path.join(out, "results.md")).read()
+    err = capsys.readouterr().err
+    assert f"skipping {busy}: another process is training it ({HOLDER})" in err
+    assert not os.path.exists(os.path.join(busy, "error.txt")) and not os.path.exists(os.path.join(busy, "config.json"))
+    assert hw2_experiment.main(["--out", out, *ARGS, "--plan"]) == 0
+    assert capsys.readouterr().out.count(" done ") == 3
 
 
 def test_several_grids_make_every_combination(tmp_path, capsys):

@@ -9,7 +9,7 @@ from PIL import Image
 
 import hw2_eval
 import hw2_train
-from helpers import make_image_folder
+from helpers import HOLDER, make_image_folder, run_held_by_another_process
 
 
 # Where the network is not what a test is about, the smallest one: a fraction of the tracing time.
@@ -71,25 +71,13 @@ def test_a_run_folder_and_the_data_stay_apart(tmp_path, capsys, run, data):
 
 def test_a_run_in_use_stops_a_second_training_even_with_fresh(tmp_path, capsys):
     import fcntl
-    import subprocess
-    import sys
     data = make_image_folder(tmp_path / "data", per_class=2)
     run = tmp_path / "r"
-    run.mkdir()
-    # Another process holding RUN/.lock, as a running hw2_train does (flock: released when it exits).
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time\n"
-        f"f = open({str(run / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "f.write('hw2 (pid 4242 on box, since 2026-11-26 13:00:00)'); f.flush(); print('held', flush=True)\n"
-        "sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with run_held_by_another_process(run):
         for extra in ([], ["--fresh"]):
             rc, out = train(capsys, "--data_dir", data, "--train_dir", str(run), *SMALL, "--max_steps", "1", *extra)
-            assert rc == 2 and "is in use by hw2 (pid 4242 on box, since 2026-11-26 13:00:00)" in out.err
+            assert rc == 2 and f"is in use by {HOLDER}" in out.err
         assert os.listdir(run) == [".lock"] and not list(tmp_path.glob("r-old-*"))  # --fresh moved nothing
-    finally:
-        holder.communicate("")
     rc, out = train(capsys, "--data_dir", data, "--train_dir", str(run), *SMALL, "--max_steps", "1")
     assert rc == 0 and os.path.isfile(run / "config.json")
     with open(run / ".lock") as f:  # released when the training ended
