@@ -39,6 +39,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 CONVERT_FIRST = {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF"}
 # Written by Windows Explorer into image folders, and by macOS into the zips it makes.
 JUNK_FILES = ("thumbs.db", "desktop.ini", "__macosx")
+# PIL refuses images over 179 megapixels as decompression bombs, but a 200-megapixel phone photo
+# (16320x12240) is an ordinary JPEG, which we decode at 1/2-1/8 scale (draft). So the guard is
+# ours, per format: JPEGs up to a gigapixel, everything decoded whole (PNG, TIFF, ...) under PIL's.
+PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
+JPEG_PIXEL_LIMIT = 2**30
+Image.MAX_IMAGE_PIXELS = JPEG_PIXEL_LIMIT // 2  # PIL errors at twice this, warns above it
 SPLIT_VERSION = 1
 _REQUIRED_SPLIT_KEYS = ("data_dir", "class_names", "train", "val")
 
@@ -201,7 +207,7 @@ def inspect_image(path: str, min_size: int = 8) -> ImageInfo:
     try:
         if os.path.getsize(path) == 0:
             return info._replace(problem="empty file")
-        with Image.open(path) as img:
+        with open_image(path) as img:
             w, h = img.size
             info = ImageInfo(w, h, img.format or "", img.mode)
             if min(w, h) < min_size:
@@ -237,9 +243,9 @@ def median_short_side(data_dir: str, items: Sequence[Item], sample: int = 256, s
     sides = []
     for rel, _ in chosen:
         try:
-            with Image.open(os.path.join(data_dir, rel)) as img:
+            with open_image(os.path.join(data_dir, rel)) as img:
                 sides.append(min(img.size))
-        except (OSError, ValueError):  # a file that broke since the scan: the others decide
+        except (OSError, ValueError, Image.DecompressionBombError):  # broke since the scan: the others decide
             continue
     return int(np.median(sides)) if sides else 0
 
@@ -419,6 +425,16 @@ def _parse_items(path: str, key: str, entries, n_classes: int) -> list[Item]:
 
 # ---------------------------------------------------------------------------------------- decode
 
+def open_image(path: str) -> Image.Image:
+    """Image.open with the size guard of PIXEL_LIMIT / JPEG_PIXEL_LIMIT (DecompressionBombError)."""
+    img = Image.open(path)
+    w, h = img.size
+    if img.format != "JPEG" and w * h > PIXEL_LIMIT:
+        img.close()
+        raise Image.DecompressionBombError(f"{w}x{h} pixels, over {PIXEL_LIMIT:,} for a {img.format} image")
+    return img
+
+
 def read_image(path: str, short_side: int | None = None) -> np.ndarray:
     """Decode any supported image to uint8 RGB [H, W, 3], upright, optionally resized so min(H, W) == short_side."""
     path = os.fsdecode(path)  # tf.numpy_function hands strings over as bytes
@@ -427,7 +443,7 @@ def read_image(path: str, short_side: int | None = None) -> np.ndarray:
         if short_side < 1:
             raise ValueError(f"short_side must be positive, got {short_side}")
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if short_side and img.format == "JPEG":
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below short_side: a 24-megapixel
                 # photo then costs a fraction of the time and memory of a full decode plus resize.
@@ -442,6 +458,8 @@ def read_image(path: str, short_side: int | None = None) -> np.ndarray:
         raise ValueError(f"{path}: file not found") from None
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: too large: {_short(e)}") from None
     except Exception as e:
         raise ValueError(f"{path}: corrupt: {_short(e)}") from None
 

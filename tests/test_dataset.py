@@ -349,6 +349,21 @@ def test_read_image_of_a_large_jpeg_at_a_small_size(tmp_path: Path):
     assert abs(int(out[32, 0, 0]) - 0) < 20 and abs(int(out[32, -1, 0]) - 255) < 20  # not garbled
 
 
+def test_a_200_megapixel_phone_jpeg_is_used_and_a_huge_png_is_too_large(tmp_path: Path, monkeypatch):
+    # 16320x12240, a 200-megapixel phone camera's photo: over PIL's 179-megapixel bomb guard, which
+    # skipped it as "too large", though the scan and read_image decode a JPEG at 1/8 scale.
+    Image.new("L", (16320, 12240), 90).save(tmp_path / "phone.jpg", quality=50)
+    info = ds.inspect_image(str(tmp_path / "phone.jpg"))
+    assert info.problem is None and (info.width, info.height) == (16320, 12240)
+    assert ds.read_image(str(tmp_path / "phone.jpg"), short_side=73).shape == (73, 97, 3)
+    # Formats decoded whole keep the guard (lowered here, so the PNG can be small).
+    Image.new("RGB", (40, 30)).save(tmp_path / "wide.png")
+    monkeypatch.setattr(ds, "PIXEL_LIMIT", 1000)
+    assert ds.inspect_image(str(tmp_path / "wide.png")).problem.startswith("too large: 40x30 pixels, over 1,000")
+    with pytest.raises(ValueError, match="too large"):
+        ds.read_image(str(tmp_path / "wide.png"))
+
+
 @pytest.mark.parametrize("content, reason", [(b"", "not an image"), (b"hello", "not an image"),
                                             (jpeg_bytes()[:600], "corrupt")])
 def test_read_image_raises_value_error_with_a_reason(tmp_path: Path, content, reason):
