@@ -204,6 +204,22 @@ def _print_table(rows: list[dict], top_k: int) -> None:
               f"{r['loss']:>8.4f}{'  <- best' if r['best'] else ''}")
 
 
+def _note_seen_in_training(scan, run: str) -> None:
+    """A test folder that holds the run's own train/val images (the training folder itself, or
+    copies) scores what the model memorized: say so, with how many."""
+    import hw2_dataset
+    import logging
+    try:
+        split = hw2_dataset.load_split(os.path.join(run, run_dir.SPLIT), check_files=False)
+    except UserError:
+        return  # a run without its split (an old export layout): nothing to compare with
+    seen = hw2_dataset.files_also_in(scan.data_dir, scan.items, split["data_dir"], split["train"] + split["val"])
+    if seen:
+        logging.warning("%d of %d test images are also in this run's train/val split (the same bytes, e.g. %s): "
+                        "on them the test top-1 measures memory, not new photos", len(seen), len(scan.items),
+                        seen[0])
+
+
 def eval_items(run: str, class_names: Sequence[str], test_data_path: str | None = None) -> tuple[str, list, str]:
     """(data_dir, [(path, label)], description): a test folder, labels in the training class
     order, or else the run's validation split."""
@@ -218,6 +234,7 @@ def eval_items(run: str, class_names: Sequence[str], test_data_path: str | None 
                             f"(training classes: {', '.join(class_names[:10])}{more})")
         if scan.bad:
             logging.warning("skipping %d unusable test files, e.g. %s (%s)", len(scan.bad), *scan.bad[0])
+        _note_seen_in_training(scan, run)
         remap = [list(class_names).index(c) for c in scan.class_names]
         return scan.data_dir, [(p, remap[label]) for p, label in scan.items], f"test set {test_data_path}"
     split = hw2_dataset.load_split(os.path.join(run, run_dir.SPLIT))

@@ -549,18 +549,39 @@ def find_duplicates(scan: Scan, workers: int = 8) -> list[list[str]]:
     # Only files that share their size can be identical: in a folder of photos that is almost none,
     # so this reads a few files instead of every byte of the dataset.
     paths = [rel for group in by_size.values() if len(group) > 1 for rel in group]
-
-    def sha1(rel: str) -> str:
-        h = hashlib.sha1()
-        with open(os.path.join(scan.data_dir, rel), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
     groups: dict[str, list[str]] = defaultdict(list)
-    for rel, digest in zip(paths, _map(sha1, paths, workers)):
+    for rel, digest in zip(paths, _map(lambda rel: _sha1(os.path.join(scan.data_dir, rel)), paths, workers)):
         groups[digest].append(rel)
     return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def files_also_in(data_dir: str, items: Sequence[Item], other_dir: str, others: Sequence[Item],
+                  workers: int = 8) -> list[str]:
+    """The items (relative paths) whose bytes equal one of `others`' (a test folder against the
+    training split); as find_duplicates, only files of a size both share are read."""
+    def sizes(root, entries):
+        out = defaultdict(list)
+        for rel, _ in entries:
+            try:
+                out[os.path.getsize(os.path.join(root, rel))].append(os.path.join(root, rel))
+            except OSError:
+                continue
+        return out
+    mine, theirs = sizes(data_dir, items), sizes(other_dir, others)
+    common = [size for size in mine if size in theirs]
+    theirs_read = [p for size in common for p in theirs[size]]
+    known = set(_map(_sha1, theirs_read, workers))
+    candidates = [p for size in common for p in mine[size]]
+    return sorted(os.path.relpath(p, data_dir) for p, digest in zip(candidates, _map(_sha1, candidates, workers))
+                  if digest in known)
+
+
+def _sha1(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_command(args: argparse.Namespace) -> int:

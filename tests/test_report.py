@@ -15,6 +15,7 @@ import hw2_eval
 import hw2_train
 import run_dir as run_dirs
 import run_record
+from helpers import make_image_folder
 
 
 def read_csv(path):
@@ -136,6 +137,18 @@ def test_eval_writes_the_per_class_report(tiny_run, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "no" / "per_class.csv")
 
 
+def test_a_test_folder_holding_training_images_is_flagged(tiny_run, tmp_path, capsys):
+    import shutil
+    test = tmp_path / "test"
+    make_image_folder(test, per_class=3, seed=7)  # new images: nothing to flag
+    assert hw2_eval.main(["--checkpoint_dir", tiny_run.run, "--test_data_path", str(test), "--no_report"]) == 0
+    assert "also in this run's" not in capsys.readouterr().err
+    shutil.copy(os.path.join(tiny_run.data, "dark", "0.png"), test / "light" / "copy.png")  # under another name
+    assert hw2_eval.main(["--checkpoint_dir", tiny_run.run, "--test_data_path", str(test), "--no_report"]) == 0
+    assert "1 of 7 test images are also in this run's train/val split (the same bytes, e.g. light/copy.png)" \
+        in capsys.readouterr().err
+
+
 def test_all_checkpoints_table(tiny_run, tmp_path, capsys):
     run_dir = tiny_run.run
     assert hw2_eval.main(["--checkpoint_dir", run_dir, "--all_checkpoints", "--eval_dir", str(tmp_path)]) == 0
@@ -160,7 +173,6 @@ def test_histograms_are_written_and_change_nothing(tmp_path):
     ends bit-identical to one without."""
     import tensorflow as tf
 
-    from helpers import make_image_folder
     data = make_image_folder(tmp_path / "data", per_class=6)
     runs = {}
     for every in ("0", "1"):
