@@ -570,10 +570,18 @@ def files_also_in(data_dir: str, items: Sequence[Item], other_dir: str, others: 
     mine, theirs = sizes(data_dir, items), sizes(other_dir, others)
     common = [size for size in mine if size in theirs]
     theirs_read = [p for size in common for p in theirs[size]]
-    known = set(_map(_sha1, theirs_read, workers))
+    known = set(_map(_sha1_or_none, theirs_read, workers)) - {None}
     candidates = [p for size in common for p in mine[size]]
-    return sorted(os.path.relpath(p, data_dir) for p, digest in zip(candidates, _map(_sha1, candidates, workers))
-                  if digest in known)
+    digests = _map(_sha1_or_none, candidates, workers)
+    return sorted(os.path.relpath(p, data_dir) for p, digest in zip(candidates, digests) if digest in known)
+
+
+def _sha1_or_none(path: str) -> str | None:
+    """_sha1, or None for a file that went away or cannot be read (it is then nobody's copy)."""
+    try:
+        return _sha1(path)
+    except OSError:
+        return None
 
 
 def _sha1(path: str) -> str:
