@@ -226,6 +226,25 @@ def test_export_refuses_to_overwrite_without_force(exported, capsys):
     assert "exists: pass --force" in capsys.readouterr().err
 
 
+def test_predict_reads_the_files_one_batch_at_a_time(exported, tmp_path):
+    import tensorflow as tf
+    _, _, model_dir = exported
+    images = make_folder(tmp_path / "images", per_class=2)
+    paths = hw2_predict.list_images([images])
+    model = tf.saved_model.load(model_dir)
+
+    class DeletesTheLastFileWhileServingTheFirstBatch:
+        def serve(self, blobs):
+            if os.path.exists(paths[-1]):
+                os.remove(paths[-1])
+            return model.serve(blobs)
+
+    results = hw2_predict.predict_files(DeletesTheLastFileWhileServingTheFirstBatch(), paths, batch_size=2)
+    # Read before its batch was due, the last file would have been predicted: all files in memory at once.
+    assert [r[0] is not None for r in results] == [True, True, True, False]
+    assert results[-1][1] == "cannot read: No such file or directory"
+
+
 def test_predict_a_folder_with_an_unreadable_file(exported, tmp_path, capsys):
     tmp, run_dir, model_dir = exported
     images = make_folder(tmp_path / "images", per_class=2)
