@@ -237,5 +237,10 @@ def eval_items(run: str, class_names: Sequence[str], test_data_path: str | None 
         _note_seen_in_training(scan, run)
         remap = [list(class_names).index(c) for c in scan.class_names]
         return scan.data_dir, [(p, remap[label]) for p, label in scan.items], f"test set {test_data_path}"
-    split = hw2_dataset.load_split(os.path.join(run, run_dir.SPLIT))
+    split = hw2_dataset.load_split(os.path.join(run, run_dir.SPLIT), check_files=False)
+    if not os.path.isdir(split["data_dir"]):
+        raise UserError(f"{run}'s data folder {split['data_dir']} is gone: evaluate another folder with "
+                        "--test_data_path, or, if it moved, record where once with hw2_train.py --data_dir NEW "
+                        f"--train_dir {run}")
+    hw2_dataset.check_split_files(split, os.path.join(run, run_dir.SPLIT))
     return split["data_dir"], split["val"], "validation split"

@@ -401,12 +401,17 @@ def load_split(path: str, check_files: bool = True) -> dict:
     data_dir = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(str(doc["data_dir"])))
     doc["data_dir"] = os.path.normpath(data_dir)
     if check_files:
-        if not os.path.isdir(doc["data_dir"]):
-            raise UserError(f"split file {path} points at data_dir {doc['data_dir']}, which is not a folder")
-        gone = [rel for rel, _ in doc["train"] + doc["val"] if not os.path.isfile(os.path.join(doc["data_dir"], rel))]
-        if gone:
-            raise UserError(f"split file {path} names {len(gone)} missing files, e.g. {sorted(gone)[0]}")
+        check_split_files(doc, path)
     return doc
+
+
+def check_split_files(split: dict, path: str) -> None:
+    """UserError unless every train/val file of the split (read from `path`) is in its data_dir."""
+    if not os.path.isdir(split["data_dir"]):
+        raise UserError(f"split file {path} points at data_dir {split['data_dir']}, which is not a folder")
+    gone = [rel for rel, _ in split["train"] + split["val"] if not os.path.isfile(os.path.join(split["data_dir"], rel))]
+    if gone:
+        raise UserError(f"split file {path} names {len(gone)} missing files, e.g. {sorted(gone)[0]}")
 
 
 def _parse_items(path: str, key: str, entries, n_classes: int) -> list[Item]:

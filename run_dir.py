@@ -216,10 +216,13 @@ def prepare_split(train_dir: str, cfg, data_dir: str | None = None, split_file: 
     import hw2_dataset
     run_split = os.path.join(train_dir, SPLIT)
     if os.path.isfile(run_split):
-        split = hw2_dataset.load_split(run_split)
-        if data_dir and os.path.abspath(data_dir) != os.path.abspath(split["data_dir"]):
-            raise UserError(f"{train_dir} was trained on {split['data_dir']}, not {data_dir}: "
-                            "use --fresh or a new --train_dir")
+        split = hw2_dataset.load_split(run_split, check_files=False)
+        if data_dir and os.path.realpath(data_dir) != os.path.realpath(split["data_dir"]):
+            if os.path.isdir(split["data_dir"]):  # both folders exist: another dataset
+                raise UserError(f"{train_dir} was trained on {split['data_dir']}, not {data_dir}: "
+                                "use --fresh or a new --train_dir")
+            split = _moved(split, data_dir, run_split)
+        hw2_dataset.check_split_files(split, run_split)
         if data_dir:
             _note_new_files(split, data_dir)
     elif split_file:
@@ -239,6 +242,29 @@ def prepare_split(train_dir: str, cfg, data_dir: str | None = None, split_file: 
     if not split["val"]:
         raise UserError("the split has no validation images: every class needs at least 2 images")
     return split
+
+
+def _moved(split: dict, data_dir: str, run_split: str) -> dict:
+    """The split's folder is gone and `data_dir` was given: the data moved (another disk, another
+    machine). Where every train/val file is there too, the run goes on and split.json records the
+    new place; hw2_eval then finds the val images without flags."""
+    import hw2_dataset
+    moved = {**split, "data_dir": os.path.abspath(data_dir)}
+    try:
+        hw2_dataset.check_split_files(moved, run_split)
+    except UserError as e:
+        raise UserError(f"{split['data_dir']} (this run's data) is gone, and {data_dir} is not it: {e}") from None
+    with open(run_split, encoding="utf-8") as f:
+        text = f.read()
+    doc = json.loads(text)
+    field = f'"data_dir": {json.dumps(doc["data_dir"])}'
+    if text.count(field) == 1:  # only that line changes: the file stays one entry per line
+        atomic_write_text(run_split, text.replace(field, f'"data_dir": {json.dumps(moved["data_dir"])}'))
+    else:
+        save_json(run_split, {**doc, "data_dir": moved["data_dir"]})
+    logging.info("data moved: %s -> %s (all %d train/val files are there); split.json now says so",
+                 split["data_dir"], moved["data_dir"], len(split["train"]) + len(split["val"]))
+    return moved
 
 
 def _note_new_files(split: dict, data_dir: str) -> None:

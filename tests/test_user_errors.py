@@ -84,6 +84,28 @@ def test_a_run_in_use_stops_a_second_training_even_with_fresh(tmp_path, capsys):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_a_run_follows_its_data_to_a_new_folder_but_not_to_another_dataset(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    other = make_image_folder(tmp_path / "other", per_class=2, seed=5)
+    run = str(tmp_path / "r")
+    assert train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "1")[0] == 0
+    rc, out = train(capsys, "--data_dir", other, "--train_dir", run, *SMALL, "--max_steps", "2")
+    assert rc == 2 and "was trained on" in out.err  # both folders exist: another dataset
+    moved = str(tmp_path / "disk2" / "data")
+    os.makedirs(os.path.dirname(moved))
+    os.rename(data, moved)  # the data moved (another disk, another machine)
+    assert hw2_eval.main(["--checkpoint_dir", run, "--no_report"]) == 2
+    assert f"data folder {data} is gone: evaluate another folder with --test_data_path" in capsys.readouterr().err
+    rc, out = train(capsys, "--data_dir", other, "--train_dir", run, *SMALL, "--max_steps", "2")
+    assert rc == 2 and "is gone, and" in out.err and "missing files" in out.err
+    rc, out = train(capsys, "--data_dir", moved, "--train_dir", run, *SMALL, "--max_steps", "2")
+    assert rc == 0 and f"data moved: {data} -> {moved} (all 6 train/val files are there)" in out.err
+    split = json.load(open(os.path.join(run, "split.json")))
+    assert split["data_dir"] == moved and len(split["train"]) + len(split["val"]) == 6
+    assert hw2_eval.main(["--checkpoint_dir", run, "--no_report"]) == 0  # finds the val images, no flags
+    assert "(step 2, ema weights, validation split)" in capsys.readouterr().out
+
+
 def test_class_with_only_bad_files_is_named(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=3)
     os.makedirs(tmp_path / "data" / "zebra")
