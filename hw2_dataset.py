@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+import utils
 from utils import UserError
 
 # Matched case-insensitively; PIL decodes them all. TIFF is what scanners write; WebP, what web
@@ -126,7 +127,7 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
     items, info = candidates, {}
     if check_images:
         paths = [os.path.join(data_dir, rel) for rel, _ in candidates]
-        infos = _map(lambda p: inspect_image(p, min_size), paths, workers)
+        infos = _map(lambda p: inspect_image(p, min_size), paths, workers, f"checking the images in {data_dir}")
         info = {rel: i for (rel, _), i in zip(candidates, infos)}
         items = [item for item, i in zip(candidates, infos) if i.problem is None]
         bad += [(rel, i.problem) for (rel, _), i in zip(candidates, infos) if i.problem is not None]
@@ -188,12 +189,14 @@ def _is(test) -> bool:
         return False
 
 
-def _map(fn, values: Sequence, workers: int) -> list:
-    """fn over values in a thread pool: PIL decoding and hashing release the GIL."""
+def _map(fn, values: Sequence, workers: int, what: str = "") -> list:
+    """fn over values in a thread pool: PIL decoding and hashing release the GIL. `what` names
+    the work in a log line and a progress bar when there is a lot of it."""
     if workers <= 1 or len(values) < 2:
         return [fn(v) for v in values]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, values, chunksize=16))
+        results = pool.map(fn, values, chunksize=16)
+        return list(utils.progress(results, len(values), "files", what) if what else results)
 
 
 def check_image(path: str, min_size: int = 8) -> str | None:

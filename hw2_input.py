@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from augmentation import base_short_side, eval_preprocess, train_preprocess
 from hw2_dataset import read_image
+import utils
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def _preload(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any]
     import time
     t = time.time()
     flat, offsets, shapes, labels = [], [0], [], []
-    for image, label in decode_dataset(data_dir, items, cfg).as_numpy_iterator():
+    decoded = decode_dataset(data_dir, items, cfg).as_numpy_iterator()
+    for image, label in utils.progress(decoded, len(items), "images", "decoding the training images into RAM"):
         flat.append(image.ravel())
         offsets.append(offsets[-1] + image.size)
         shapes.append(image.shape)

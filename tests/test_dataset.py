@@ -76,6 +76,24 @@ def test_scan_finds_usable_images_and_explains_bad_ones(messy: Path):
         assert image.shape == (12, 16, 3) and (image == [200, 30, 30]).all(), rel
 
 
+def test_a_long_scan_says_what_it_is_doing_first(messy: Path, monkeypatch, caplog):
+    import logging
+
+    import utils
+    seen, real = [], utils.progress
+
+    def progress(iterable, total, unit, what, at_least=1000):
+        seen.append((total, what))
+        return real(iterable, total, unit, what, at_least=1)  # as if the folder were big
+    monkeypatch.setattr(ds.utils, "progress", progress)
+    with caplog.at_level(logging.INFO):
+        scan = ds.scan_dataset(str(messy))
+    n = len(scan.items) + sum(1 for _, why in scan.bad if not why.startswith(("unsupported", "broken link")))
+    assert seen == [(n, f"checking the images in {messy}")]
+    assert f"checking the images in {messy}: {n} files ..." in caplog.text
+    assert real(seen, 1, "files", "short", at_least=2) is seen  # short work: no line, no bar
+
+
 def test_scan_without_checking_only_looks_at_extensions(messy: Path):
     scan = ds.scan_dataset(str(messy), check_images=False)
     assert ("cats/truncated.jpg", 0) in scan.items
