@@ -12,9 +12,9 @@ from typing import Any, Mapping
 import numpy as np
 import tensorflow as tf
 
+import utils
 from augmentation import base_short_side, eval_preprocess, train_preprocess
 from hw2_dataset import read_image
-import utils
 from utils import UserError
 
 log = logging.getLogger(__name__)
