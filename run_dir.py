@@ -285,13 +285,21 @@ def _note_new_files(split: dict, data_dir: str) -> None:
 
 
 def report_bad_images(scan, train, val, train_dir: str, on_bad_image: str) -> None:
-    """Skipped files and train/val duplicates go to RUN/bad_images.txt; `fail` stops instead."""
+    """Skipped files, train/val duplicates and files in two classes go to RUN/bad_images.txt;
+    `fail` stops instead."""
     import hw2_dataset
     lines = [f"{path}\t{why}" for path, why in scan.bad]
     val_paths, train_paths = {p for p, _ in val}, {p for p, _ in train}
+    label = dict(scan.items)
     for group in hw2_dataset.find_duplicates(scan):
+        classes = sorted({scan.class_names[label[p]] for p in group})
+        where = []
+        if len(classes) > 1:  # the same photo under two labels: one of them is wrong, wherever it lands
+            where.append(f"in classes {' and '.join(classes)}: one label is wrong")
         if any(p in val_paths for p in group) and any(p in train_paths for p in group):
-            lines.append(f"{group[0]}\tsame content as {', '.join(group[1:])} (in both train and val)")
+            where.append("in both train and val")
+        if where:
+            lines.append(f"{group[0]}\tsame content as {', '.join(group[1:])} ({'; '.join(where)})")
     if not lines:
         return
     bad_path = os.path.join(train_dir, BAD_IMAGES)
@@ -300,7 +308,7 @@ def report_bad_images(scan, train, val, train_dir: str, on_bad_image: str) -> No
     if on_bad_image == "fail":
         raise UserError(f"{len(lines)} unusable or duplicate files, e.g. {example} "
                         f"(all in {bad_path}; --on_bad_image skip to train without them)")
-    logging.warning("%d files skipped or duplicated across train/val (listed in %s), e.g. %s",
+    logging.warning("%d files skipped, or duplicated across train/val or classes (listed in %s), e.g. %s",
                     len(lines), bad_path, example)
 
 

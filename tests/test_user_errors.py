@@ -212,6 +212,9 @@ def test_bad_zoo_is_skipped_and_listed(tmp_path, capsys):
                          ("tiny.png", "too small"), ("notes.txt", "unsupported")]:
         line = next(l for l in listed.splitlines() if name in l)
         assert reason in line, line
+    # The same photo under two labels, wherever the split puts the two copies.
+    assert "dark/1.jpg\tsame content as light/copy_of_dark.jpg (in classes dark and light: one label is wrong" \
+        in listed
     rc, out = train(capsys, "--data_dir", data, "--train_dir", str(tmp_path / "r2"), *SMALL,
                     "--on_bad_image", "fail")
     assert rc == 2 and "bad_images.txt" in out.err
