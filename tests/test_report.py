@@ -36,13 +36,17 @@ def test_confusion_and_per_class_numbers_match_a_hand_computed_case():
         "b": (1 / 2, 1 / 2, 0.5, 2),
         "c": (1 / 2, 1 / 1, 2 / 3, 1),
         "d": (0.0, 0.0, 0.0, 0),
-        "macro avg": ((1 + .5 + .5) / 4, (2 / 3 + .5 + 1) / 4, (0.8 + 0.5 + 2 / 3) / 4, 6),
+        # over a, b, c: "d", never seen and never predicted, says nothing about the model
+        "macro avg": ((1 + .5 + .5) / 3, (2 / 3 + .5 + 1) / 3, (0.8 + 0.5 + 2 / 3) / 3, 6),
         "weighted avg": ((3 * 1 + 2 * .5 + .5) / 6, 4 / 6, (3 * .8 + 2 * .5 + 2 / 3) / 6, 6),
     }
     for name, (p, r, f1, support) in expected.items():
         got = rows[name]
         np.testing.assert_allclose([got["precision"], got["recall"], got["f1"]], [p, r, f1], err_msg=name)
         assert got["support"] == support
+    # A class absent from the test set but predicted still counts: its false positives are news.
+    macro = class_report.per_class_metrics([0, 0], [0, 1], ["a", "b", "c"])[-2]
+    np.testing.assert_allclose([macro["precision"], macro["recall"]], [(1 + 0) / 2, (0.5 + 0) / 2])
 
 
 def test_class_report_files_and_tensorboard_image(tmp_path):
