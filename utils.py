@@ -77,6 +77,9 @@ _CHECKS = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">
            "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]")}
 
 
+MIN_IMAGE_SIZE = 8  # as the scan's smallest usable image
+
+
 def _check(cfg: Config) -> None:
     """Each value against its declaration, then the rules that tie keys together."""
     for name, key in config_keys.KEYS.items():
@@ -90,6 +93,8 @@ def _check(cfg: Config) -> None:
             raise UserError(f"'{name}' must be one of {'|'.join(str(c) for c in choices)}, got '{value}'")
         if key.type is config_keys.IntList and (not value or any(v <= 0 for v in value)):
             raise UserError(f"'{name}' must list positive integers, got {','.join(map(str, value))}")
+    if 0 < cfg.image_size < MIN_IMAGE_SIZE:  # a typo (3 for 32) would train for hours on noise
+        raise UserError(f"'image_size' must be 0 (from the images) or at least {MIN_IMAGE_SIZE}, got {cfg.image_size}")
     if cfg.scale_min > cfg.scale_max:
         raise UserError(f"scale_min ({cfg.scale_min}) must be <= scale_max ({cfg.scale_max})")
     for name in ("inception2", "inception3"):

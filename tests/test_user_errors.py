@@ -126,6 +126,7 @@ def test_split_naming_missing_files(tmp_path, capsys):
 @pytest.mark.parametrize("flag, value, message", [
     ("--batch_size", "-1", "'batch_size' must be >= 0"),
     ("--max_steps", "0", "'max_steps' must be > 0"),
+    ("--image_size", "3", "'image_size' must be 0 (from the images) or at least 8, got 3"),
     ("--learning_rate", "abc", "'learning_rate' must be a number"),
     ("--no_such_key", "1", "unknown config key 'no_such_key'"),
     ("--top_k", "5", "--top_k 5 must be between 1 and the number of classes (2)"),
