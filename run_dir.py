@@ -156,7 +156,7 @@ def prepare(train_dir: str, fresh: bool, chief: bool = True):
     first moves an old RUN aside (never deletes it). A second process on the same RUN stops with
     one line, before --fresh can move the first one's run away under it: two runs sharing a
     folder resume from each other's checkpoints and overwrite each other's best/."""
-    if chief and os.path.isdir(train_dir):
+    if fresh and chief and os.path.isdir(train_dir):  # without --fresh, the lock below is the check
         probe = _lock(train_dir)
         if probe is not None:
             probe.close()
