@@ -45,12 +45,13 @@ class Run:
 # ----------------------------------------------------------------------------------- planning
 
 def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """['norm=batch,none', 'residual=true,false'] -> [('norm', ['batch', 'none']), ...]."""
+    """['norm=batch,none', 'conv_stack=32,64|64,128'] -> [('norm', ['batch', 'none']),
+    ('conv_stack', ['32,64', '64,128'])]: keys whose values are lists separate them with |."""
     grid, seen = [], set()
     for spec in specs:
         key, eq, values = spec.partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
-        options = [v.strip() for v in values.split(",") if v.strip()]
+        options = [v.strip() for v in values.split("|" if "|" in values else ",") if v.strip()]
         if not eq or not key or not options:
             raise UserError(f"--grid {spec!r}: expected KEY=V1,V2,... (e.g. --grid norm=batch,none)")
         if key in seen:
@@ -76,9 +77,13 @@ def variant_dir(values: Mapping) -> str:
 
 
 def plan_runs(out: str, grid: list[tuple[str, list[str]]], folds: int) -> list[Run]:
-    runs = []
+    runs, dirs = [], {}
     for values in variant_values(grid):
         base = os.path.join(out, variant_dir(values))
+        if base in dirs:  # "a b" and "a-b" would train into one folder and count as one variant
+            raise UserError(f"--grid variants {dirs[base]} and {variant_name(values)} would share the "
+                            f"folder {base}: give them values that differ in letters or digits")
+        dirs[base] = variant_name(values)
         for fold in (range(folds) if folds else [None]):
             train_dir = base if fold is None else os.path.join(base, f"fold-{fold}")
             runs.append(Run(variant_name(values), values, fold, train_dir))
@@ -305,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--section", default="default", help="config.cfg section every run starts from")
     p.add_argument("--config", default=utils.DEFAULT_CONFIG)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a config key and its values; several --grid flags make every combination")
+                   help="a config key and its values; several --grid flags make every combination; "
+                   "list-valued keys separate their values with | (--grid 'conv_stack=32,64|64,128')")
     p.add_argument("--folds", type=int, default=0, help="K >= 2: stratified K-fold cross-validation")
     p.add_argument("--max_epochs", type=int, default=0, help="epochs per run (default: the config's)")
     p.add_argument("--plan", action="store_true", help="list the runs and their state, train nothing")

@@ -49,8 +49,8 @@ def list_images(inputs: list[str]) -> list[str]:
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(os.path.join(d, f) for d, _, files in os.walk(item) for f in files
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(os.path.join(d, f) for d, _, files in _walk_visible(item) for f in files
+                           if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
             if not found:
                 logging.warning("no image files in %s", item)
             paths += found
@@ -61,6 +61,14 @@ def list_images(inputs: list[str]) -> list[str]:
     if not paths:
         raise UserError(f"no image files in {' '.join(inputs)}")
     return paths
+
+
+def _walk_visible(root: str):
+    """os.walk without dot-folders, as the training scan: macOS's ._IMG_1.jpg resource forks and
+    .thumbnails/ are not the user's photos."""
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        yield d, dirs, files
 
 
 def load_model(args):

@@ -72,6 +72,16 @@ def test_several_grids_make_every_combination(tmp_path, capsys):
     assert variants == {f"norm={n},dropout={d}" for n in ("batch", "none") for d in ("0.0", "0.25")}
 
 
+def test_list_valued_keys_take_their_values_separated_by_bars(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--section", "tiny", "--grid", "conv_stack=8,16|16", "--plan"]
+    assert hw2_experiment.main(args) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(line[1], line[2]) for line in lines] == [(str(tmp_path / "conv_stack-8-16"), "conv_stack=8,16"),
+                                                    (str(tmp_path / "conv_stack-16"), "conv_stack=16")]
+    with pytest.raises(UserError, match="conv_stack=8 16 and conv_stack=8-16 would share the folder"):
+        hw2_experiment.run(["--out", str(tmp_path), "--section", "tiny", "--grid", "conv_stack=8 16|8-16", "--plan"])
+
+
 def test_a_failed_variant_is_reported_and_the_others_finish(tmp_path):
     data, out = write_folder(tmp_path / "data"), str(tmp_path / "exp")
     # an LR of 1e30 makes the second step's loss NaN, and nan_retries 0 makes that an error

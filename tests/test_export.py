@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -224,6 +225,15 @@ def test_export_refuses_to_overwrite_without_force(exported, capsys):
     tmp, run_dir, model_dir = exported
     assert hw2_export.main(["--checkpoint_dir", run_dir, "--export_dir", model_dir]) == 2
     assert "exists: pass --force" in capsys.readouterr().err
+
+
+def test_predict_skips_hidden_files_and_folders_as_the_training_scan_does(tmp_path):
+    images = make_folder(tmp_path / "images", per_class=1)
+    (tmp_path / "images" / "dark" / "._IMG_1.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    os.makedirs(tmp_path / "images" / ".thumbnails")
+    shutil.copy(hw2_predict.list_images([images])[0], tmp_path / "images" / ".thumbnails" / "t.png")
+    found = [os.path.relpath(p, images) for p in hw2_predict.list_images([images])]
+    assert len(found) == 2 and not any(os.path.basename(p).startswith(".") or ".thumbnails" in p for p in found)
 
 
 def test_predict_reads_the_files_one_batch_at_a_time(exported, tmp_path):
