@@ -672,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
                         "duplicates, imbalance, sub-folders) and OUT/samples.png (a few images per class)")
     parser.add_argument("--min_size", type=int, default=8, help="images smaller than this on a side are bad")
     parser.add_argument("--workers", type=int, default=8, help="threads that decode images while checking")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(utils.underscored(sys.argv[1:] if argv is None else argv))
     if args.import_:
         if not args.out:
             parser.error("--import needs --out DIR")

@@ -6,8 +6,10 @@ Kept free of TensorFlow at import time so that `hw2_dataset.py` and `--help` sta
 from __future__ import annotations
 
 import configparser
+import difflib
 import logging
 import os
+import re
 import sys
 import tempfile
 from typing import Any, Callable, Sequence
@@ -136,8 +138,16 @@ def load_config(section: str = "default", overrides: dict[str, str] | None = Non
 def _apply(cfg: Config, values: dict, where: str) -> None:
     for key, value in values.items():
         if key not in config_keys.KEYS:
-            raise UserError(f"{where}: unknown config key '{key}' (see [default] in config.cfg)")
+            close = difflib.get_close_matches(key, [*config_keys.KEYS, *SCRIPT_FLAGS], n=1, cutoff=0.75)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"{where}: unknown config key '{key}' ({hint}see [default] in config.cfg)")
         cfg[key] = _coerce(key, value, where)
+
+
+# The scripts' own flags, not config keys: a typo of one lands among the overrides, and the hint
+# for it should name the flag.
+SCRIPT_FLAGS = ("data_dir", "train_dir", "checkpoint_dir", "test_data_path", "export_dir", "images",
+                "section", "config", "split", "fresh")
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, str]:
@@ -215,7 +225,7 @@ def quiet_tensorflow_import() -> None:
 
 def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None, tensorflow: bool = True) -> int:
     """Run a script's main: a UserError becomes one `error:` line and exit 2 (traceback with --debug)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = underscored(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
@@ -231,6 +241,15 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None, ten
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
+
+
+def underscored(argv: Sequence[str]) -> list[str]:
+    """--data-dir=x -> --data_dir=x: every flag and config key is spelled with underscores, and
+    argparse would take --data-dir for an unknown config key."""
+    def one(arg: str) -> str:
+        m = re.match(r"--[A-Za-z][A-Za-z0-9_-]*", arg)
+        return "--" + m.group(0)[2:].replace("-", "_") + arg[m.end():] if m else arg
+    return [one(a) for a in argv]
 
 
 def progress(iterable, total: int, unit: str, what: str, at_least: int = 1000):

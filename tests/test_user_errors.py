@@ -137,6 +137,25 @@ def test_bad_flags(tmp_path, capsys, flag, value, message):
     assert rc == 2 and message in out.err
 
 
+def test_flags_spelled_with_hyphens_are_the_underscored_ones(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    # --batch-size reached the config check: --data-dir and --train-dir were taken too.
+    rc, out = train(capsys, "--data-dir", data, "--train-dir", str(tmp_path / "r"), "--section", "tiny",
+                    "--batch-size=-1")
+    assert rc == 2 and "'batch_size' must be >= 0" in out.err
+    import hw2_dataset
+    assert hw2_dataset.main(["--data-dir", data, "--check"]) == 0
+
+
+@pytest.mark.parametrize("flag, hint", [("--learning_rte", "did you mean learning_rate?"),
+                                        ("--data_dri", "did you mean data_dir?"),
+                                        ("--zzz", "(see [default]")])
+def test_a_misspelt_flag_names_the_closest_one(tmp_path, capsys, flag, hint):
+    rc, out = train(capsys, "--train_dir", str(tmp_path / "r"), flag, "1")
+    assert rc == 2 and f"unknown config key '{flag[2:]}'" in out.err and hint in out.err
+    assert flag != "--zzz" or "did you mean" not in out.err
+
+
 def test_unwritable_train_dir(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=3)
     (tmp_path / "file").write_text("not a directory")
