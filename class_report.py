@@ -89,6 +89,7 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], title: str = "") 
 
 
 def _short_name(name: str, limit: int = 24) -> str:
+    name = run_dir.valid_utf8(name)  # matplotlib cannot draw a Latin-1 folder name's surrogates
     return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
@@ -139,7 +140,7 @@ def write_error_gallery(labels: Sequence[int], probabilities: np.ndarray, paths:
                      "probability": float(probabilities[i, predicted]),
                      "true_class_probability": float(probabilities[i, true])})
     run_dir.write_csv(os.path.join(eval_dir, "errors.csv"), ERROR_COLUMNS,
-                      [[_printable(r["path"]), r["true_class"], r["predicted_class"], f"{r['probability']:.6f}",
+                      [[run_dir.valid_utf8(r["path"]), r["true_class"], r["predicted_class"], f"{r['probability']:.6f}",
                         f"{r['true_class_probability']:.6f}"] for r in rows])
     png = plot_errors(rows[:GALLERY_SIZE], f"{title}{' - ' if title else ''}{len(rows)} of {len(labels)} "
                                            "misclassified, most confident first")
@@ -166,7 +167,7 @@ def plot_errors(rows: list[dict], title: str = "", columns: int = 6, thumb: int 
             ax.imshow(hw2_dataset.read_image(r["path"], short_side=thumb))
         except ValueError:  # the file went away or broke since it was evaluated
             ax.text(0.5, 0.5, "unreadable now", ha="center", va="center", fontsize=8, transform=ax.transAxes)
-        name = _short_name(os.path.basename(_printable(r["path"])), 26)
+        name = _short_name(os.path.basename(run_dir.valid_utf8(r["path"])), 26)
         ax.set_title(f"{name}\ntrue: {_short_name(r['true_class'])}\n"
                      f"predicted: {_short_name(r['predicted_class'], 16)} {r['probability']:.3f}", fontsize=8)
     if not rows:
@@ -177,8 +178,3 @@ def plot_errors(rows: list[dict], title: str = "", columns: int = 6, thumb: int 
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
-
-
-def _printable(path: str) -> str:
-    """A path as text: the bytes of a file name that is not UTF-8 shown as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -76,7 +76,7 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
         where = _save_cache(cache)
     else:
         where = cache_path()
-    counts = ", ".join(f"{n} {f}" for f, n in forms.most_common()) + (f", {native} native" if native else "")
+    counts = ", ".join([f"{n} {f}" for f, n in forms.most_common()] + ([f"{native} native"] if native else []))
     pass_name = "training" if training else "inference"
     if not autotune:
         how = "fixed defaults"

@@ -16,6 +16,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+import run_dir
 from hw2_dataset import (ImageInfo, Scan, _map, class_counts, find_duplicates, imbalance_note, imbalance_ratio,
                          read_image)
 
@@ -42,8 +43,7 @@ def write_report(scan: Scan, out_dir: str, workers: int = 8, seed: int = 0, seco
                 _report_formats(scan), _report_bad(scan), _report_duplicates(scan, groups),
                 _report_nesting(scan), [f"![samples]({os.path.basename(p)})" for p in sheets]]
     path = os.path.join(out_dir, "report.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n\n".join("\n".join(lines) for lines in sections if lines) + "\n")
+    run_dir.atomic_write_text(path, "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n")
     return [path] + sheets
 
 
@@ -240,7 +240,8 @@ def _contact_sheet(data_dir: str, rows: list[tuple[str, int, list[str]]], per_cl
         sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
     for r, (name, count, _) in enumerate(rows):
         y = pad + r * (thumb + pad) + thumb // 3
-        draw.text((pad, y), _fit(draw, name, font, label_width - 2 * pad), fill=(0, 0, 0), font=font)
+        label = _fit(draw, run_dir.valid_utf8(name), font, label_width - 2 * pad)
+        draw.text((pad, y), label, fill=(0, 0, 0), font=font)
         draw.text((pad, y + thumb // 4), f"{count} images", fill=(110, 110, 110), font=small)
     return sheet
 

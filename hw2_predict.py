@@ -13,7 +13,6 @@ prepared by hw2's own eval preprocessing first, as model.tflite.json describes.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
@@ -160,17 +159,30 @@ def _as_png(path: str) -> bytes:
     return out.getvalue()
 
 
+def check_out(path: str) -> None:
+    """Before predicting: a folder of phone photos takes minutes, and an --out that cannot be
+    written would lose them all at the end."""
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a folder: give a file, e.g. --out {os.path.join(path, 'predictions.csv')}")
+    out_dir = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder of --out {path}: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"cannot write --out {path}: the folder {out_dir} is not writable")
+
+
 def write_predictions(path: str, paths: list[str], results, class_names: list[str], k: int) -> None:
     header = ["path"] + [f"{kind}_{j}" for j in range(1, k + 1) for kind in ("class", "prob")] + ["error"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for p, (probs, error) in zip(paths, results):
-            if probs is None:
-                w.writerow([p] + [""] * (2 * k) + [error])
-                continue
-            top = np.argsort(-probs, kind="stable")[:k]
-            w.writerow([p] + [v for j in top for v in (class_names[j], f"{probs[j]:.6f}")] + [""])
+    rows = []
+    for p, (probs, error) in zip(paths, results):
+        if probs is None:
+            rows.append([p] + [""] * (2 * k) + [error])
+            continue
+        top = np.argsort(-probs, kind="stable")[:k]
+        rows.append([p] + [v for j in top for v in (class_names[j], f"{probs[j]:.6f}")] + [""])
+    run_dir.write_csv(path, header, rows)  # whole or not at all: an older predictions.csv survives a kill
 
 
 def run(argv: list[str]) -> int:
@@ -179,15 +191,14 @@ def run(argv: list[str]) -> int:
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be > 0, got {args.batch_size}")
     paths = list_images(args.images)
+    check_out(args.out)
     predict, class_names, default_k = load_model(args)
     k = args.top_k or default_k
     run_dir.check_top_k(k, len(class_names))
     results = predict(paths, args.batch_size)
     bad = [(p, e) for p, (probs, e) in zip(paths, results) if probs is None]
     for p, e in bad:
-        print(f"warning: {p}: {e}", file=sys.stderr)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
+        print(f"warning: {run_dir.valid_utf8(p)}: {e}", file=sys.stderr)
     write_predictions(args.out, paths, results, class_names, k)
     print(f"predicted {len(paths) - len(bad)} images{f', {len(bad)} unreadable' if bad else ''} -> {args.out}",
           flush=True)

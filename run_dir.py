@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import tempfile
 from typing import Any, Sequence
@@ -48,7 +49,7 @@ def atomic_write_text(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+            f.write(valid_utf8(text))
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         os.replace(tmp, path)
     except BaseException:
@@ -57,8 +58,23 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
+def valid_utf8(text: str) -> str:
+    """A file name that is not UTF-8 (Latin-1 from an old camera or a Windows zip) reaches us as
+    a str with surrogates, which UTF-8 cannot encode: it is written as caf\\xe9.png instead."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that no byte decoded to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def save_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=list, ensure_ascii=False) + "\n")
+    text = json.dumps(obj, indent=1, default=list, ensure_ascii=False)
+    # Surrogates (names that are not UTF-8) only occur inside JSON strings: as \udce9 escapes they
+    # read back as the same str, so the name still finds its file.
+    atomic_write_text(path, _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def load_json(path: str, what: str) -> Any:

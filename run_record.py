@@ -141,7 +141,7 @@ class RunRecord:
         self.plotted = time.monotonic()
         try:
             plot_curves(read_summary(self.summary_path), self.curves_path,
-                        title=os.path.basename(os.path.abspath(self.train_dir)))
+                        title=run_dir.valid_utf8(os.path.basename(os.path.abspath(self.train_dir))))
         except Exception as e:  # a plotting problem must never cost a training run
             logging.warning("could not write %s: %s", self.curves_path, e)
 

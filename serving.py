@@ -176,7 +176,9 @@ def build_serving_module(run: str, checkpoint: str, raw: bool = False, top_k: in
         def __init__(self):
             super().__init__(name="hw2_serving")
             self.model = model
-            self.class_names = tf.Variable(class_names, trainable=False, dtype=tf.string, name="class_names")
+            # A class folder named in Latin-1 becomes caf\xe9: tf.string outputs should be UTF-8.
+            self.class_names = tf.Variable([run_dir.valid_utf8(n) for n in class_names], trainable=False,
+                                           dtype=tf.string, name="class_names")
             self.image_size = tf.Variable(size, trainable=False, name="image_size")
             self.top_k = tf.Variable(k, trainable=False, name="top_k")
 

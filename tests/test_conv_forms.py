@@ -114,4 +114,4 @@ def test_native_layers_are_left_alone(cache_home):
         c.conv_impl = "native"
     line = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
     assert all(c.train_form is None for c in convs(model))
-    assert "9 native" in line
+    assert "batch 4): 9 native (" in line

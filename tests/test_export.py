@@ -236,6 +236,17 @@ def test_predict_skips_hidden_files_and_folders_as_the_training_scan_does(tmp_pa
     assert len(found) == 2 and not any(os.path.basename(p).startswith(".") or ".thumbnails" in p for p in found)
 
 
+def test_predict_checks_its_out_file_before_predicting(tmp_path, capsys):
+    images = make_folder(tmp_path / "images", per_class=1)
+    # No model at that path: the --out mistake is found before the model is loaded or anything predicted.
+    argv = ["--model", str(tmp_path / "no_model"), "--images", images, "--out"]
+    assert hw2_predict.main([*argv, str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder: give a file, e.g. --out {tmp_path}/predictions.csv" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert hw2_predict.main([*argv, str(tmp_path / "file" / "p.csv")]) == 2
+    assert "cannot create the folder of --out" in capsys.readouterr().err
+
+
 def test_predict_reads_the_files_one_batch_at_a_time(exported, tmp_path):
     import tensorflow as tf
     _, _, model_dir = exported

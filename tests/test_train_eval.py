@@ -289,3 +289,28 @@ def test_a_run_times_its_conv_forms_once_and_caches_them(tiny_run, tmp_path, mon
     assert "from the cache" in capsys.readouterr().err
     assert hw2_train.main(argv + ["--train_dir", str(tmp_path / "c"), "--deterministic", "true"]) == 0
     assert "(fixed defaults)" in capsys.readouterr().err
+
+
+def test_names_that_are_not_utf8_train_evaluate_and_predict(tmp_path, capsys):
+    """Latin-1 names from an old camera or a Windows zip: a class folder, a good image and a broken
+    one. Every file hw2 writes about them (config.json, bad_images.txt, errors.csv, predictions.csv)
+    must be written, and config.json must give back the same class name."""
+    import hw2_predict
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    try:
+        os.rename(data + "/light", os.fsencode(data) + b"/caf\xe9")
+        os.rename(data + "/dark/0.png", os.fsencode(data) + b"/dark/\xe9t\xe9.png")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system insists on UTF-8 names")
+    with open(os.fsencode(data) + b"/dark/cass\xe9.jpg", "wb") as f:
+        f.write(b"not an image")
+    run = str(tmp_path / "run")
+    assert hw2_train.main(["--data_dir", data, "--train_dir", run, "--section", "tiny", "--max_steps", "2"]) == 0
+    assert json.load(open(os.path.join(run, "config.json")))["class_names"] == ["caf" + os.fsdecode(b"\xe9"), "dark"]
+    assert "dark/cass\\xe9.jpg\tnot an image" in open(os.path.join(run, "bad_images.txt"), encoding="utf-8").read()
+    assert hw2_eval.main(["--checkpoint_dir", run, "--test_data_path", data, "--eval_dir", str(tmp_path / "e")]) == 0
+    assert "caf\\xe9," in open(tmp_path / "e" / "per_class.csv", encoding="utf-8").read()
+    out = str(tmp_path / "predictions.csv")
+    assert hw2_predict.main(["--checkpoint_dir", run, "--images", data, "--out", out]) == 0
+    text = open(out, encoding="utf-8").read()
+    assert "dark/\\xe9t\\xe9.png," in text and "cass\\xe9.jpg" in text
