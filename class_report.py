@@ -140,7 +140,7 @@ def write_error_gallery(labels: Sequence[int], probabilities: np.ndarray, paths:
                      "probability": float(probabilities[i, predicted]),
                      "true_class_probability": float(probabilities[i, true])})
     run_dir.write_csv(os.path.join(eval_dir, "errors.csv"), ERROR_COLUMNS,
-                      [[run_dir.valid_utf8(r["path"]), r["true_class"], r["predicted_class"], f"{r['probability']:.6f}",
+                      [[r["path"], r["true_class"], r["predicted_class"], f"{r['probability']:.6f}",
                         f"{r['true_class_probability']:.6f}"] for r in rows])
     png = plot_errors(rows[:GALLERY_SIZE], f"{title}{' - ' if title else ''}{len(rows)} of {len(labels)} "
                                            "misclassified, most confident first")

@@ -164,13 +164,7 @@ def check_out(path: str) -> None:
     written would lose them all at the end."""
     if os.path.isdir(path):
         raise UserError(f"--out {path} is a folder: give a file, e.g. --out {os.path.join(path, 'predictions.csv')}")
-    out_dir = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the folder of --out {path}: {e.strerror}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"cannot write --out {path}: the folder {out_dir} is not writable")
+    run_dir.writable_folder(os.path.dirname(os.path.abspath(path)), f"the folder of --out {path}")
 
 
 def write_predictions(path: str, paths: list[str], results, class_names: list[str], k: int) -> None:

@@ -216,12 +216,18 @@ def _create(train_dir: str, fresh: bool, chief: bool) -> None:
         old = f"{train_dir.rstrip('/')}-old-{stamp}"
         os.rename(train_dir, old)
         logging.info("--fresh: moved the previous run to %s", old)
+    writable_folder(train_dir, f"train_dir {train_dir}")
+
+
+def writable_folder(path: str, name: str) -> None:
+    """Create `path` if need be and check it can be written, before any long work: `name` says
+    what it is in the user's words ("train_dir RUN")."""
     try:
-        os.makedirs(train_dir, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create train_dir {train_dir}: {e.strerror}") from None
-    if not os.access(train_dir, os.W_OK):
-        raise UserError(f"train_dir {train_dir} is not writable")
+        raise UserError(f"cannot create {name}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{name} is not writable")
 
 
 def prepare_split(train_dir: str, cfg, data_dir: str | None = None, split_file: str | None = None,
