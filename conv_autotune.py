@@ -1,5 +1,5 @@
-"""Which form each of a model's convolutions takes: the fixed defaults, or the fastest one measured
-on this machine and cached.
+"""Which form each of a model's convolutions (and, in training, its batch norm) takes: the fixed
+defaults, or the fastest one measured on this machine and cached.
 
     choose_conv_forms(model, (128, 100, 100, 3), "float32", training=True, autotune=True)
 
@@ -21,6 +21,7 @@ from collections import Counter
 import keras
 import tensorflow as tf
 
+import bn_forms
 import conv_forms
 import layers
 import utils
@@ -40,7 +41,8 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
     pass's (forward with the batch norm folded). autotune: False sets conv_forms.default_form, with
     no timing (deterministic runs, tests); True times the candidate forms of each layer shape not
     in the cache yet (a few seconds on 2 CPU cores for the seed network) and caches the winners.
-    Layers with conv_impl="native" are left alone.
+    Layers with conv_impl="native" keep tf.nn.conv2d. When training, each layer's batch norm form
+    (bn_forms.py) is chosen the same way, native layers included.
     """
     dtype = tf.as_dtype(dtype).name
     batch, image_hw = int(input_shape[0]), (int(input_shape[1]), int(input_shape[2]), int(input_shape[3]))
@@ -71,6 +73,11 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
         else:
             conv.infer_form = form
         forms[form] += 1
+    bn_forms_line = ""
+    if training:
+        bn_counts, bn_timed = _choose_bn_forms(layers._conv_layers(model), batch, dtype, autotune, cache, entries)
+        timed += bn_timed
+        bn_forms_line = "; batch norm " + ", ".join(f"{n} {f}" for f, n in bn_counts.most_common()) if bn_counts else ""
     if entries:
         cache.update(entries)
         where = _save_cache(cache)
@@ -86,7 +93,57 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
         how = f"autotuned, from the cache {where}"
     else:
         how = "autotune: one candidate form per layer, nothing to time"
-    return f"conv forms ({pass_name}, {dtype}, batch {batch}): {counts or 'no convolutions'} ({how})"
+    return f"conv forms ({pass_name}, {dtype}, batch {batch}): {counts or 'no convolutions'}{bn_forms_line} ({how})"
+
+
+def _choose_bn_forms(convs, batch: int, dtype: str, autotune: bool, cache: dict, entries: dict) -> tuple[Counter, int]:
+    """Set each conv's training batch-norm form: fused (the fixed choice), or the faster form for
+    its output shape, timed and cached like the conv forms. Split is a candidate only where no GPU
+    is visible (its backward pass hands the CPU kernels' statistics to FusedBatchNormGradV3), and
+    float16 runs Keras' own batch norm whatever the form (bn_forms.batch_norm)."""
+    counts, timed = Counter(), 0
+    tune = autotune and dtype != "float16" and not tf.config.list_physical_devices("GPU")
+    for conv in convs:
+        if conv.bn is None:
+            continue
+        form, shape = "fused", bn_shape(conv, batch)
+        if tune and shape is not None:
+            key = f"batch norm {'x'.join(map(str, shape))} {dtype}|{','.join(bn_forms.FORMS)}"
+            if key not in cache and key not in entries:
+                entries[key] = time_bn_forms(shape, dtype)
+                timed += 1
+            form = (entries.get(key) or cache[key])["form"]
+        conv.bn_form = form
+        counts[form] += 1
+    return counts, timed
+
+
+def bn_shape(conv: layers.ConvBNReLU, batch: int) -> tuple[int, int, int, int] | None:
+    """The shape a built ConvBNReLU's batch norm normalizes, or None if its input size is not known."""
+    if conv.input_hw is None:
+        return None
+    k, s, p = conv.kernel_size, conv.stride, conv.padding
+    h, w = (layers._conv_output_size(n, k, s, p) for n in conv.input_hw)
+    return batch, h, w, conv.filters
+
+
+def time_bn_forms(shape, dtype: str) -> dict:
+    """{"form": the fastest, "ms": {form: best ms}}: batch norm + ReLU forward and backward."""
+    x = tf.cast(tf.random.stateless_normal(shape, [0, 3]), dtype)
+    bn = keras.layers.BatchNormalization(epsilon=1e-3, dtype="float32")
+    bn.build(shape)
+
+    def timed_call(form):
+        @tf.function
+        def train():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = tf.nn.relu(bn_forms.batch_norm(bn, x, True, form))
+            grads = tape.gradient(y, [x, bn.gamma, bn.beta], output_gradients=y)
+            return [tf.reduce_sum(y[:1])] + [tf.reduce_sum(g[:1]) for g in grads]
+        return lambda: [t.numpy() for t in train()]
+
+    return _fastest({form: timed_call(form) for form in bn_forms.FORMS}, f"batch norm {shape} {dtype}")
 
 
 def layer_spec(conv: layers.ConvBNReLU, dtype: str) -> conv_forms.ConvSpec | None:
@@ -112,17 +169,21 @@ def tunable_forms(spec: conv_forms.ConvSpec) -> tuple[str, ...]:
 
 def time_forms(spec: conv_forms.ConvSpec, forms, batch: int, training: bool, needs_dx: bool) -> dict:
     """{"form": the fastest, "ms": {form: best ms per call}} for one layer shape."""
-    run = {form: _timed_call(spec, form, batch, training, needs_dx) for form in forms}
+    return _fastest({form: _timed_call(spec, form, batch, training, needs_dx) for form in forms}, spec.key())
+
+
+def _fastest(run: dict, what: str) -> dict:
+    """{"form": the fastest, "ms": {form: best ms per call}} of {form: call}."""
     for f in run.values():
         f()  # trace and warm up
-    best = {form: float("inf") for form in forms}
+    best = {form: float("inf") for form in run}
     for _ in range(TIMED_CALLS):  # interleaved, so a busy machine slows all alike
         for form, f in run.items():
             t = time.perf_counter()
             f()
             best[form] = min(best[form], (time.perf_counter() - t) * 1000)
     winner = min(best, key=best.get)
-    log.debug("conv forms %s: %s -> %s", spec.key(), best, winner)
+    log.debug("forms %s: %s -> %s", what, best, winner)
     return {"form": winner, "ms": {f: round(ms, 2) for f, ms in best.items()}}
 
 

@@ -83,7 +83,7 @@ def create_model(cfg: Mapping, num_classes: int) -> keras.Model:
 
 def synchronize_batch_norm(model: keras.Model) -> None:
     """Batch-norm statistics over the global batch: Keras reads `synchronized` at call time, and
-    layers.fused_batch_norm hands synchronized layers back to Keras' all-reducing path."""
+    bn_forms.batch_norm hands synchronized layers back to Keras' all-reducing path."""
     for layer in model._flatten_layers():
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import bn_forms
 import conv_forms
 
 CONV_IMPLS = ("im2col", "native")
@@ -123,41 +124,14 @@ def _conv_output_size(size: int | None, k: int, s: int, padding: str) -> int | N
     return -(-size // s) if padding == "SAME" else (size - k) // s + 1
 
 
-def fused_batch_norm(bn: keras.layers.BatchNormalization, x: tf.Tensor, training) -> tf.Tensor:
-    """`bn(x, training)` computed by one FusedBatchNormV3 kernel, with bn's own variables.
-
-    Keras 3's BatchNormalization upcasts, computes moments and normalizes with separate ops:
-    24-37% of a training step in bench/profile_step.py. The fused kernel takes bf16 input with
-    fp32 statistics directly. Same weights and checkpoints; synchronized BN keeps the Keras path
-    (its moments are all-reduced across replicas), and so does fp16, whose fused backward pass
-    overflows under loss scaling where Keras' fp32 upcast does not.
-    """
-    if bn.synchronized or len(x.shape) != 4 or x.dtype == tf.float16:
-        return bn(x, training=training)
-    gamma, beta = bn.gamma.value, bn.beta.value
-    if training and bn.trainable:
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=bn.epsilon,
-                                                             is_training=True)
-        # The kernel's variance is Bessel-corrected; Keras tracks the biased one.
-        n = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
-        variance = variance * (n - 1.0) / n
-        m = bn.momentum
-        bn.moving_mean.assign(bn.moving_mean.value * m + mean * (1.0 - m))
-        bn.moving_variance.assign(bn.moving_variance.value * m + variance * (1.0 - m))
-        return y
-    y, _, _ = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, mean=bn.moving_mean.value,
-                                               variance=bn.moving_variance.value, epsilon=bn.epsilon,
-                                               is_training=False)
-    return y
-
-
 class ConvBNReLU(keras.layers.Layer):
     """Convolution (through conv2d_func) -> BatchNorm -> ReLU.
 
     `conv_impl` is read at call time, so the same weights can run through either
     implementation; change it before the layer is traced (see `set_conv_impl`). So are
     `train_form` and `infer_form`, the im2col forms of the training and the inference pass
-    (None: conv_forms.default_form; conv_autotune.choose_conv_forms sets them).
+    (None: conv_forms.default_form; conv_autotune.choose_conv_forms sets them), and `bn_form`, the
+    training batch norm's form (bn_forms.py; None: fused), whatever conv_impl is.
     """
 
     def __init__(
@@ -183,6 +157,7 @@ class ConvBNReLU(keras.layers.Layer):
         self.conv_impl = conv_impl
         self.train_form: str | None = None
         self.infer_form: str | None = None
+        self.bn_form: str | None = None  # bn_forms.FORMS; None: fused
         self.input_hw: tuple[int, int] | None = None  # set at build; conv_autotune reads it
         self.weight_decay = float(weight_decay)
         self.batch_norm = bool(batch_norm)
@@ -221,7 +196,7 @@ class ConvBNReLU(keras.layers.Layer):
         if self.bn is None:
             y = y + tf.cast(self.bias, y.dtype)
         else:
-            y = fused_batch_norm(self.bn, y, training)
+            y = bn_forms.batch_norm(self.bn, y, training, self.bn_form)
         return tf.nn.relu(y) if self.activation else y
 
     def compute_output_shape(self, input_shape):

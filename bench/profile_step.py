@@ -1,6 +1,6 @@
 """Where one training step of the seed network spends its time, from the TensorFlow profiler.
 
-    python bench/profile_step.py [--batch 64] [--steps 2] [--rounds 2] [--runs im2col,native] [--logdir DIR]
+    python bench/profile_step.py [--batch 64] [--steps 2] [--rounds 2] [--runs im2col,native] [--image_size N] [--logdir DIR]
 
 Profiles `--steps` steps of each run with tf.profiler.experimental (after tracing and a warm-up
 step), `--rounds` times with the runs interleaved, keeps each run's fastest round, reads the
@@ -191,6 +191,8 @@ def main() -> None:
     p.add_argument("--section", default="seed", help="config section of the network (a zoo model's: "
                    "--section cifar10_tutorial, --section resnet18_64px --model resnet14)")
     p.add_argument("--model", default="", help="the model, if not the section's")
+    p.add_argument("--image_size", type=int, default=0, help="the input size, if not the section's "
+                   "(32: the size image_size auto picks for CIFAR-10)")
     p.add_argument("--serial", action="store_true",
                    help="one op at a time (inter-op parallelism 1): op times then add up to the wall time")
     args = p.parse_args()
@@ -204,6 +206,7 @@ def main() -> None:
     # A small rate, as train_throughput's zoo rows: one synthetic batch repeated at the tutorial's
     # SGD 0.1 reaches NaN (the time per step does not depend on the rate).
     cfg = utils.load_config(args.section, {**({"model": args.model} if args.model else {}),
+                                           **({"image_size": str(args.image_size)} if args.image_size else {}),
                                            "learning_rate": "0.0001"})
     print(f"machine: CPU: {utils.cpu_line()}")
     print(f"TensorFlow {tf.__version__}; {cfg.model} {cfg.image_size}x{cfg.image_size}, 65 classes, batch "

@@ -46,7 +46,9 @@ def test_fixed_defaults_without_autotune(cache_home):
     assert {forms[n] for n in ("a_1x1", "b_1x1", "c_1x1", "d_1x1")} == {"matmul"}
     assert {forms[n] for n in ("b_3x3", "c_3x3a", "c_3x3b")} == {"winograd"}
     assert all(c.infer_form is None for c in convs(model))  # the inference pass is set separately
+    assert {c.bn_form for c in convs(model)} == {"fused"}
     assert line.startswith("conv forms (training, float32, batch 4): ") and "fixed defaults" in line
+    assert "; batch norm 9 fused (" in line
     assert not (cache_home / "hw2").exists()  # nothing timed, nothing written
     # bfloat16 has no Winograd (too little mantissa for its transforms).
     conv_autotune.choose_conv_forms(model, INPUT, tf.bfloat16, training=False, autotune=False)
@@ -60,12 +62,18 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     path = cache_home / "hw2" / "conv_forms.json"
     entries = json.loads(path.read_text())[conv_autotune.machine_key()]
     # Timed: the inception's three 3x3s (one shape). Not the stem (only the gather: Winograd needs
-    # 8 input channels), conv1 (stride 2: only the gather) or the 1x1s (always matmul).
-    assert sorted(entries) == ["6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd"]
-    for entry in entries.values():
-        assert set(entry["ms"]) == {"gather", "winograd"} and entry["form"] in entry["ms"]
+    # 8 input channels), conv1 (stride 2: only the gather) or the 1x1s (always matmul). And the
+    # batch norm of each output shape: conv0's 12x12x16, conv1's and the 16-wide towers' 6x6x16,
+    # the 8-wide towers' 6x6x8.
+    conv_key = "6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd"
+    bn_keys = [f"batch norm 4x{shape} float32|fused,split" for shape in ("12x12x16", "6x6x16", "6x6x8")]
+    assert sorted(entries) == sorted([conv_key] + bn_keys)
+    assert set(entries[conv_key]["ms"]) == {"gather", "winograd"}
+    assert all(set(entries[k]["ms"]) == {"fused", "split"} for k in bn_keys)
+    assert all(entry["form"] in entry["ms"] for entry in entries.values())
     chosen = [c.train_form for c in convs(model)]
     assert all(f in conv_forms.FORMS for f in chosen)
+    assert {c.bn_form for c in convs(model)} <= {"fused", "split"}
 
     # A second model on this machine takes the cached choice without timing anything.
     again = small_model()
@@ -78,24 +86,33 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     entries[key]["form"] = "gather" if entries[key]["form"] == "winograd" else "winograd"
     path.write_text(json.dumps({conv_autotune.machine_key(): entries}))
     third = small_model()
+    stem = bn_keys[0]
+    entries[stem]["form"] = "fused" if entries[stem]["form"] == "split" else "split"
+    path.write_text(json.dumps({conv_autotune.machine_key(): entries}))
+    third = small_model()
     conv_autotune.choose_conv_forms(third, INPUT, "float32", training=True, autotune=True)
     assert next(c for c in convs(third) if c.name == "b_3x3").train_form == entries[key]["form"]
+    assert next(c for c in convs(third) if c.name == "conv0").bn_form == entries[stem]["form"]
 
 
 def test_chosen_forms_train_like_native(cache_home):
-    """Whatever the autotune picked, a training step gives tf.nn.conv2d's gradients."""
+    """Whatever the autotune picked, a training step gives the gradients of tf.nn.conv2d with the
+    fused batch norm, with every batch norm split as well."""
     model = small_model()
     conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
+    chosen_bn = [c.bn_form for c in convs(model)]
     x = tf.constant(np.random.default_rng(0).normal(size=INPUT), tf.float32)
     grads = {}
-    for impl in ("im2col", "native"):
-        for c in convs(model):
-            c.conv_impl = impl
+    for impl, bn in (("im2col", chosen_bn), ("im2col", ["split"] * 9), ("native", ["fused"] * 9)):
+        for c, form in zip(convs(model), bn):
+            c.conv_impl, c.bn_form = impl, form
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(model(x, training=True) ** 2)
-        grads[impl] = tape.gradient(loss, model.trainable_weights)
-    for a, b in zip(grads["im2col"], grads["native"]):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+        grads[impl, tuple(bn)] = tape.gradient(loss, model.trainable_weights)
+    reference = grads.pop(("native", ("fused",) * 9))
+    for got in grads.values():
+        for a, b in zip(got, reference):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_unwritable_cache_still_chooses(tmp_path, monkeypatch):
@@ -114,4 +131,5 @@ def test_native_layers_are_left_alone(cache_home):
         c.conv_impl = "native"
     line = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
     assert all(c.train_form is None for c in convs(model))
-    assert "batch 4): 9 native (" in line
+    assert "batch 4): 9 native; batch norm " in line
+    assert {c.bn_form for c in convs(model)} <= {"fused", "split"}  # the batch norm is chosen still

@@ -399,11 +399,13 @@ def test_config_round_trip():
     assert InceptionModule.from_config(module.get_config()).towers == (4, 6, 6, 4)
 
 
-def test_fused_batch_norm_equals_keras_batch_norm():
-    """ConvBNReLU's fused path: same outputs, gradients and moving statistics as Keras BN."""
+@pytest.mark.parametrize("form, graph", [("fused", False), ("split", False), ("fused", True), ("split", True)])
+def test_batch_norm_forms_equal_keras_batch_norm(form, graph):
+    """ConvBNReLU's batch norm + ReLU in each form, eager and traced (where grappler fuses BN and
+    ReLU): same outputs, gradients and moving statistics as Keras BN."""
     import keras
 
-    from layers import fused_batch_norm
+    from bn_forms import batch_norm
     rng = np.random.default_rng(0)
     bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
     x = tf.constant(rng.normal(1.0, 3.0, (4, 7, 5, 6)), tf.float32)
@@ -412,19 +414,48 @@ def test_fused_batch_norm_equals_keras_batch_norm():
     bn.beta.assign(rng.uniform(0, 1, 6))
     init = [v.numpy().copy() for v in bn.variables]
     upstream = tf.constant(rng.normal(size=(4, 7, 5, 6)), tf.float32)
-    results = []
-    for fn in (lambda: bn(x, training=True), lambda: fused_batch_norm(bn, x, True)):
-        for v, value in zip(bn.variables, init):
-            v.assign(value)
+
+    def step(fn):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = fn()
+            y = tf.nn.relu(fn())
             total = tf.reduce_sum(y * upstream)
-        grads = tape.gradient(total, [x, bn.gamma.value, bn.beta.value])
-        results.append([y] + grads + [v.numpy() for v in bn.variables] + [fused_batch_norm(bn, x, False)])
+        return [y] + tape.gradient(total, [x, bn.gamma, bn.beta])
+
+    results = []
+    for fn in (lambda: bn(x, training=True), lambda: batch_norm(bn, x, True, form)):
+        for v, value in zip(bn.variables, init):
+            v.assign(value)
+        run = tf.function(step) if graph else step
+        results.append(run(fn) + [v.numpy() for v in bn.variables] + [batch_norm(bn, x, False, form)])
     assert not np.allclose(results[0][-1], results[0][0])  # inference uses the moving statistics
-    for keras_value, fused_value in zip(*results):
-        np.testing.assert_allclose(fused_value, keras_value, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(results[0][-1], init[-1])  # the moving statistics moved
+    for keras_value, value in zip(*results):
+        np.testing.assert_allclose(value, keras_value, rtol=1e-4, atol=1e-4)
+
+
+def test_split_batch_norm_in_bfloat16_matches_fused():
+    """bf16 activations with fp32 statistics: the split form's outputs and gradients match the fused
+    kernel's (both upcast internally; bf16 rounding is the tolerance)."""
+    import keras
+
+    from bn_forms import batch_norm
+    rng = np.random.default_rng(2)
+    x = tf.cast(tf.constant(rng.normal(0.5, 2.0, (8, 6, 6, 16)), tf.float32), tf.bfloat16)
+    upstream = tf.cast(tf.constant(rng.normal(size=(8, 6, 6, 16)), tf.float32), tf.bfloat16)
+    results = []
+    for form in ("fused", "split"):
+        bn = keras.layers.BatchNormalization(epsilon=1e-3)
+        bn.build(x.shape)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = batch_norm(bn, x, True, form)
+            total = tf.reduce_sum(tf.cast(y * upstream, tf.float32))
+        grads = tape.gradient(total, [x, bn.gamma, bn.beta])
+        assert y.dtype == tf.bfloat16 and grads[0].dtype == tf.bfloat16
+        results.append([tf.cast(t, tf.float32) for t in [y] + grads] + [v.numpy() for v in bn.variables])
+    for fused_value, split_value in zip(*results):
+        np.testing.assert_allclose(split_value, fused_value, rtol=2e-2, atol=5e-2)
 
 
 FOLD_CASES = [(impl, k, stride, activation, form)
