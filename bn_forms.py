@@ -26,8 +26,15 @@ FORMS = ("fused", "split")
 
 def batch_norm(bn: keras.layers.BatchNormalization, x: tf.Tensor, training, form: str | None = None) -> tf.Tensor:
     """`bn(x, training)`, in `form` (None: fused) when training, with the fused kernel in inference."""
+    if form not in (None, *FORMS):
+        raise ValueError(f"batch norm form must be one of {FORMS}, got {form!r}")
     if bn.synchronized or len(x.shape) != 4 or x.dtype == tf.float16:
         return bn(x, training=training)
+    with tf.name_scope("bn"):  # bench/profile_step.py files the ops under batch norm by this scope
+        return _batch_norm(bn, x, training, form)
+
+
+def _batch_norm(bn, x, training, form):
     gamma, beta = bn.gamma.value, bn.beta.value
     if training and bn.trainable:
         if form == "split":
