@@ -57,7 +57,8 @@ def category(path: str, op_type: str) -> str:
         return "conv bwd (native)" if "Backprop" in op_type else "conv fwd (native)"
     if "/im2col_grad/" in path:  # conv_forms puts its hand-written gradients there
         return "conv bwd (im2col gradient)"
-    if "/bn" in scoped or "batch_normalization" in scoped or "_bn" in scoped:
+    # FusedBatchNorm*: the split form's gradient kernel is built by tf.custom_gradient outside any scope.
+    if "/bn" in scoped or "batch_normalization" in scoped or "_bn" in scoped or "FusedBatchNorm" in op_type:
         return "batch norm (fwd+bwd)"
     if scoped.startswith(("adam/", "Adam/")) or (top_level and op_type in UPDATE_TYPES and not backward):
         return "optimizer + EMA"
