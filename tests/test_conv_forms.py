@@ -98,6 +98,7 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
 def test_chosen_forms_train_like_native(cache_home):
     """Whatever the autotune picked, a training step gives the gradients of tf.nn.conv2d with the
     fused batch norm, with every batch norm split as well."""
+    keras.utils.set_random_seed(0)
     model = small_model()
     conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
     chosen_bn = [c.bn_form for c in convs(model)]
@@ -110,9 +111,13 @@ def test_chosen_forms_train_like_native(cache_home):
             loss = tf.reduce_sum(model(x, training=True) ** 2)
         grads[impl, tuple(bn)] = tape.gradient(loss, model.trainable_weights)
     reference = grads.pop(("native", ("fused",) * 9))
-    for got in grads.values():
-        for a, b in zip(got, reference):
-            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    # Relative to each gradient's norm, not elementwise: nine layers of batch norm over 4 images
+    # amplify rounding, and one CI CPU put 2 of 432 stem-kernel entries 1.8% (1.3e-4) off while the
+    # tensor as a whole agreed to ~1e-4. A wrong form is off by O(1).
+    for key, got in grads.items():
+        for weight, a, b in zip(model.trainable_weights, got, reference):
+            error = np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
+            assert error < 1e-3, f"{key} {weight.path}: relative error {error:.2e}"
 
 
 def test_unwritable_cache_still_chooses(tmp_path, monkeypatch):
