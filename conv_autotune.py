@@ -7,18 +7,22 @@ Call it after building the model and before tracing its tf.functions (the forms 
 time). The timing runs each candidate form of each distinct layer shape alone, for a few calls, at
 the real batch size; the choice is cached per machine (CPU model and flags, GPU name, TensorFlow
 version, ONEDNN_MAX_CPU_ISA cap) in $XDG_CACHE_HOME/hw2/conv_forms.json (~/.cache/hw2 by default),
-so the next run on this machine starts without timing.
+so the next run on this machine starts without timing. Big timings run in a child process
+(CHILD_BYTES, below), so the memory they touch does not stay with the training process.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import bn_forms
@@ -48,36 +52,25 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
     batch, image_hw = int(input_shape[0]), (int(input_shape[1]), int(input_shape[2]), int(input_shape[3]))
     convs = [c for c in layers._conv_layers(model) if c.conv_impl == "im2col"]
     native = len(layers._conv_layers(model)) - len(convs)
-    cache, entries, timed, tuned = _load_cache(), {}, 0, 0
+    cache, pending = _load_cache(), {}
     start = time.perf_counter()
-    forms = Counter()
-    for conv in convs:
-        spec = layer_spec(conv, dtype)
-        if spec is None:  # spatial size unknown: decided at trace time by the default rule
-            forms["default"] += 1
-            continue
-        form = conv_forms.default_form(spec, training)
-        candidates = tunable_forms(spec)
-        if autotune and len(candidates) > 1:
-            # The candidates are part of the key: a form added later gets timed, not ignored.
-            key = f"{spec.key()}|{'train' if training else 'infer'}|batch {batch}|{','.join(candidates)}"
-            if key not in cache and key not in entries:
-                # The first conv reads the images: its input gradient is never asked for.
-                needs_dx = training and (spec.h, spec.w, spec.cin) != image_hw
-                entries[key] = time_forms(spec, candidates, batch, training, needs_dx)
-                timed += 1
-            form = (entries.get(key) or cache[key])["form"]
-            tuned += 1
-        if training:
-            conv.train_form = form
-        else:
-            conv.infer_form = form
-        forms[form] += 1
-    bn_forms_line = ""
-    if training:
-        bn_counts, bn_timed = _choose_bn_forms(layers._conv_layers(model), batch, dtype, autotune, cache, entries)
-        timed += bn_timed
-        bn_forms_line = "; batch norm " + ", ".join(f"{n} {f}" for f, n in bn_counts.most_common()) if bn_counts else ""
+    chosen = _conv_keys(convs, batch, dtype, image_hw, training, autotune, cache, pending)
+    bn_chosen = _bn_keys(layers._conv_layers(model), batch, dtype, autotune, cache, pending) if training else []
+    entries = time_jobs(pending)
+    timed, tuned = len(entries), sum(key is not None for _, key, _ in chosen)
+
+    def pick(key, fixed):
+        return (entries.get(key) or cache[key])["form"] if key else fixed
+
+    forms, bn_counts = Counter(), Counter()
+    for conv, key, fixed in chosen:
+        forms[form := pick(key, fixed)] += 1
+        if form != "default":  # "default": decided at trace time
+            setattr(conv, "train_form" if training else "infer_form", form)
+    for conv, key in bn_chosen:
+        conv.bn_form = pick(key, "fused")
+        bn_counts[conv.bn_form] += 1
+    bn_forms_line = "; batch norm " + ", ".join(f"{n} {f}" for f, n in bn_counts.most_common()) if bn_counts else ""
     if entries:
         cache.update(entries)
         where = _save_cache(cache)
@@ -96,26 +89,47 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
     return f"conv forms ({pass_name}, {dtype}, batch {batch}): {counts or 'no convolutions'}{bn_forms_line} ({how})"
 
 
-def _choose_bn_forms(convs, batch: int, dtype: str, autotune: bool, cache: dict, entries: dict) -> tuple[Counter, int]:
-    """Set each conv's training batch-norm form: fused (the fixed choice), or the faster form for
-    its output shape, timed and cached like the conv forms. Split is a candidate only where no GPU
+def _conv_keys(convs, batch: int, dtype: str, image_hw, training: bool, autotune: bool, cache: dict,
+               pending: dict) -> list:
+    """[(conv, cache key or None, fixed form)] for each im2col conv, the keys not cached yet added
+    to `pending`. No key: one candidate, or no autotune; fixed form "default": the input size is
+    not known, so the default rule decides at trace time."""
+    chosen = []
+    for conv in convs:
+        spec = layer_spec(conv, dtype)
+        if spec is None:
+            chosen.append((conv, None, "default"))
+            continue
+        key, candidates = None, tunable_forms(spec)
+        if autotune and len(candidates) > 1:
+            # The candidates are part of the key: a form added later gets timed, not ignored.
+            key = f"{spec.key()}|{'train' if training else 'infer'}|batch {batch}|{','.join(candidates)}"
+            if key not in cache:
+                # The first conv reads the images: its input gradient is never asked for.
+                needs_dx = training and (spec.h, spec.w, spec.cin) != image_hw
+                pending[key] = {"kind": "conv", "spec": list(spec), "forms": list(candidates), "batch": batch,
+                                "training": training, "needs_dx": needs_dx}
+        chosen.append((conv, key, conv_forms.default_form(spec, training)))
+    return chosen
+
+
+def _bn_keys(convs, batch: int, dtype: str, autotune: bool, cache: dict, pending: dict) -> list:
+    """[(conv, cache key or None)] for each conv's training batch norm, the keys not cached yet
+    added to `pending`. None means the fixed choice, fused. Split is a candidate only where no GPU
     is visible (its backward pass hands the CPU kernels' statistics to FusedBatchNormGradV3), and
     float16 runs Keras' own batch norm whatever the form (bn_forms.batch_norm)."""
-    counts, timed = Counter(), 0
+    chosen = []
     tune = autotune and dtype != "float16" and not tf.config.list_physical_devices("GPU")
     for conv in convs:
         if conv.bn is None:
             continue
-        form, shape = "fused", bn_shape(conv, batch)
+        key, shape = None, bn_shape(conv, batch)
         if tune and shape is not None:
             key = f"batch norm {'x'.join(map(str, shape))} {dtype}|{','.join(bn_forms.FORMS)}"
-            if key not in cache and key not in entries:
-                entries[key] = time_bn_forms(shape, dtype)
-                timed += 1
-            form = (entries.get(key) or cache[key])["form"]
-        conv.bn_form = form
-        counts[form] += 1
-    return counts, timed
+            if key not in cache:
+                pending[key] = {"kind": "bn", "shape": list(shape), "dtype": dtype}
+        chosen.append((conv, key))
+    return chosen
 
 
 def bn_shape(conv: layers.ConvBNReLU, batch: int) -> tuple[int, int, int, int] | None:
@@ -165,6 +179,52 @@ def tunable_forms(spec: conv_forms.ConvSpec) -> tuple[str, ...]:
     if "matmul" in forms:
         return ("matmul",)
     return tuple(f for f in forms if f != "winograd" or spec.cin >= 8)
+
+
+# Timing at the real batch fills oneDNN's CPU memory pool, a BFC allocator that never hands memory
+# back to the system: at the seed network's 100 px and batch 128 the timings left 1.8 GiB resident,
+# and the first run's peak RSS rose from 3.8 to 4.9 GiB (AMD EPYC Zen 4, fp32). Timings whose
+# biggest buffer passes this size run in a child process, whose pool goes when it exits (~5 s to
+# start, once per machine and shape set); small ones (tests, small images) stay in this process.
+CHILD_BYTES = 64 * 2**20
+
+
+def job_bytes(job: dict) -> int:
+    """About the biggest buffer a timing job allocates: the gather form's patch matrix, or the
+    tensor a batch norm normalizes."""
+    if job["kind"] == "bn":
+        return int(np.prod(job["shape"])) * tf.as_dtype(job["dtype"]).size
+    spec = conv_forms.ConvSpec(*job["spec"])
+    return job["batch"] * spec.h * spec.w * spec.kh * spec.kw * spec.cin * tf.as_dtype(spec.dtype).size
+
+
+def time_jobs(jobs: dict) -> dict:
+    """{key: {"form", "ms"}} for {key: job}: in a child process where the buffers are big and no GPU
+    is visible (a child would find the GPU's memory taken by this process), else here."""
+    if jobs and max(map(job_bytes, jobs.values())) > CHILD_BYTES and not tf.config.list_physical_devices("GPU"):
+        try:
+            return _time_in_child(jobs)
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
+            log.warning("conv forms: timing in a child process failed (%s); timing in this one", e)
+    return {key: _time_job(job) for key, job in jobs.items()}
+
+
+def _time_job(job: dict) -> dict:
+    if job["kind"] == "bn":
+        return time_bn_forms(tuple(job["shape"]), job["dtype"])
+    return time_forms(conv_forms.ConvSpec(*job["spec"]), job["forms"], job["batch"], job["training"],
+                      job["needs_dx"])
+
+
+def _time_in_child(jobs: dict) -> dict:
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--time_jobs"], input=json.dumps(jobs),
+                       capture_output=True, text=True, timeout=1800)
+    if p.returncode:
+        raise subprocess.SubprocessError(f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
+    entries = json.loads(p.stdout.strip().splitlines()[-1])
+    if set(entries) != set(jobs):
+        raise ValueError("the child timed other layer shapes than it was given")
+    return entries
 
 
 def time_forms(spec: conv_forms.ConvSpec, forms, batch: int, training: bool, needs_dx: bool) -> dict:
@@ -258,3 +318,8 @@ def _save_cache(entries: dict) -> str:
     except OSError as e:
         log.warning("conv forms: cannot write the cache %s (%s); the next run times again", path, e)
         return f"nowhere ({path}: {e.strerror})"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--time_jobs"]:
+    # time_jobs' child: {key: job} on stdin, {key: {"form", "ms"}} as the last line of stdout.
+    print(json.dumps({key: _time_job(job) for key, job in json.load(sys.stdin).items()}))

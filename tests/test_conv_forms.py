@@ -95,6 +95,29 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     assert next(c for c in convs(third) if c.name == "conv0").bn_form == entries[stem]["form"]
 
 
+def test_big_timings_run_in_a_child_process(cache_home, monkeypatch, caplog):
+    """Past CHILD_BYTES the timings run in a child (oneDNN's memory pool keeps what they touch), and
+    a child that fails falls back to timing here."""
+    monkeypatch.setattr(conv_autotune, "CHILD_BYTES", 0)
+    monkeypatch.setattr(conv_autotune, "_time_job", lambda job: pytest.fail("timed in this process"))
+    model = small_model()
+    line = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
+    assert "autotuned 4 layer shapes" in line  # the 3x3 shape and three batch-norm shapes
+    entries = json.loads((cache_home / "hw2" / "conv_forms.json").read_text())[conv_autotune.machine_key()]
+    assert len(entries) == 4 and all(e["form"] in e["ms"] for e in entries.values())
+    assert next(c for c in convs(model) if c.name == "b_3x3").train_form == \
+        entries["6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd"]["form"]
+
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home / "again"))
+    monkeypatch.setattr(conv_autotune, "CHILD_BYTES", 0)
+    monkeypatch.setattr(conv_autotune.sys, "executable", "/bin/false")
+    with caplog.at_level("WARNING"):
+        line = conv_autotune.choose_conv_forms(small_model(), INPUT, "float32", training=True, autotune=True)
+    assert "autotuned 4 layer shapes" in line
+    assert "timing in a child process failed (exit 1" in caplog.text
+
+
 def test_chosen_forms_train_like_native(cache_home):
     """Whatever the autotune picked, a training step gives the gradients of tf.nn.conv2d with the
     fused batch norm, with every batch norm split as well."""
