@@ -57,7 +57,9 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
     chosen = _conv_keys(convs, batch, dtype, image_hw, training, autotune, cache, pending)
     bn_chosen = _bn_keys(layers._conv_layers(model), batch, dtype, autotune, cache, pending) if training else []
     entries = time_jobs(pending)
-    timed, tuned = len(entries), sum(key is not None for _, key, _ in chosen)
+    # Batch-norm forms count as tuned too: a bf16 run has one conv form per layer but still times them.
+    timed = len(entries)
+    tuned = sum(key is not None for _, key, _ in chosen) + sum(key is not None for _, key in bn_chosen)
 
     def pick(key, fixed):
         return (entries.get(key) or cache[key])["form"] if key else fixed
