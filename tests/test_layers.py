@@ -434,6 +434,7 @@ def test_batch_norm_forms_equal_keras_batch_norm(form, graph):
         np.testing.assert_allclose(value, keras_value, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(bf16_kernels_missing(), reason="bf16 crashes under this ONEDNN_MAX_CPU_ISA cap")
 def test_split_batch_norm_in_bfloat16_matches_fused():
     """bf16 activations with fp32 statistics: the split form's outputs and gradients match the fused
     kernel's (both upcast internally; bf16 rounding is the tolerance)."""
