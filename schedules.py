@@ -8,6 +8,12 @@
     exponential  lr * lr_gamma ** (epoch / lr_step_epochs)          (smooth version of step)
     cosine       lr * (1 + cos(pi * step / max_steps)) / 2          (down to 0 at max_steps, or at the
                                                                     end of the time budget)
+    onecycle     cosine x a linear rise over warmup_fraction of the same horizon (in place of
+                 warmup_epochs): min(1, (step + 1) / (f * max_steps)) * cosine. With f 0.3 the LR
+                 peaks at ~0.8 lr at 30% of the run. The warm-up scales with the run, not the epoch:
+                 a small folder's 10 minutes are ~350 epochs, CIFAR's ~50, and both want ~30% of
+                 them at a rising LR (bench/README.md, time to accuracy: the long high-LR phase
+                 regularizes a small folder that the cosine alone lets the network memorize).
 
 Every schedule is counted in epochs of the *global* batch, so more replicas (a bigger global
 batch, fewer steps per epoch) decay at the same point in the data: the CIFAR-10 tutorial's
@@ -20,13 +26,16 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-SCHEDULES = ("plateau", "step", "exponential", "cosine", "constant")
+SCHEDULES = ("plateau", "step", "exponential", "cosine", "onecycle", "constant")
 
 
 def lr_at(cfg: Mapping, step: int, steps_per_epoch: int, max_steps: int | None = None) -> float:
     """The scheduled LR for training step `step` (0 = the first step); plateau is constant here.
-    With warmup_epochs, it first rises linearly from lr / warm-up steps to lr."""
+    With warmup_epochs (warmup_fraction of the horizon under onecycle), it first rises linearly
+    from lr / warm-up steps to lr."""
     warmup = cfg["warmup_epochs"] * max(1, steps_per_epoch)
+    if cfg["lr_schedule"] == "onecycle":
+        warmup = cfg["warmup_fraction"] * _horizon(cfg, max_steps)
     return min(1.0, (step + 1) / warmup) * _scheduled(cfg, step, steps_per_epoch, max_steps) if warmup \
         else _scheduled(cfg, step, steps_per_epoch, max_steps)
 
@@ -40,10 +49,14 @@ def _scheduled(cfg: Mapping, step: int, steps_per_epoch: int, max_steps: int | N
         return base * cfg["lr_gamma"] ** math.floor(epoch / cfg["lr_step_epochs"])
     if kind == "exponential":
         return base * cfg["lr_gamma"] ** (epoch / cfg["lr_step_epochs"])
-    if kind == "cosine":
-        total = max(1, max_steps if max_steps is not None else cfg["max_steps"])
+    if kind in ("cosine", "onecycle"):
+        total = _horizon(cfg, max_steps)
         return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     raise ValueError(f"unknown lr_schedule {kind!r}")
+
+
+def _horizon(cfg: Mapping, max_steps: int | None) -> int:
+    return max(1, max_steps if max_steps is not None else cfg["max_steps"])
 
 
 class PlateauPolicy:

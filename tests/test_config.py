@@ -14,7 +14,7 @@ def write_cfg(tmp_path, text):
 def test_default_types_come_from_the_file():
     cfg = load_config()
     assert cfg.batch_size == 0 and isinstance(cfg.batch_size, int)  # 0: auto, from the data
-    assert cfg.learning_rate == pytest.approx(1e-3) and isinstance(cfg.learning_rate, float)
+    assert cfg.learning_rate == pytest.approx(3e-3) and isinstance(cfg.learning_rate, float)
     assert cfg.flip_lr is True
     assert cfg.inception2 == (64, 96, 96, 64)
     assert cfg.optimizer == "adam"

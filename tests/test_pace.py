@@ -156,9 +156,11 @@ def test_eta_to_the_next_validation_and_the_end():
     assert pace.clock_text(3725) == "1:02:05" and pace.clock_text(42.4) == "0:42"
 
 
-def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, monkeypatch, schedule):
     """The real loop against a clock where every training step takes 1 s: a 0.5 min budget, the
-    cosine schedule laid over the steps that fit, and the LR near 0 at the end."""
+    schedule laid over the steps that fit, and the LR near 0 at the end; onecycle's rise spans
+    ~30% of those steps, not warmup_epochs."""
     import hw2
     import run_dir
     import training
@@ -177,7 +179,8 @@ def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, mon
     monkeypatch.setattr(hw2, "make_train_step", one_second_steps)
     config = utils.load_config("tiny", {"model": "simple_cnn", "fc_units": "8",
                                         "time_budget": "0.5", "max_steps": "1000", "save_checkpoint_steps": "0",
-                                        "batch_size": "4", "lr_schedule": "cosine", "stop_patience": "100"})
+                                        "batch_size": "4", "lr_schedule": schedule, "stop_patience": "100",
+                                        "warmup_epochs": "0", "warmup_fraction": "0.3"})
     run = str(tmp_path / "run")
     os.makedirs(run)
     split = run_dir.prepare_split(run, config, make_image_folder(tmp_path / "data", per_class=10))
@@ -195,4 +198,10 @@ def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, mon
     assert 25 <= steps[-1] <= 30 and steps[-1] % 4 != 0  # stopped by the budget, validated at the end
     assert clock.t - 1000.0 <= 30.0 + 1.0
     assert Rows.rows[-1]["lr"] < 0.1 * config.learning_rate  # the cosine reached its end with the budget
+    lrs = [r["lr"] for r in Rows.rows]
+    if schedule == "cosine":
+        assert lrs == sorted(lrs, reverse=True)
+    else:  # ~28 steps fit: rising to ~step 8, falling from there (validations at steps 4, 8, 12, ...)
+        assert lrs[0] < lrs[1] and lrs[1:] == sorted(lrs[1:], reverse=True)
+        assert lrs[1] > 0.7 * config.learning_rate
     assert os.path.isfile(os.path.join(run, f"ckpt-{steps[-1]}.index"))

@@ -37,6 +37,27 @@ def test_cosine_falls_to_zero_at_max_steps_and_stays():
     assert lrs(cfg("cosine"), [25], max_steps=100)[0] == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
 
 
+def test_onecycle_rises_over_its_share_of_the_horizon_then_follows_the_cosine():
+    c = cfg("onecycle", warmup_fraction="0.3", warmup_epochs="5")  # warmup_epochs does not apply
+    cosine = [schedules.lr_at(cfg("cosine"), s, 10, 100) for s in range(101)]
+    got = lrs(c, range(101), max_steps=100)
+    # 30 steps of a linear rise, multiplied into the cosine; the cosine alone from there on
+    assert got[:30] == pytest.approx([(s + 1) / 30 * cosine[s] for s in range(30)])
+    assert got[29:] == pytest.approx(cosine[29:])
+    assert max(range(101), key=got.__getitem__) == 29 and got[29] == pytest.approx(0.1 * 0.5 * (1 + math.cos(0.29 * math.pi)))
+    assert got[100] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_onecycle_warm_up_scales_with_the_run_not_the_epoch():
+    # the same share of a 1,000-step horizon (a budget's estimate) and of max_steps 200
+    c = cfg("onecycle", warmup_fraction="0.3", max_steps="200")
+    assert lrs(c, [299], max_steps=1000) == pytest.approx([0.1 * 0.5 * (1 + math.cos(0.299 * math.pi))])
+    assert lrs(c, [149], max_steps=1000) == pytest.approx([0.1 * 150 / 300 * 0.5 * (1 + math.cos(0.149 * math.pi))])
+    assert lrs(c, [29, 59]) == pytest.approx([0.1 * 30 / 60 * 0.5 * (1 + math.cos(0.145 * math.pi)),
+                                              0.1 * 0.5 * (1 + math.cos(0.295 * math.pi))])
+    assert lrs(cfg("onecycle", warmup_fraction="0"), [0], max_steps=100) == pytest.approx([0.1])
+
+
 def test_plateau_is_constant_until_the_policy_lowers_it():
     assert lrs(cfg("plateau"), [0, 5, 500]) == pytest.approx([0.1] * 3)
 
