@@ -70,12 +70,16 @@ class PlateauPolicy:
       full chance. With lr_patience 4 and stop_patience 8: drops after 4 and 8 stale validations,
       stop after 12. With lr_patience > stop_patience: no drop, stop after stop_patience.
     - The best checkpoint follows any strict improvement, gain or not, and also moves to a later
-      validation whose top-1 is within the noise of the best so far: one standard error of the
-      difference of two val top-1 figures on n examples, sqrt(2 p (1 - p) / n), p = (hits + 1) /
-      (n + 2). On a small val set the highest single figure is mostly luck (the winner's curse):
-      with 49 val images an early 0.88 outlier kept a model 6 test points worse than the one the
-      run ended with (bench/README.md, time to accuracy). Without n, strict improvements only.
+      validation that is not significantly worse than the best so far: within two standard
+      errors (~95%) of the difference of two val top-1 figures on n examples, 2 sqrt(2 p (1 - p)
+      / n), p = (hits + 1) / (n + 2). On a small val set the highest single figure is mostly luck
+      (the winner's curse): with 49 val images an early 0.88 outlier kept a model 6 test points
+      worse than the one the run ended with, and one standard error still kept mid-run models
+      3.9-4.6 test points worse than the run's last (bench/README.md, time to accuracy). Without
+      n, strict improvements only.
     """
+
+    NOISE_ERRORS = 2.0  # standard errors a later val top-1 may fall below the best and still count
 
     FIELDS = ("best", "best_step", "ref", "stale", "since_drop", "lowered")
 
@@ -91,7 +95,7 @@ class PlateauPolicy:
         # p by Laplace's rule, (hits + 1) / (n + 2): a perfect score on a few val images is as
         # noisy as any other (p = 1 would allow none and keep the run's first perfect model).
         p = (top * n + 1) / (n + 2) if n and 0 <= top <= 1 else 0.0
-        noise = math.sqrt(2 * p * (1 - p) / n) if p else 0.0
+        noise = self.NOISE_ERRORS * math.sqrt(2 * p * (1 - p) / n) if p else 0.0
         is_best = metric > self.best or (noise > 0 and metric >= top - noise)
         if is_best:
             self.best, self.best_step = metric, step
