@@ -33,11 +33,12 @@ def lr_at(cfg: Mapping, step: int, steps_per_epoch: int, max_steps: int | None =
     """The scheduled LR for training step `step` (0 = the first step); plateau is constant here.
     With warmup_epochs (warmup_fraction of the horizon under onecycle), it first rises linearly
     from lr / warm-up steps to lr."""
-    warmup = cfg["warmup_epochs"] * max(1, steps_per_epoch)
     if cfg["lr_schedule"] == "onecycle":
         warmup = cfg["warmup_fraction"] * _horizon(cfg, max_steps)
-    return min(1.0, (step + 1) / warmup) * _scheduled(cfg, step, steps_per_epoch, max_steps) if warmup \
-        else _scheduled(cfg, step, steps_per_epoch, max_steps)
+    else:
+        warmup = cfg["warmup_epochs"] * max(1, steps_per_epoch)
+    rise = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return rise * _scheduled(cfg, step, steps_per_epoch, max_steps)
 
 
 def _scheduled(cfg: Mapping, step: int, steps_per_epoch: int, max_steps: int | None) -> float:
