@@ -175,12 +175,12 @@ def layer_spec(conv: layers.ConvBNReLU, dtype: str) -> conv_forms.ConvSpec | Non
 def tunable_forms(spec: conv_forms.ConvSpec) -> tuple[str, ...]:
     """The forms worth timing: every applicable one, but 1x1 kernels are always plain matmuls (the
     gather form would do the same matmul plus a gather, or for stride 1 the very same ops), and
-    Winograd needs 8 input channels (on the seed network's stem, Cin 3, it took 4x the gather's
-    time: its output-side transforms dwarf a GEMM with K = 3)."""
+    Winograd (either) needs 8 input channels (on the seed network's stem, Cin 3, it took 4x the
+    gather's time: its output-side transforms dwarf a GEMM with K = 3)."""
     forms = conv_forms.applicable_forms(spec)
     if "matmul" in forms:
         return ("matmul",)
-    return tuple(f for f in forms if f != "winograd" or spec.cin >= 8)
+    return tuple(f for f in forms if not f.startswith("winograd") or spec.cin >= 8)
 
 
 # Timing at the real batch fills oneDNN's CPU memory pool, a BFC allocator that never hands memory

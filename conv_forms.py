@@ -6,6 +6,10 @@ matmuls and gathers of our own, each fastest on some layer shapes.
     winograd  F(4x4, 3x3) and F(2x2, 5x5) (Lavin & Gray 2016) for 3x3 and 5x5 stride-1 float32
               layers: 36 tile products per 4x4 (2x2) outputs instead of 144 (100) multiplies, in
               four matmuls and two gathers.
+    winograd_s2  3x3 stride-2 float32 layers: the input's four stride phases read as the channels
+              of a half-size image (space to depth, folded into the tile gather), on which the
+              layer is a 2x2 stride-1 convolution with 4*Cin channels, computed by F(5x5, 2x2):
+              36 tile products per 25 outputs where the direct form does 25 * 9 multiplies.
 
 `conv2d(x, w, sh, sw, same, form)` runs one form with its hand-written gradient (training);
 `conv2d_bias_act` is the inference form with the bias (a folded batch norm) and ReLU fused where
@@ -20,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-FORMS = ("gather", "matmul", "winograd")
+FORMS = ("gather", "matmul", "winograd", "winograd_s2")
 
 
 class ConvSpec(NamedTuple):
@@ -60,6 +64,8 @@ def applicable_forms(spec: ConvSpec) -> tuple[str, ...]:
         # Winograd's transforms add rounding error: fine in float32 (tested to 1e-4 of tf.nn.conv2d),
         # not in bfloat16 (3% RMS error against 0.3% for the gather, measured on the seed's layers).
         forms.append("winograd")
+    if spec.kh == spec.kw == 3 and spec.sh == spec.sw == 2 and spec.dtype == "float32":
+        forms.append("winograd_s2")
     return tuple(forms)
 
 
@@ -88,6 +94,8 @@ def conv2d(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool, form: str) 
         return _matmul_conv(x, w, sh, sw, same)
     if form == "winograd":
         return _winograd_conv(x, w, same)
+    if form == "winograd_s2":
+        return _winograd_s2_conv(x, w, same)
     return _gather_conv(x, w, sh, sw, same)
 
 
@@ -101,8 +109,8 @@ def conv2d_bias_act(x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor, sh: int, sw: in
     spec = spec_of(x, w, sh, sw, same)
     if form not in applicable_forms(spec):
         raise ValueError(f"conv form {form!r} cannot compute {spec.key()}")
-    if form == "winograd":
-        y = tf.nn.bias_add(_winograd_forward(x, w, same), bias)
+    if form in ("winograd", "winograd_s2"):
+        y = tf.nn.bias_add(conv2d(x, w, sh, sw, same, form), bias)
         return tf.nn.relu(y) if relu else y
     if form == "matmul":
         xs = _subsample(x, sh, sw, same)
@@ -419,15 +427,48 @@ def _image_major(static: np.ndarray, n: tf.Tensor, tiles: int, taps: int) -> tf.
     return tf.where(tap >= 0, (tap * n + images) * tiles + tile, taps * n * tiles)
 
 
-def _winograd_forward(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
-    """The forward pass alone (inference; autodiff through it is correct but slow)."""
-    return _winograd_conv(x, w, same)
-
-
 def _winograd_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
+    _, h, wd, _ = x.shape
+    return _winograd_apply(x, w, _winograd_plan(h, wd, w.shape[0], same), phases=1)
+
+
+def _s2_plan(h: int, wd: int, same: bool) -> _WinogradPlan:
+    """The F(5x5, 2x2) plan of a 3x3 stride-2 layer on the half-size image z of its stride phases:
+    z[i, j, (a, b)] = padded x[2i + a, 2j + b], so y[i, j] = sum over p, q in {0, 1} of
+    z[i + p, j + q] . wz[p, q] (a VALID 2x2 convolution, z one pixel larger than y). Its tile taps
+    index x's pixels directly, four per z pixel (tiles * 4 'tiles' of Cin channels each)."""
+    ho, pt, _ = axis_plan(h, 3, 2, same)
+    wo, pl, _ = axis_plan(wd, 3, 2, same)
+    zh, zw = ho + 1, wo + 1
+    plan = _winograd_plan(zh, zw, 2, False)
+    i, j, a, b = np.meshgrid(np.arange(zh), np.arange(zw), np.arange(2), np.arange(2), indexing="ij")
+    y, x = 2 * i + a - pt, 2 * j + b - pl
+    zx = np.where((y >= 0) & (y < h) & (x >= 0) & (x < wd), y * wd + x, -1).reshape(zh * zw, 4)
+    tile_in = np.where(plan.tile_in[..., None] >= 0, zx[plan.tile_in], -1).reshape(_A * _A, -1)
+    # x pixel -> its z pixel and phase -> the (tap, tile) entries reading that z pixel, the tile
+    # index widened by the phase; x rows or columns past z (VALID) are read by none.
+    y, x = np.meshgrid(np.arange(h) + pt, np.arange(wd) + pl, indexing="ij")
+    inside = ((y // 2 < zh) & (x // 2 < zw)).reshape(-1)
+    z = np.where(inside, ((y // 2) * zw + x // 2).reshape(-1), 0)
+    back = plan.x_back[z]
+    back = np.stack([back[..., 0], back[..., 1] * 4 + ((y % 2) * 2 + x % 2).reshape(-1, 1)], -1)
+    x_back = np.where(inside[:, None, None] & (back[..., :1] >= 0), back, -1)
+    return plan._replace(tile_in=tile_in, x_back=x_back)
+
+
+def _winograd_s2_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
+    _, h, wd, cin = x.shape
+    # wz[p, q, (a, b, c)] = w[2p + a, 2q + b, c], zero where 2p + a or 2q + b is 3.
+    wz = tf.pad(w, [[0, 1], [0, 1], [0, 0], [0, 0]])
+    wz = tf.reshape(tf.transpose(tf.reshape(wz, [2, 2, 2, 2, cin, -1]), [0, 2, 1, 3, 4, 5]), [2, 2, 4 * cin, -1])
+    return _winograd_apply(x, wz, _s2_plan(h, wd, same), phases=4)
+
+
+def _winograd_apply(x: tf.Tensor, w: tf.Tensor, plan: _WinogradPlan, phases: int) -> tf.Tensor:
+    """y of the plan's Winograd convolution of x by w [r, r, phases * Cin, Cout]: each of the plan's
+    tile taps gathers `phases` pixels of x side by side as its phases * Cin channels."""
     _, h, wd, cin = x.shape
     r, cout = w.shape[0], w.shape[-1]
-    plan = _winograd_plan(h, wd, r, same)
     m, taps = plan.m, _A * _A
     # The 2-D transforms as matmuls over the tap axis of tap-major data: kron(B^T, B^T) [36, 36],
     # kron(G, G) [36, r*r], kron(A^T, A^T) [m*m, 36].
@@ -438,13 +479,14 @@ def _winograd_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
     bt_zero = tf.pad(tf.transpose(bt), [[0, 1], [0, 0]])
     n = tf.shape(x)[0]
     nt = n * plan.tiles
+    cz = phases * cin
 
     @tf.custom_gradient
     def conv(x, w):
-        # Tiles, tap-major [36, N*tiles, Cin]: the 36 tap GEMMs then have the whole batch as M.
+        # Tiles, tap-major [36, N*tiles, phases*Cin]: the 36 tap GEMMs then have the whole batch as M.
         d = tf.gather(_rows(x, cin), _tap_major(plan.tile_in, n, h * wd))
-        v = tf.reshape(tf.matmul(bt, tf.reshape(d, [taps, -1])), [taps, nt, cin])
-        u = tf.reshape(tf.matmul(g, tf.reshape(w, [r * r, cin * cout])), [taps, cin, cout])
+        v = tf.reshape(tf.matmul(bt, tf.reshape(d, [taps, -1])), [taps, nt, cz])
+        u = tf.reshape(tf.matmul(g, tf.reshape(w, [r * r, cz * cout])), [taps, cz, cout])
         prod = tf.matmul(v, u)  # [36, N*tiles, Cout]
         yt = tf.matmul(at, tf.reshape(prod, [taps, -1]))  # [m*m, N*tiles*Cout]
         y = tf.gather(tf.reshape(yt, [-1, cout]), _image_major(plan.y_out, n, plan.tiles, m * m))
@@ -456,11 +498,11 @@ def _winograd_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
             dyt = tf.gather(_rows(dy, cout), _tap_major(plan.y_back, n, plan.ho * plan.wo))
             dprod = tf.reshape(tf.matmul(at, tf.reshape(dyt, [m * m, -1]), transpose_a=True), [taps, nt, cout])
             du = tf.matmul(v, dprod, transpose_a=True)  # [36, Cin, Cout], summed over all tiles
-            dw = tf.reshape(tf.matmul(g, tf.reshape(du, [taps, -1]), transpose_a=True), [r, r, cin, cout])
-            dv = tf.matmul(dprod, u, transpose_b=True)  # [36, N*tiles, Cin]
+            dw = tf.reshape(tf.matmul(g, tf.reshape(du, [taps, -1]), transpose_a=True), [r, r, cz, cout])
+            dv = tf.matmul(dprod, u, transpose_b=True)  # [36, N*tiles, phases*Cin]
             dd = tf.matmul(bt_zero, tf.reshape(dv, [taps, -1]))
             # Overlapping tiles: each pixel sums the tile taps that read it.
-            dx = tf.gather(tf.reshape(dd, [-1, cin]), _image_major(plan.x_back, n, plan.tiles, taps))
+            dx = tf.gather(tf.reshape(dd, [-1, cin]), _image_major(plan.x_back, n, plan.tiles * phases, taps))
             return tf.reshape(tf.reduce_sum(dx, axis=2), [-1, h, wd, cin]), dw
 
         return y, grad

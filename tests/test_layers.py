@@ -90,10 +90,13 @@ def test_im2col_matches_native_values_and_gradients(k, stride, padding, hw, form
 
 # Winograd's 6x6 input tiles step by 4 (3x3 kernels) or 2 (5x5): sizes below, at and between
 # multiples of the step, where the last tile overhangs the image and the overlapping taps of 2 or 3
-# tiles sum in the input gradient.
+# tiles sum in the input gradient. Stride 2 (winograd_s2) steps by 5 pixels of the half-size phase
+# image, 10 of the input; odd sizes leave a phase one pixel short, VALID leaves the last row unread.
 WINOGRAD_EDGES, WINOGRAD_EDGE_IDS = with_forms(
     [(k, 1, "SAME", hw) for k in (3, 5) for hw in [(1, 1), (2, 3), (4, 4), (5, 6), (12, 13)]]
-    + [(3, 1, "VALID", hw) for hw in [(3, 3), (6, 6), (7, 10)]] + [(5, 1, "VALID", hw) for hw in [(5, 5), (6, 9)]])
+    + [(3, 1, "VALID", hw) for hw in [(3, 3), (6, 6), (7, 10)]] + [(5, 1, "VALID", hw) for hw in [(5, 5), (6, 9)]]
+    + [(3, 2, "SAME", hw) for hw in [(1, 1), (2, 3), (10, 10), (11, 21)]]
+    + [(3, 2, "VALID", hw) for hw in [(3, 3), (4, 5), (12, 23)]])
 
 
 @pytest.mark.parametrize("k,stride,padding,hw,form", WINOGRAD_EDGES, ids=WINOGRAD_EDGE_IDS)
