@@ -32,7 +32,7 @@ import utils
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when a form's code changes enough to invalidate old timings
+CACHE_VERSION = 3  # bump when a form's code changes enough to invalidate old timings
 TIMED_CALLS = 3    # per form, after one untimed call; the fastest counts
 
 
