@@ -61,14 +61,17 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     assert "autotuned" in line and "in " in line
     path = cache_home / "hw2" / "conv_forms.json"
     entries = json.loads(path.read_text())[conv_autotune.machine_key()]
-    # Timed: the inception's three 3x3s (one shape). Not the stem (only the gather: Winograd needs
-    # 8 input channels), conv1 (stride 2: only the gather) or the 1x1s (always matmul). And the
-    # batch norm of each output shape: conv0's 12x12x16, conv1's and the 16-wide towers' 6x6x16,
-    # the 8-wide towers' 6x6x8.
+    # Timed: the inception's three 3x3s (one shape) and conv1 (3x3 stride 2: gather or
+    # winograd_s2). Not the stem (only the gather: Winograd needs 8 input channels) or the 1x1s
+    # (always matmul). And the batch norm of each output shape: conv0's 12x12x16, conv1's and the
+    # 16-wide towers' 6x6x16, the 8-wide towers' 6x6x8.
     conv_key = "6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd"
+    s2_key = "12x12x16-3x3/2x2-same-16-float32|train|batch 4|gather,winograd_s2"
     bn_keys = [f"batch norm 4x{shape} float32|fused,split" for shape in ("12x12x16", "6x6x16", "6x6x8")]
-    assert sorted(entries) == sorted([conv_key] + bn_keys)
+    assert sorted(entries) == sorted([conv_key, s2_key] + bn_keys)
     assert set(entries[conv_key]["ms"]) == {"gather", "winograd"}
+    assert set(entries[s2_key]["ms"]) == {"gather", "winograd_s2"}
+    assert next(c for c in convs(model) if c.name == "conv1").train_form == entries[s2_key]["form"]
     assert all(set(entries[k]["ms"]) == {"fused", "split"} for k in bn_keys)
     assert all(entry["form"] in entry["ms"] for entry in entries.values())
     chosen = [c.train_form for c in convs(model)]
@@ -102,9 +105,9 @@ def test_big_timings_run_in_a_child_process(cache_home, monkeypatch, caplog):
     monkeypatch.setattr(conv_autotune, "_time_job", lambda job: pytest.fail("timed in this process"))
     model = small_model()
     line = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
-    assert "autotuned 4 layer shapes" in line  # the 3x3 shape and three batch-norm shapes
+    assert "autotuned 5 layer shapes" in line  # the two 3x3 shapes and three batch-norm shapes
     entries = json.loads((cache_home / "hw2" / "conv_forms.json").read_text())[conv_autotune.machine_key()]
-    assert len(entries) == 4 and all(e["form"] in e["ms"] for e in entries.values())
+    assert len(entries) == 5 and all(e["form"] in e["ms"] for e in entries.values())
     assert next(c for c in convs(model) if c.name == "b_3x3").train_form == \
         entries["6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd"]["form"]
 
@@ -114,7 +117,7 @@ def test_big_timings_run_in_a_child_process(cache_home, monkeypatch, caplog):
     monkeypatch.setattr(conv_autotune.sys, "executable", "/bin/false")
     with caplog.at_level("WARNING"):
         line = conv_autotune.choose_conv_forms(small_model(), INPUT, "float32", training=True, autotune=True)
-    assert "autotuned 4 layer shapes" in line
+    assert "autotuned 5 layer shapes" in line
     assert "timing in a child process failed (exit 1" in caplog.text
 
 
