@@ -433,8 +433,8 @@ def _winograd_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
     return _winograd_apply(x, w, _winograd_plan(h, wd, w.shape[0], same), phases=1)
 
 
-def _s2_plan(h: int, wd: int, same: bool) -> _WinogradPlan:
-    """The F(5x5, 2x2) plan of a 3x3 stride-2 layer on the half-size image z of its stride phases:
+def _s2_plan(h: int, wd: int, same: bool) -> tuple[_WinogradPlan, int, int]:
+    """(plan, pad_top, pad_left): the F(5x5, 2x2) plan of a 3x3 stride-2 layer on the half-size image z of its stride phases:
     z[i, j, (a, b)] = padded x[2i + a, 2j + b], so y[i, j] = sum over p, q in {0, 1} of
     z[i + p, j + q] . wz[p, q] (a VALID 2x2 convolution, z one pixel larger than y). Its tile taps
     index x's pixels directly, four per z pixel (tiles * 4 'tiles' of Cin channels each)."""
@@ -449,7 +449,7 @@ def _s2_plan(h: int, wd: int, same: bool) -> _WinogradPlan:
     # The input gradient is the gather form's (x_back unused): the Winograd one gathers every
     # pixel's 4 overlapping tile taps at once, a buffer 4x the input (1.3 GB for the seed network's
     # conv2 at batch 128: peak RSS 6.2 GiB against the gather form's 3.8), and was no faster.
-    return plan._replace(tile_in=tile_in, x_back=None)
+    return plan._replace(tile_in=tile_in, x_back=None), pt, pl
 
 
 def _winograd_s2_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
@@ -457,9 +457,8 @@ def _winograd_s2_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
     # wz[p, q, (a, b, c)] = w[2p + a, 2q + b, c], zero where 2p + a or 2q + b is 3.
     wz = tf.pad(w, [[0, 1], [0, 1], [0, 0], [0, 0]])
     wz = tf.reshape(tf.transpose(tf.reshape(wz, [2, 2, 2, 2, cin, -1]), [0, 2, 1, 3, 4, 5]), [2, 2, 4 * cin, -1])
-    _, pt, _ = axis_plan(h, 3, 2, same)
-    _, pl, _ = axis_plan(wd, 3, 2, same)
-    return _winograd_apply(x, wz, _s2_plan(h, wd, same), phases=4,
+    plan, pt, pl = _s2_plan(h, wd, same)
+    return _winograd_apply(x, wz, plan, phases=4,
                            input_grad=lambda dy: gather_input_grad(dy, w, h, wd, 2, 2, pt, pl))
 
 
