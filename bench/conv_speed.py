@@ -109,7 +109,7 @@ def gemm_gflops(m: int, k: int, n: int, dtype, reps: int) -> tuple[float, float]
 
 
 def gemm_cells(shape, cout: int, k: int, s: int, batch: int, dtype, native_fwd_ms: float, reps: int) -> str:
-    """"native fwd G GFLOP/s, gather matmul M ms G GFLOP/s" for one layer."""
+    """One layer's line: native's forward and the gather form's matmul alone, in GFLOP/s."""
     h, w, cin = shape
     m = batch * -(-h // s) * -(-w // s)
     flops = 2 * m * k * k * cin * cout
