@@ -434,8 +434,8 @@ def _winograd_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
 
 
 def _s2_plan(h: int, wd: int, same: bool) -> tuple[_WinogradPlan, int, int]:
-    """(plan, pad_top, pad_left): the F(5x5, 2x2) plan of a 3x3 stride-2 layer on the half-size image z of its stride phases:
-    z[i, j, (a, b)] = padded x[2i + a, 2j + b], so y[i, j] = sum over p, q in {0, 1} of
+    """(plan, pad_top, pad_left): the F(5x5, 2x2) plan of a 3x3 stride-2 layer on the half-size
+    image z of its stride phases: z[i, j, (a, b)] = padded x[2i + a, 2j + b], so y[i, j] = sum over p, q in {0, 1} of
     z[i + p, j + q] . wz[p, q] (a VALID 2x2 convolution, z one pixel larger than y). Its tile taps
     index x's pixels directly, four per z pixel (tiles * 4 'tiles' of Cin channels each)."""
     ho, pt, _ = axis_plan(h, 3, 2, same)
@@ -473,9 +473,6 @@ def _winograd_apply(x: tf.Tensor, w: tf.Tensor, plan: _WinogradPlan, phases: int
     # kron(G, G) [36, r*r], kron(A^T, A^T) [m*m, 36].
     bt, g, at = (np.kron(t, t) for t in _winograd_matrices(m, r))
     bt, g, at = (tf.constant(t, x.dtype) for t in (bt, g, at))
-    # B's adjoint with an extra zero row: its output ends in zero rows that the input gradient's
-    # gather reads for missing taps (cheaper than padding its output).
-    bt_zero = tf.pad(tf.transpose(bt), [[0, 1], [0, 0]])
     n = tf.shape(x)[0]
     nt = n * plan.tiles
     cz = phases * cin
@@ -502,6 +499,9 @@ def _winograd_apply(x: tf.Tensor, w: tf.Tensor, plan: _WinogradPlan, phases: int
                 with tf.control_dependencies([dw]):
                     return input_grad(dy), dw
             dv = tf.matmul(dprod, u, transpose_b=True)  # [36, N*tiles, Cin]
+            # B's adjoint with an extra zero row: its output ends in zero rows that the gather
+            # below reads for missing taps (cheaper than padding its output).
+            bt_zero = tf.pad(tf.transpose(bt), [[0, 1], [0, 0]])
             dd = tf.matmul(bt_zero, tf.reshape(dv, [taps, -1]))
             # Overlapping tiles: each pixel sums the tile taps that read it.
             dx = tf.gather(tf.reshape(dd, [-1, cin]), _image_major(plan.x_back, n, plan.tiles, taps))

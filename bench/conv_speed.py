@@ -111,7 +111,7 @@ def gemm_gflops(m: int, k: int, n: int, dtype, reps: int) -> tuple[float, float]
 def gemm_cells(shape, cout: int, k: int, s: int, batch: int, dtype, native_fwd_ms: float, reps: int) -> str:
     """One layer's line: native's forward and the gather form's matmul alone, in GFLOP/s."""
     h, w, cin = shape
-    m = batch * -(-h // s) * -(-w // s)
+    m = batch * conv_forms.axis_plan(h, k, s, True)[0] * conv_forms.axis_plan(w, k, s, True)[0]
     flops = 2 * m * k * k * cin * cout
     ms, rate = gemm_gflops(m, k * k * cin, cout, dtype, reps)
     return f"GFLOP/s: native fwd {flops / native_fwd_ms / 1e6:.0f}, gather's matmul alone {rate:.0f} ({ms:.1f} ms)"
