@@ -435,9 +435,10 @@ def _winograd_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
 
 def _s2_plan(h: int, wd: int, same: bool) -> tuple[_WinogradPlan, int, int]:
     """(plan, pad_top, pad_left): the F(5x5, 2x2) plan of a 3x3 stride-2 layer on the half-size
-    image z of its stride phases: z[i, j, (a, b)] = padded x[2i + a, 2j + b], so y[i, j] = sum over p, q in {0, 1} of
-    z[i + p, j + q] . wz[p, q] (a VALID 2x2 convolution, z one pixel larger than y). Its tile taps
-    index x's pixels directly, four per z pixel (tiles * 4 'tiles' of Cin channels each)."""
+    image z of its stride phases: z[i, j, (a, b)] = padded x[2i + a, 2j + b], so y[i, j] = sum
+    over p, q in {0, 1} of z[i + p, j + q] . wz[p, q] (a VALID 2x2 convolution, z one pixel larger
+    than y). Its tile taps index x's pixels directly, four per z pixel (tiles * 4 'tiles' of Cin
+    channels each)."""
     ho, pt, _ = axis_plan(h, 3, 2, same)
     wo, pl, _ = axis_plan(wd, 3, 2, same)
     zh, zw = ho + 1, wo + 1
