@@ -120,6 +120,13 @@ def test_scan_names_a_class_with_only_bad_images(tmp_path: Path):
         ds.scan_dataset(str(tmp_path))
 
 
+def test_scan_names_an_empty_class_folder_and_what_to_do(tmp_path: Path):
+    save(tmp_path / "good" / "a.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"class 'empty' has no images: .*empty is empty \(add images to it or move"):
+        ds.scan_dataset(str(tmp_path))
+
+
 # -------------------------------------------------------------------- nested folders and links
 
 def scan_within(seconds: float, *args, **kwargs) -> ds.Scan:
