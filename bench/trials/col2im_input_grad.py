@@ -33,14 +33,8 @@ import tensorflow as tf  # noqa: E402
 import conv_forms  # noqa: E402
 
 H, HO, CIN, COUT = 100, 50, 64, 128
-
-
-def _taps_by_pixel() -> np.ndarray:
-    """Input pixel (or the dump pixel H*H, for taps that land on the padding) of each row of the
-    col2im matrix of one image, rows in (oh, ow, i, j) order."""
-    oh, ow, i, j = np.meshgrid(*map(np.arange, (HO, HO, 3, 3)), indexing="ij")
-    r, c = 2 * oh + i, 2 * ow + j
-    return np.where((r < H) & (c < H), r * H + c, H * H).reshape(-1)
+_, PAD_TOP, PAD_BOTTOM = conv_forms.axis_plan(H, 3, 2, True)
+LH = H + PAD_TOP + PAD_BOTTOM  # the padded side (101): taps on its last row and column hit padding
 
 
 def _tap_rows(w: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
@@ -49,18 +43,24 @@ def _tap_rows(w: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
     return tf.reshape(tf.matmul(tf.reshape(dy, [-1, COUT]), wt), [-1, CIN])
 
 
-def forms(n: int) -> dict:
-    """conv2's input-gradient forms at batch n, oneDNN's first (the reference the others are checked against)."""
-    seg = tf.constant((_taps_by_pixel()[None] + np.arange(n)[:, None] * (H * H + 1)).reshape(-1), tf.int32)
+def forms(n: int) -> tuple[dict, tuple]:
+    """conv2's input-gradient forms at batch n, oneDNN's first (the reference the others are
+    checked against), and their arguments (dy, w)."""
+    rng = np.random.default_rng(0)
+    w = tf.constant(rng.standard_normal((3, 3, CIN, COUT)).astype(np.float32) * 0.05)
+    dy = tf.constant(rng.standard_normal((n, HO, HO, COUT)).astype(np.float32))
+    # Each tap's padded-input pixel, rows in _tap_rows' (oh, ow, i, j) order: the forward's index.
+    pixel = conv_forms._patch_index(LH, LH, 3, 3, 2, 2, HO, HO).reshape(-1)
+    seg = tf.constant((pixel[None] + np.arange(n)[:, None] * (LH * LH)).reshape(-1), tf.int32)
 
     def crop(flat):
-        return tf.reshape(tf.reshape(flat, [n, H * H + 1, CIN])[:, :H * H], [n, H, H, CIN])
+        return tf.reshape(flat, [n, LH, LH, CIN])[:, PAD_TOP:PAD_TOP + H, PAD_TOP:PAD_TOP + H]
 
     def segment_sum(dy, w):
-        return crop(tf.math.unsorted_segment_sum(_tap_rows(w, dy), seg, n * (H * H + 1)))
+        return crop(tf.math.unsorted_segment_sum(_tap_rows(w, dy), seg, n * LH * LH))
 
     def scatter(dy, w):
-        return crop(tf.scatter_nd(seg[:, None], _tap_rows(w, dy), [n * (H * H + 1), CIN]))
+        return crop(tf.scatter_nd(seg[:, None], _tap_rows(w, dy), [n * LH * LH, CIN]))
 
     def shifted_phases(dy, w):
         # The four stride phases from matmuls grouped by the shift their taps need, then one
@@ -85,11 +85,12 @@ def forms(n: int) -> dict:
                                               strides=[1, 2, 2, 1], padding="SAME")
 
     def gather(dy, w):
-        return conv_forms.gather_input_grad(dy, w, H, H, 2, 2, 0, 0)
+        return conv_forms.gather_input_grad(dy, w, H, H, 2, 2, PAD_TOP, PAD_TOP)
 
-    return {name: tf.function(f) for name, f in [("native", native), ("gather (today)", gather),
-            ("col2im, unsorted_segment_sum", segment_sum), ("col2im, scatter_nd", scatter),
-            ("col2im, shifted phases", shifted_phases)]}
+    fs = {name: tf.function(f) for name, f in [("native", native), ("gather (today)", gather),
+          ("col2im, unsorted_segment_sum", segment_sum), ("col2im, scatter_nd", scatter),
+          ("col2im, shifted phases", shifted_phases)]}
+    return fs, (dy, w)
 
 
 def stem_forms(n: int) -> tuple[dict, tuple]:
@@ -149,14 +150,9 @@ def main() -> None:
     parser.add_argument("--stem", action="store_true", help="the stem's filter gradient instead")
     args = parser.parse_args()
     print(f"machine: CPU: {utils.cpu_line()}")
-    if args.stem:
-        fs, inputs = stem_forms(args.batch)
-        _time(f"stem filter gradient, batch {args.batch}", fs, inputs, args.rounds, 1e-4)
-        return
-    rng = np.random.default_rng(0)
-    w = tf.constant(rng.standard_normal((3, 3, CIN, COUT)).astype(np.float32) * 0.05)
-    dy = tf.constant(rng.standard_normal((args.batch, HO, HO, COUT)).astype(np.float32))
-    _time(f"conv2 input gradient, batch {args.batch}", forms(args.batch), (dy, w), args.rounds, 1e-4)
+    fs, inputs = (stem_forms if args.stem else forms)(args.batch)
+    label = "stem filter gradient" if args.stem else "conv2 input gradient"
+    _time(f"{label}, batch {args.batch}", fs, inputs, args.rounds, 1e-4)
 
 
 if __name__ == "__main__":
