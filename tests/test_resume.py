@@ -137,3 +137,31 @@ def test_a_run_of_hw2_0_1_0_evaluates_and_resumes(tiny_run, tmp_path, capsys):
     reader = tf.train.load_checkpoint(os.path.join(run, "ckpt-6"))
     assert reader.get_tensor("state/lr_multiplier/.ATTRIBUTES/VARIABLE_VALUE") == pytest.approx(0.5)
     assert reader.get_tensor("state/stale/.ATTRIBUTES/VARIABLE_VALUE") >= 3
+
+
+def test_best_links_its_checkpoint_and_a_resume_makes_a_missing_link(tiny_run, tmp_path):
+    """best/ holds links to the files of the regular checkpoint it names, not a second write of
+    them; a run killed after that checkpoint and before the link resumes with the link made."""
+    import tensorflow as tf
+
+    import run_dir as run_dirs
+    import training
+    best = tf.train.latest_checkpoint(os.path.join(tiny_run.run, "best"))
+    step = best.rsplit("-", 1)[1]
+    for ext in (".index", ".data-00000-of-00001"):
+        assert os.path.samefile(best + ext, os.path.join(tiny_run.run, f"ckpt-{step}{ext}"))
+    run = tiny_run.copy(tmp_path)
+    cfg, names = run_dirs.read_config(run)
+    state = training.create_train_state(cfg, len(names))
+    ckpts = training.Checkpoints(state, run, None, 5)
+    ckpts.restore(os.path.join(run, "ckpt-4"))
+    state.optimizer.iterations.assign(9)
+    state.set(best_step=9)  # validation at step 9 was the best: the checkpoint is saved, the kill comes
+    ckpts.save(9)
+    assert not ckpts.best_checkpoint().endswith("-9")
+    resumed = training.Checkpoints(training.create_train_state(cfg, len(names)), run, None, 5)
+    assert resumed.restore_or_init(tf.distribute.get_strategy()) == 9
+    assert resumed.best_checkpoint() == os.path.join(run, "best", "best-9")
+    assert sorted(os.listdir(os.path.join(run, "best"))) == ["best-9.data-00000-of-00001", "best-9.index",
+                                                             "checkpoint"]
+    assert os.path.samefile(os.path.join(run, "best", "best-9.index"), os.path.join(run, "ckpt-9.index"))
