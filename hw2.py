@@ -324,10 +324,10 @@ def make_eval_step(model: keras.Model, strategy: tf.distribute.Strategy, top_k: 
     return eval_step
 
 
-def evaluate(eval_step: Callable, dataset) -> dict:
-    """Run every batch of a distributed dataset once; returns loss, top1, topk, n over the whole set."""
+def evaluate(eval_step: Callable, dataset, strategy: tf.distribute.Strategy) -> dict:
+    """Run every batch once; returns loss, top1, topk, n over the whole set."""
     sums = [0.0, 0.0, 0.0, 0.0]
-    for batch in dataset:
+    for batch in strategy.experimental_distribute_dataset(dataset):
         for i, t in enumerate(eval_step(batch)):
             sums[i] += float(t)
     ce, c1, ck, n = sums

@@ -328,6 +328,7 @@ def run(argv: list[str]) -> int:
         overrides["max_epochs"] = str(args.max_epochs)
     if args.folds == 1 or args.folds < 0:
         raise UserError(f"--folds must be 0 (one split) or at least 2, got {args.folds}")
+    run_dir.check_run_path(args.out, "--out")
     run_dir.check_apart(args.out, args.data_dir, "--out")
     grid = parse_grid(args.grid)
     for key, _ in grid:

@@ -32,6 +32,7 @@ def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
     """Parse flags, prepare RUN, train. `strategy_fn()` lets the multi-device script pick a strategy."""
     args, rest = build_parser(prog).parse_known_args(argv)
     utils.setup_logging()
+    run_dir.check_run_path(args.train_dir)
     run_dir.check_apart(args.train_dir, args.data_dir)
     overrides = utils.parse_overrides(rest)
     cfg = run_dir.resolve_config(args.train_dir, args.section, overrides, args.config, args.fresh)

@@ -101,6 +101,7 @@ def find(checkpoint_dir: str) -> str:
     """The run directory of a checkpoint dir: RUN itself or RUN/best (it holds config.json)."""
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"checkpoint_dir not found: {checkpoint_dir}")
+    check_run_path(checkpoint_dir, "--checkpoint_dir")
     for d in (checkpoint_dir, os.path.dirname(os.path.abspath(checkpoint_dir))):
         if os.path.isfile(os.path.join(d, CONFIG)):
             return d
@@ -141,6 +142,16 @@ def resolve_config(train_dir: str, section: str, overrides: dict, config_path: s
 
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def check_run_path(run: str, flag: str = "--train_dir") -> None:
+    """TensorFlow finds checkpoints by file pattern (tf.train.latest_checkpoint), so in a run
+    folder named `runs/[a]` it finds none: a resume would start over at step 0 and sweep the old
+    checkpoints away, and eval would find nothing."""
+    bad = sorted(set("[]*?") & set(os.path.abspath(run)))
+    if bad:
+        raise UserError(f"{flag} {run}: TensorFlow reads {' '.join(bad)} in a checkpoint's path as a file pattern "
+                        "and would not find the run's checkpoints again; use a path without them")
 
 
 def check_apart(run: str, data_dir: str | None, flag: str = "--train_dir") -> None:

@@ -252,24 +252,28 @@ def _link_checkpoint(source: str, directory: str, name: str) -> None:
     any point leaves the previous NAME readable, or the new one complete."""
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, name)
-    sources = tf.io.gfile.glob(source + ".*")
-    if not sources:
+    source_dir, stem = os.path.split(source)
+    suffixes = [f[len(stem):] for f in os.listdir(source_dir or ".") if f.startswith(stem + ".")]
+    if not suffixes:
         raise UserError(f"could not write {target}: the checkpoint {source} is missing")
     try:
-        for path in sources:
-            dst = target + path[len(source):]
-            if os.path.lexists(dst):
-                os.remove(dst)
+        for suffix in suffixes:
+            if os.path.lexists(target + suffix):
+                os.remove(target + suffix)
             try:
-                os.link(path, dst)
+                os.link(source + suffix, target + suffix)
             except OSError:
-                shutil.copyfile(path, dst)
-        tf.compat.v1.train.update_checkpoint_state(os.path.abspath(directory), name, [name])
-    except (OSError, tf.errors.OpError) as e:
+                shutil.copyfile(source + suffix, target + suffix)
+        # CheckpointManager's state file, which tf.train.latest_checkpoint reads (TensorFlow's
+        # own writer for it is deprecated and says so in the log).
+        run_dir.atomic_write_text(os.path.join(directory, "checkpoint"),
+                                  f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
+    except OSError as e:
         raise UserError(f"could not write {target} ({str(e).strip().splitlines()[0][:120]}); "
                         f"the checkpoint itself is saved: {source}") from None
-    for path in tf.io.gfile.glob(os.path.join(directory, "*")):
-        if os.path.isfile(path) and os.path.basename(path) != "checkpoint" and not path.startswith(target + "."):
+    for f in os.listdir(directory):
+        path = os.path.join(directory, f)
+        if os.path.isfile(path) and f != "checkpoint" and not f.startswith(name + "."):
             os.remove(path)
 
 
@@ -298,15 +302,13 @@ class Validator:
 
     def __init__(self, state: TrainState, split: Mapping, cfg: Mapping, plan: Plan, strategy, writers: dict):
         self.state, self.strategy, self.writers, self.top_k = state, strategy, writers, plan.top_k
-        # Distributed once: doing it per validation cost ~30 ms on 49 images, a tenth of an epoch.
-        self.dataset = strategy.experimental_distribute_dataset(
-            hw2_input.eval_dataset(split["data_dir"], split["val"], cfg, cfg["eval_batch_size"]))
+        self.dataset = hw2_input.eval_dataset(split["data_dir"], split["val"], cfg, cfg["eval_batch_size"])
         self.eval_step = hw2.make_eval_step(state.model, strategy, plan.top_k)
 
     def measure(self) -> dict:
         self.state.ema.swap()  # validation and the best checkpoint judge the averaged weights
         try:
-            return hw2.evaluate(self.eval_step, self.dataset)
+            return hw2.evaluate(self.eval_step, self.dataset, self.strategy)
         finally:
             self.state.ema.swap()
 

@@ -69,6 +69,19 @@ def test_a_run_folder_and_the_data_stay_apart(tmp_path, capsys, run, data):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or moved
 
 
+def test_a_run_folder_whose_path_tensorflow_would_read_as_a_pattern(tmp_path, capsys):
+    """TensorFlow finds checkpoints by file pattern: in `run [1]` it finds none, and a resume
+    would start over at step 0. Training and eval stop first, with one line."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run = tmp_path / "run [1]"
+    rc, out = train(capsys, "--data_dir", data, "--train_dir", str(run), *SMALL, "--max_steps", "1")
+    assert rc == 2 and "--train_dir" in out.err and "[ ]" in out.err and len(out.err.strip().splitlines()) == 1
+    assert not run.exists()
+    run.mkdir()
+    assert hw2_eval.main(["--checkpoint_dir", str(run)]) == 2
+    assert "--checkpoint_dir" in capsys.readouterr().err
+
+
 def test_a_run_in_use_stops_a_second_training_even_with_fresh(tmp_path, capsys):
     import fcntl
     data = make_image_folder(tmp_path / "data", per_class=2)
