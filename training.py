@@ -256,7 +256,7 @@ def _link_checkpoint(source: str, directory: str, name: str) -> None:
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, name)
     source_dir, stem = os.path.split(source)
-    suffixes = [f[len(stem):] for f in os.listdir(source_dir or ".") if f.startswith(stem + ".")]
+    suffixes = [f[len(stem):] for f in os.listdir(source_dir) if f.startswith(stem + ".")]
     if not suffixes:
         raise UserError(f"could not write {target}: the checkpoint {source} is missing")
     try:
@@ -667,12 +667,12 @@ def _finish(state, ckpts, policy, validate, plan, stop_reason, hooks) -> dict:
         logging.info("no validation ran (max_steps=%d already reached)", plan.max_steps)
         ckpts.finish()
         return {"top1": float("nan"), "topk": float("nan"), "step": -1}
-    ckpts.restore_weights(ckpts.best_checkpoint())
+    path = ckpts.best_checkpoint()
+    ckpts.restore_weights(path)
     result = validate.measure()
     ckpts.finish()
     logging.info("stopped: %s", stop_reason)
-    best = {"top1": result["top1"], "topk": result["topk"], "step": policy.best_step,
-            "checkpoint": ckpts.best_checkpoint()}
+    best = {"top1": result["top1"], "topk": result["topk"], "step": policy.best_step, "checkpoint": path}
     _call(hooks, "on_end", best)
     print(f"best val top-1 {best['top1']:.4f} top-{plan.top_k} {best['topk']:.4f} at step {best['step']} "
           f"({best['checkpoint']})", flush=True)
