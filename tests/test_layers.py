@@ -114,6 +114,37 @@ def test_im2col_matches_native_at_winograd_tile_edges(k, stride, padding, hw, fo
     assert_close(dw, dw_ref, 1e-4)
 
 
+@pytest.mark.parametrize("stride,form", [(1, "winograd"), (2, "winograd_s2")])
+def test_winograd_backward_makes_its_tiles_again_once_its_backward_has_begun(stride, form):
+    """The filter gradient reads tiles made again in the backward pass, not the forward's (kept,
+    they held 2.25x each layer's input through the whole backward pass), and the remaking waits
+    on the layer's own backward (run early, it sat at the memory peak: bench/README.md)."""
+    x, w = random_inputs(2, 12, 12, 8, 3, 4, seed=3)
+
+    @tf.function
+    def grads(x, w):
+        return conv_and_grads(x, w, stride, "SAME", "im2col", form=form)[1:3]
+
+    graph = grads.get_concrete_function(x, w).graph
+    # The tiles: B^T [36, 36] (a constant) times the gathered input.
+    makers = [op for op in graph.get_operations() if op.type == "MatMul" and op.inputs[0].op.type == "Const"
+              and op.inputs[0].shape.as_list() == [36, 36]]
+    assert len(makers) == 2  # the forward's and the backward's
+    forward, backward = sorted(makers, key=lambda op: "gradient" in op.name)
+    assert "gradient" in backward.name and "gradient" not in forward.name
+    # The forward's tiles feed only the forward product (through their reshape).
+    (reshape,) = forward.outputs[0].consumers()
+    assert [op.type for op in reshape.outputs[0].consumers()] == ["BatchMatMulV2"]
+    # The ops that build the backward's tiles (the first in the control-dependency block carry it).
+    feeding, todo = set(), [backward.inputs[1].op]
+    while todo:
+        op = todo.pop()
+        if op not in feeding and op.type != "Placeholder":
+            feeding.add(op)
+            todo += [t.op for t in op.inputs]
+    assert any(c.type == "Reshape" and "gradient" in c.name for op in feeding for c in op.control_inputs)
+
+
 @pytest.mark.parametrize(
     "k,stride,padding", [(2, 2, "SAME"), (4, 1, "SAME"), (3, 3, "VALID"), (2, 3, "SAME")]
 )
