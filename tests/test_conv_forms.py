@@ -1,6 +1,7 @@
 """conv_autotune.choose_conv_forms: fixed defaults, timed choices, the per-machine cache."""
 
 import json
+import logging
 import os
 import sys
 
@@ -96,6 +97,22 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     conv_autotune.choose_conv_forms(third, INPUT, "float32", training=True, autotune=True)
     assert next(c for c in convs(third) if c.name == "b_3x3").train_form == entries[key]["form"]
     assert next(c for c in convs(third) if c.name == "conv0").bn_form == entries[stem]["form"]
+
+
+def test_timing_many_shapes_prints_no_tensorflow_retracing_warning(cache_home):
+    """Each timed form is a fresh tf.function; TensorFlow's 'triggered tf.function retracing'
+    warning (seen twice in a first run on a new machine) must not reach the user's log."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf.get_logger().addHandler(handler)
+    try:
+        jobs = {f"bn {c}": {"kind": "bn", "shape": [2, 4, 4, c], "dtype": "float32"} for c in (3, 4, 5, 6, 7, 9)}
+        entries = conv_autotune.time_jobs(jobs)
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert set(entries) == set(jobs)
+    assert not [r for r in records if "retracing" in r.getMessage()]
 
 
 def test_big_timings_run_in_a_child_process(cache_home, monkeypatch, caplog):
