@@ -99,7 +99,7 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     assert next(c for c in convs(third) if c.name == "conv0").bn_form == entries[stem]["form"]
 
 
-def test_timing_many_shapes_prints_no_tensorflow_retracing_warning(cache_home):
+def test_timing_many_shapes_prints_no_tensorflow_retracing_warning():
     """Each timed form is a fresh tf.function; TensorFlow's 'triggered tf.function retracing'
     warning (seen twice in a first run on a new machine) must not reach the user's log."""
     records = []
