@@ -12,7 +12,6 @@ so the next run on this machine starts without timing. Big timings run in a chil
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -209,21 +208,10 @@ def time_jobs(jobs: dict) -> dict:
             return _time_in_child(jobs)
         except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
             log.warning("conv forms: timing in a child process failed (%s); timing in this one", e)
-    with _quiet_tensorflow():
+    # Each timed form is a fresh tf.function by design; TensorFlow warned a user's first run
+    # twice, at length, to stop retracing in a loop.
+    with utils.quieted("tensorflow"):
         return {key: _time_job(job) for key, job in jobs.items()}
-
-
-@contextlib.contextmanager
-def _quiet_tensorflow():
-    """TensorFlow's Python warnings off while timing: each timed form is a fresh tf.function by
-    design, and TensorFlow warned a user's first run twice, at length, to stop retracing in a loop."""
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _time_job(job: dict) -> dict:

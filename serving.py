@@ -10,7 +10,6 @@ fp32 through tf.nn.conv2d, whatever precision trained the weights.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import warnings
@@ -251,15 +250,10 @@ def write_tflite(module, path: str, info: dict) -> None:
     # No trackable_obj (the "deprecated" path): given the module or the model, the converter keeps
     # the Keras weights as resource variables that no interpreter initializes (NaN out, or a
     # READ_VARIABLE error); without it, it freezes every captured weight into a constant.
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)  # its warning that this path is deprecated
-    try:
+    with utils.quieted("absl"):  # its warning that this path is deprecated
         converter = tf.lite.TFLiteConverter.from_concrete_functions([classify.get_concrete_function()])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # any runtime: no Flex ops
         flatbuffer = converter.convert()
-    finally:
-        absl.setLevel(level)
     with open(path, "wb") as f:
         f.write(flatbuffer)
     short = max(size, round(size * float(cfg.eval_scale)))

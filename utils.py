@@ -6,6 +6,7 @@ Kept free of TensorFlow at import time so that `hw2_dataset.py` and `--help` sta
 from __future__ import annotations
 
 import configparser
+import contextlib
 import difflib
 import logging
 import os
@@ -179,6 +180,18 @@ def config_from_json(obj: dict, where: str = "config.json") -> Config:
 
 
 # ---------------------------------------------------------------- command-line glue
+
+@contextlib.contextmanager
+def quieted(logger_name: str):
+    """Logger `logger_name` at ERROR for the block: a library's warning that says nothing to a user."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
