@@ -145,6 +145,21 @@ def test_winograd_backward_makes_its_tiles_again_once_its_backward_has_begun(str
     assert any(c.type == "Reshape" and "gradient" in c.name for op in feeding for c in op.control_inputs)
 
 
+def test_gather_input_gradient_interleaves_its_stride_phases_with_the_parallel_stitch_on_cpu():
+    """On CPU the stride phases of dL/dx go into image order by ParallelDynamicStitch (sharded over
+    threads; DynamicStitch copies on one), and the result is still native's."""
+    x, w = random_inputs(2, 11, 10, 5, 3, 4, seed=5)
+
+    @tf.function
+    def grads(x, w):
+        return conv_and_grads(x, w, 2, "SAME", "im2col", form="gather")
+
+    types = {op.type for op in grads.get_concrete_function(x, w).graph.get_operations()}
+    assert "ParallelDynamicStitch" in types and "DynamicStitch" not in types
+    _, dx, _, upstream = grads(x, w)
+    assert_close(dx, conv_and_grads(x, w, 2, "SAME", "native", upstream)[1], 1e-4)
+
+
 @pytest.mark.parametrize(
     "k,stride,padding", [(2, 2, "SAME"), (4, 1, "SAME"), (3, 3, "VALID"), (2, 3, "SAME")]
 )
