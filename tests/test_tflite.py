@@ -65,7 +65,12 @@ def test_tflite_agrees_with_the_savedmodel_and_hw2_eval_and_predicts_the_same(tm
     saved = tf.saved_model.load(model)
     served = saved.serve(tf.constant([open(f, "rb").read() for f in files]))["probabilities"].numpy()
     assert len(files) > 200
-    assert (got.argmax(1) == served.argmax(1)).mean() >= 0.99
+    # The SavedModel resamples the 8x8 scans in TensorFlow ops, a few grey levels from PIL
+    # (serving.py): probabilities move by up to ~0.02, so an image that close to a tie may flip.
+    np.testing.assert_allclose(got, served, atol=0.05)
+    top2 = np.sort(served, 1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05
+    assert clear.mean() > 0.5 and (got.argmax(1) == served.argmax(1))[clear].all()
     # A model that tells digits apart, so that agreeing on its argmax means something. Above chance
     # (1/3), not near 1: this 4-channel network's val top-1 after 150 steps swings between 0.35 and
     # 0.98 with the batch size and the CPU's kernels (0.48 under ONEDNN_MAX_CPU_ISA=AVX2, 0.90 without).
