@@ -207,6 +207,35 @@ class EMA:
             s.assign(tmp)
 
 
+class _FusedAdamStep:
+    """Keras' Adam update with each variable's step in one TensorFlow kernel (ResourceApplyAdam):
+    8 ops a variable where Keras builds 28, each a launch. At the photo defaults (64 px, batch 16,
+    ~100 ms steps) the optimizer and EMA took 9-10 ms of op time a step, 6.5 with it (bench/README).
+    The same formula: m += (g - m)(1 - b1), v += (g^2 - v)(1 - b2),
+    w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps). AdamW's decay stays Keras' own
+    (applied before this). amsgrad and sparse gradients take Keras' path."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        index = self._get_variable_index(variable)
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[index].value.handle, v=self._velocities[index].value.handle,
+            beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step), lr=tf.cast(learning_rate, dtype),
+            beta1=beta_1, beta2=beta_2, epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
+
+
+class FusedAdam(_FusedAdamStep, keras.optimizers.Adam):
+    pass
+
+
+class FusedAdamW(_FusedAdamStep, keras.optimizers.AdamW):
+    pass
+
+
 def make_optimizer(cfg: Mapping, model: keras.Model) -> keras.optimizers.Optimizer:
     if cfg["optimizer"] == "sgd":
         opt = keras.optimizers.SGD(cfg["learning_rate"], momentum=cfg["momentum"],
@@ -219,11 +248,11 @@ def make_optimizer(cfg: Mapping, model: keras.Model) -> keras.optimizers.Optimiz
             logging.warning("optimizer adamw with weight_decay %g scales the kernels by only 1 - %.1e a step; "
                             "decoupled decay wants ~0.05-1 (--weight_decay 0.5)", cfg["weight_decay"],
                             cfg["weight_decay"] * cfg["learning_rate"])
-        opt = keras.optimizers.AdamW(cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+        opt = FusedAdamW(cfg["learning_rate"], weight_decay=cfg["weight_decay"])
         opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables
                                                 if not _decayed(v, cfg["l2_on"])])
     else:
-        opt = keras.optimizers.Adam(cfg["learning_rate"])
+        opt = FusedAdam(cfg["learning_rate"])
     if model.dtype_policy.compute_dtype == "float16":
         # fp16 gradients underflow without loss scaling (make_train_step calls scale_loss).
         opt = keras.optimizers.LossScaleOptimizer(opt)

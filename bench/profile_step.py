@@ -60,7 +60,9 @@ def category(path: str, op_type: str) -> str:
     # FusedBatchNorm*: the split form's gradient kernel is built by tf.custom_gradient outside any scope.
     if "/bn" in scoped or "batch_normalization" in scoped or "_bn" in scoped or "FusedBatchNorm" in op_type:
         return "batch norm (fwd+bwd)"
-    if scoped.startswith(("adam/", "Adam/")) or (top_level and op_type in UPDATE_TYPES and not backward):
+    # The optimizer's scope: adam/, fused_adam/, fused_adam_w/, sgd/; a second model's gets _1.
+    optimizer_scope = re.match(r"(fused_)?(adam|adam_w|adamw|sgd)(_\d+)?/", scoped, re.I)
+    if optimizer_scope or (top_level and op_type in UPDATE_TYPES and not backward):
         return "optimizer + EMA"
     if op_type == "AddN":
         return "gradient sums (AddN)"

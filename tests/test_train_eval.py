@@ -208,6 +208,41 @@ def test_adamw_scales_the_kernels_each_step_and_adds_no_l2_to_the_loss():
         assert any(len(v.shape) == 4 for v in model.trainable_variables)  # the conv kernels were checked
 
 
+def test_fused_adam_steps_like_keras_adam_in_one_kernel_a_variable():
+    """make_optimizer's Adam and AdamW update each variable with TensorFlow's fused ResourceApplyAdam
+    and move the weights and both moments as Keras' own do, step after step."""
+    import types
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import hw2
+    import utils
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 2, 4), (4,), (5, 3)]
+    grads = [[tf.constant(rng.standard_normal(s), tf.float32) for s in shapes] for _ in range(3)]
+    for name, stock in [("adam", keras.optimizers.Adam), ("adamw", keras.optimizers.AdamW)]:
+        cfg = utils.load_config("tiny", {"optimizer": name, "weight_decay": 0.1, "learning_rate": 0.01})
+        start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        ours_vars, stock_vars = ([keras.Variable(v) for v in start] for _ in range(2))
+        model = types.SimpleNamespace(trainable_variables=ours_vars, dtype_policy=keras.DTypePolicy("float32"))
+        ours = hw2.make_optimizer(cfg, model)
+        theirs = stock(0.01, weight_decay=0.1) if name == "adamw" else stock(0.01)
+        if name == "adamw":  # make_optimizer decays kernels only, as timm does
+            theirs.exclude_from_weight_decay(var_list=[v for v in stock_vars if len(v.shape) == 1])
+        theirs.build(stock_vars)
+        step = tf.function(lambda g: ours.apply_gradients(zip(g, ours_vars)), autograph=False)
+        for g in grads:
+            step(g)
+            theirs.apply_gradients(zip(g, stock_vars))
+        assert len(ours.variables) == len(theirs.variables)  # iterations, learning rate, both moments
+        for a, b in zip(ours_vars + ours.variables, stock_vars + theirs.variables):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=f"{name} {a.path}")
+        ops = step.get_concrete_function(grads[0]).graph.get_operations()
+        assert sum(op.type == "ResourceApplyAdam" for op in ops) == len(shapes)
+
+
 def test_adamw_with_an_l2_sized_weight_decay_warns(caplog):
     import hw2
     import utils
