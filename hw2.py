@@ -352,10 +352,11 @@ def make_eval_step(model: keras.Model, strategy: tf.distribute.Strategy, top_k: 
     return eval_step
 
 
-def evaluate(eval_step: Callable, dataset, strategy: tf.distribute.Strategy) -> dict:
-    """Run every batch once; returns loss, top1, topk, n over the whole set."""
+def evaluate(eval_step: Callable, batches) -> dict:
+    """Run every batch of `batches` (distributed batches: one pass over a set) once; returns
+    loss, top1, topk, n over the whole set."""
     sums = [0.0, 0.0, 0.0, 0.0]
-    for batch in strategy.experimental_distribute_dataset(dataset):
+    for batch in batches:
         for i, t in enumerate(eval_step(batch)):
             sums[i] += float(t)
     ce, c1, ck, n = sums

@@ -307,13 +307,35 @@ class Validator:
         self.state, self.strategy, self.writers, self.top_k = state, strategy, writers, plan.top_k
         self.dataset = hw2_input.eval_dataset(split["data_dir"], split["val"], cfg, cfg["eval_batch_size"])
         self.eval_step = hw2.make_eval_step(state.model, strategy, plan.top_k)
+        self.per_pass, self._iterator = 0, None
 
     def measure(self) -> dict:
         self.state.ema.swap()  # validation and the best checkpoint judge the averaged weights
         try:
-            return hw2.evaluate(self.eval_step, self.dataset, self.strategy)
+            return hw2.evaluate(self.eval_step, self._one_pass())
         finally:
             self.state.ema.swap()
+
+    def _one_pass(self):
+        """The val set's distributed batches, once. The first pass counts them; later passes take
+        that many from one iterator over the set repeated, because a new iterator each validation
+        cost ~31 ms (tf.data builds its pipeline anew), ~2% of a 12-step epoch on 196 photos."""
+        if self._iterator is None:
+            self.per_pass = 0
+            for batch in self.strategy.experimental_distribute_dataset(self.dataset):
+                self.per_pass += 1
+                yield batch
+            if self.per_pass:  # an empty set repeated would never yield
+                self._iterator = iter(self.strategy.experimental_distribute_dataset(self.dataset.repeat()))
+            return
+        taken = 0
+        try:
+            for _ in range(self.per_pass):
+                yield next(self._iterator)
+                taken += 1
+        finally:
+            if taken < self.per_pass:  # a pass cut short: the next one starts a new iterator
+                self._iterator = None
 
     def __call__(self, step: int) -> dict:
         result = self.measure()

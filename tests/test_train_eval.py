@@ -243,6 +243,34 @@ def test_fused_adam_steps_like_keras_adam_in_one_kernel_a_variable():
         assert sum(op.type == "ResourceApplyAdam" for op in ops) == len(shapes)
 
 
+def test_validation_takes_exactly_one_pass_of_its_persistent_iterator_each_time(tmp_path):
+    """After the first pass the Validator takes each pass from one iterator over the val set
+    repeated: every validation sees every image once (batches of 4 over 10 images: the partial
+    last batch keeps the passes apart) and, with the weights unchanged, gives the first's result.
+    A pass cut short starts a new iterator, so the next one is aligned again."""
+    import types
+
+    import tensorflow as tf
+
+    import hw2_dataset
+    import training
+    import utils
+    data = make_image_folder(tmp_path / "data", per_class=5)
+    items = hw2_dataset.scan_dataset(data).items
+    cfg = utils.load_config("tiny", {"eval_batch_size": "4", "precision": "fp32"})
+    state = training.create_train_state(cfg, 2, precision="fp32")
+    validator = training.Validator(state, {"data_dir": data, "val": items}, cfg, types.SimpleNamespace(top_k=2),
+                                   tf.distribute.get_strategy(), {"val": tf.summary.create_noop_writer()})
+    first = validator(1)
+    assert first["n"] == 10 and validator.per_pass == 3
+    iterator = validator._iterator
+    assert [validator(step) for step in (2, 3, 4)] == [first] * 3 and validator._iterator is iterator
+    cut = validator._one_pass()
+    next(cut)
+    cut.close()
+    assert validator._iterator is None and validator(5) == first
+
+
 def test_adamw_with_an_l2_sized_weight_decay_warns(caplog):
     import hw2
     import utils
