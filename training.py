@@ -307,14 +307,21 @@ class Validator:
         self.state, self.strategy, self.writers, self.top_k = state, strategy, writers, plan.top_k
         self.dataset = hw2_input.eval_dataset(split["data_dir"], split["val"], cfg, cfg["eval_batch_size"])
         self.eval_step = hw2.make_eval_step(state.model, strategy, plan.top_k)
-        self.per_pass, self._iterator = 0, None
+        self.per_pass, self._iterator, self._images = 0, None, None
 
     def measure(self) -> dict:
         self.state.ema.swap()  # validation and the best checkpoint judge the averaged weights
         try:
-            return hw2.evaluate(self.eval_step, self._one_pass())
+            result = hw2.evaluate(self.eval_step, self._one_pass())
         finally:
             self.state.ema.swap()
+        if self._images is None:
+            self._images = result["n"]
+        elif result["n"] != self._images:
+            # A val file became unreadable mid-run (files are read again where the set is too big
+            # to cache), so passes may no longer hold per_pass batches: count again.
+            self._iterator, self._images = None, None
+        return result
 
     def _one_pass(self):
         """The val set's distributed batches, once. The first pass counts them; later passes take

@@ -271,6 +271,33 @@ def test_validation_takes_exactly_one_pass_of_its_persistent_iterator_each_time(
     assert validator._iterator is None and validator(5) == first
 
 
+def test_validation_counts_its_passes_again_when_val_files_vanish_mid_run(tmp_path):
+    """Too big to cache (cache_images_mb 0), the val set is read again each pass; two files gone
+    mid-run leave 8 images in 2 batches of 4, not 3: once a validation sees the count move, the
+    next counts its batches again and every later one sees the 8 once."""
+    import os
+    import types
+
+    import tensorflow as tf
+
+    import hw2_dataset
+    import training
+    import utils
+    data = make_image_folder(tmp_path / "data", per_class=5)
+    items = hw2_dataset.scan_dataset(data).items
+    cfg = utils.load_config("tiny", {"eval_batch_size": "4", "precision": "fp32", "cache_images_mb": "0"})
+    state = training.create_train_state(cfg, 2, precision="fp32")
+    validator = training.Validator(state, {"data_dir": data, "val": items}, cfg, types.SimpleNamespace(top_k=2),
+                                   tf.distribute.get_strategy(), {"val": tf.summary.create_noop_writer()})
+    assert validator(1)["n"] == 10 and validator(2)["n"] == 10
+    for path, _ in items[:2]:
+        os.remove(os.path.join(data, path))
+    # The 3rd may take images the prefetch read before the files went, and the 4th may then cross
+    # into the next pass (12 images): that moved count makes the 5th count its batches again.
+    validator(3), validator(4)
+    assert [validator(step)["n"] for step in (5, 6, 7, 8)] == [8] * 4
+
+
 def test_adamw_with_an_l2_sized_weight_decay_warns(caplog):
     import hw2
     import utils
