@@ -243,11 +243,8 @@ def test_fused_adam_steps_like_keras_adam_in_one_kernel_a_variable():
         assert sum(op.type == "ResourceApplyAdam" for op in ops) == len(shapes)
 
 
-def test_validation_takes_exactly_one_pass_of_its_persistent_iterator_each_time(tmp_path):
-    """After the first pass the Validator takes each pass from one iterator over the val set
-    repeated: every validation sees every image once (batches of 4 over 10 images: the partial
-    last batch keeps the passes apart) and, with the weights unchanged, gives the first's result.
-    A pass cut short starts a new iterator, so the next one is aligned again."""
+def _validator(tmp_path, **overrides):
+    """(a [tiny] Validator over a 10-image val folder in batches of 4, the folder, its items)."""
     import types
 
     import tensorflow as tf
@@ -257,10 +254,19 @@ def test_validation_takes_exactly_one_pass_of_its_persistent_iterator_each_time(
     import utils
     data = make_image_folder(tmp_path / "data", per_class=5)
     items = hw2_dataset.scan_dataset(data).items
-    cfg = utils.load_config("tiny", {"eval_batch_size": "4", "precision": "fp32"})
+    cfg = utils.load_config("tiny", {"eval_batch_size": "4", "precision": "fp32", **overrides})
     state = training.create_train_state(cfg, 2, precision="fp32")
     validator = training.Validator(state, {"data_dir": data, "val": items}, cfg, types.SimpleNamespace(top_k=2),
                                    tf.distribute.get_strategy(), {"val": tf.summary.create_noop_writer()})
+    return validator, data, items
+
+
+def test_validation_takes_exactly_one_pass_of_its_persistent_iterator_each_time(tmp_path):
+    """After the first pass the Validator takes each pass from one iterator over the val set
+    repeated: every validation sees every image once (batches of 4 over 10 images: the partial
+    last batch keeps the passes apart) and, with the weights unchanged, gives the first's result.
+    A pass cut short starts a new iterator, so the next one is aligned again."""
+    validator = _validator(tmp_path)[0]
     first = validator(1)
     assert first["n"] == 10 and validator.per_pass == 3
     iterator = validator._iterator
@@ -275,20 +281,7 @@ def test_validation_counts_its_passes_again_when_val_files_vanish_mid_run(tmp_pa
     """Too big to cache (cache_images_mb 0), the val set is read again each pass; two files gone
     mid-run leave 8 images in 2 batches of 4, not 3: once a validation sees the count move, the
     next counts its batches again and every later one sees the 8 once."""
-    import os
-    import types
-
-    import tensorflow as tf
-
-    import hw2_dataset
-    import training
-    import utils
-    data = make_image_folder(tmp_path / "data", per_class=5)
-    items = hw2_dataset.scan_dataset(data).items
-    cfg = utils.load_config("tiny", {"eval_batch_size": "4", "precision": "fp32", "cache_images_mb": "0"})
-    state = training.create_train_state(cfg, 2, precision="fp32")
-    validator = training.Validator(state, {"data_dir": data, "val": items}, cfg, types.SimpleNamespace(top_k=2),
-                                   tf.distribute.get_strategy(), {"val": tf.summary.create_noop_writer()})
+    validator, data, items = _validator(tmp_path, cache_images_mb="0")
     assert validator(1)["n"] == 10 and validator(2)["n"] == 10
     for path, _ in items[:2]:
         os.remove(os.path.join(data, path))
