@@ -7,6 +7,9 @@ and how long until the next validation and the end.
                validation's measured time has trained since the last one. Every epoch, validating
                and saving took a quarter of a 196-photo folder's run (697-708 steps in a 1-minute
                budget; 827-860 at s = 0.1)
+    histograms the TensorBoard histograms due every summary_every_steps steps are written only
+               once the training since the last ones is HISTOGRAM_SHARE's (1 - s) / s times what
+               they took (at most ~2% of the time; not with deterministic = true)
     budget     time_budget minutes for the whole run, its earlier starts included: training stops
                when the next step and a final validation would no longer fit
     horizon    the step the run is expected to end at: max_steps, or what fits in the budget at
@@ -27,6 +30,9 @@ from typing import Callable, Mapping
 
 # Step times of the first steps after a start include tracing and warm-up: left out of the pace.
 WARMUP_STEPS = 3
+# The share of the time histograms may take. At the photo defaults (~0.1 s a step) one summary
+# step takes ~0.7 s (4 s the first, with its trace): every 100 steps that was 6% of the run.
+HISTOGRAM_SHARE = 0.02
 
 
 class Pace:
@@ -48,6 +54,8 @@ class Pace:
         self.last_validation, self.last_step_end = self.t0, self.t0
         self.start_step, self.timed_steps, self.timed_seconds = start_step, 0, 0.0
         self.validation_seconds, self.validations = 0.0, 0
+        self.histogram_seconds, self.last_histograms = 0.0, self.t0
+        self.histograms_by_time = not cfg["deterministic"]
 
     # ---------------------------------------------------------------- what happened
 
@@ -64,7 +72,19 @@ class Pace:
         self.validations += 1
         self.last_validation = self.last_step_end = self.clock()
 
+    def histograms_written(self, seconds: float) -> None:
+        """The histograms took `seconds`: not a step's time, and the next wait is counted from now."""
+        self.histogram_seconds = seconds
+        self.last_histograms = self.last_step_end = self.clock()
+
     # ---------------------------------------------------------------- what to do
+
+    def histograms_due(self) -> bool:
+        """Whether the histograms due by the step count may be written now (see HISTOGRAM_SHARE)."""
+        if not self.histograms_by_time:
+            return True
+        wait = self.histogram_seconds * (1.0 - HISTOGRAM_SHARE) / HISTOGRAM_SHARE
+        return self.clock() - self.last_histograms >= wait
 
     def spent(self) -> float:
         """Seconds of training so far, earlier starts included."""

@@ -531,8 +531,10 @@ class Session:
         self.pace.step_done(step)
         for meter in (self.window, self.since_val):
             meter.add(total, ce, correct, untimed=step == self.start + 1)
-        if self.summarize and step % self.cfg["summary_every_steps"] == 0:
+        if self.summarize and step % self.cfg["summary_every_steps"] == 0 and self.pace.histograms_due():
+            t = self.clock()
             self.summarize(*self.probe, tf.constant(step, tf.int64))
+            self.pace.histograms_written(self.clock() - t)
         to_val, to_end = self.pace.eta(step)
         if self.bar:
             self.bar.update(1)

@@ -4,7 +4,7 @@
 
 Runs hw2_train.py in this process with timers around the train step (its call and the fetch of
 its results), `Validator.__call__` (EMA swap, val set, summaries), `Checkpoints.save` and
-`Checkpoints.save_best`, and prints each one's total, count and ms per call after the run. On a
+`Checkpoints.save_best` and the TensorBoard histograms (`summary_every_steps`), and prints each one's total, count and ms per call after the run. On a
 small folder an epoch is a second or two, so what an epoch end costs is a share of the epochs a
 time budget buys (245 photos at 64 px: ~1.5 s an epoch on 2 cores).
 """
@@ -50,12 +50,14 @@ def instrument() -> None:
         # step's time its compute, not its dispatch.
         return timed(lambda *a: [float(t) for t in step(*a)], "train_step")
     hw2.make_train_step = make_timed_step
+    make_summary_step = hw2.make_summary_step
+    hw2.make_summary_step = lambda *a, **k: timed(make_summary_step(*a, **k), "histograms")
 
 
 def report(start: float) -> None:
     print(f"machine: {machine_line()}")
     print(f"wall {time.perf_counter() - start:.1f} s (start-up, tracing and the autotune included)")
-    for name in ("train_step", "validate", "save", "save_best"):
+    for name in ("train_step", "validate", "save", "save_best", "histograms"):
         if CALLS[name]:
             print(f"{name:<10} {TOTALS[name]:7.1f} s  {CALLS[name]:5d} calls  {1000 * TOTALS[name] / CALLS[name]:7.1f} ms each")
 

@@ -56,6 +56,25 @@ def test_validation_when_checkpoint_minutes_have_passed_but_not_when_determinist
     assert not det.validation_due(500)
 
 
+def test_histograms_wait_until_they_would_take_two_percent_of_the_time_but_not_when_deterministic():
+    clock = Clock()
+    p = pace.Pace(cfg(), steps_per_epoch=1000, max_steps=10_000, start_step=0, clock=clock)
+    run_steps(p, clock, 1, 10, 0.1)
+    assert p.histograms_due()  # none written yet
+    clock.t += 1.0
+    p.histograms_written(1.0)
+    run_steps(p, clock, 11, 400, 0.1)  # 39 s of training
+    assert not p.histograms_due()
+    assert p.step_seconds() == pytest.approx(0.1)  # their second is no step's time
+    run_steps(p, clock, 401, 480, 0.1)  # 47 s
+    assert not p.histograms_due()
+    run_steps(p, clock, 481, 510, 0.1)  # 50 s: 1 s is 2% of 51
+    assert p.histograms_due()
+    det = pace.Pace(cfg(deterministic="true"), 1000, 10_000, 0, clock=clock)
+    det.histograms_written(1.0)
+    assert det.histograms_due()
+
+
 def test_a_validation_share_validates_at_the_first_epoch_end_after_nine_validations_of_training():
     clock = Clock()
     p = pace.Pace(cfg(validation_share=0.1), steps_per_epoch=4, max_steps=1000, start_step=0, clock=clock)

@@ -198,6 +198,35 @@ def test_histograms_are_written_and_change_nothing(tmp_path):
     assert any(t.startswith("weights/") for t in tags) and any(t.startswith("gradients/") for t in tags)
 
 
+def test_histograms_bucketed_in_numpy_read_back_as_tensorboards_own(tmp_path):
+    """hw2.write_histogram writes the buckets tf.summary.histogram computes with its own ops."""
+    import tensorflow as tf
+    import hw2
+
+    rng = np.random.default_rng(0)
+    data = {"normal": rng.normal(size=[7, 5, 3]).astype(np.float32), "ties": np.array([0.0, 0.0, 1.0, 2.0, 3.0]),
+            "same": np.full([4], 2.5, np.float32), "empty": np.zeros([0], np.float32),
+            "relu": np.maximum(rng.normal(size=1000), 0.0).astype(np.float32)}
+    tables = {}
+    for how in ("tensorboard", "numpy"):
+        writer = tf.summary.create_file_writer(str(tmp_path / how))
+        with writer.as_default(step=3):
+            for name, x in data.items():
+                (tf.summary.histogram if how == "tensorboard" else hw2.write_histogram)(name, x)
+        writer.close()
+        (event,) = os.listdir(tmp_path / how)
+        tables[how] = {v.tag: (v.metadata.plugin_data.plugin_name, tf.make_ndarray(v.tensor))
+                       for e in tf.compat.v1.train.summary_iterator(str(tmp_path / how / event)) for v in e.summary.value}
+    assert set(tables["numpy"]) == set(data)
+    for name in data:
+        plugin, table = tables["numpy"][name]
+        ref_plugin, ref = tables["tensorboard"][name]
+        assert plugin == ref_plugin == "histograms" and table.shape == ref.shape == (30, 3), name
+        np.testing.assert_allclose(table[:, :2], ref[:, :2], rtol=1e-12, err_msg=name)
+        np.testing.assert_array_equal(table[:, 2], ref[:, 2], err_msg=name)
+    assert tables["numpy"]["relu"][1][:, 2].sum() == 1000 and tables["numpy"]["relu"][1][0, 2] > 400
+
+
 def test_evaluating_averaged_then_raw_weights_never_mixes_them(tiny_run):
     """The averaged weights are copied in, not swapped and left: the averages stay averages."""
     import evaluation
