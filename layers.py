@@ -2,8 +2,8 @@
 
 Every convolution in these layers goes through `conv2d_func`, so `conv_impl="native"` runs the
 same weights through `tf.nn.conv2d` as a reference. `conv_impl="im2col"` is ours, in one of the
-forms of conv_forms.py (gather, matmul, winograd, winograd_s2): the fixed default per layer shape,
-or what `conv_autotune.choose_conv_forms` measured fastest on this machine.
+forms of conv_forms.py (gather, matmul, winograd, winograd_s2, pairs): the fixed default per layer
+shape, or what `conv_autotune.choose_conv_forms` measured fastest on this machine.
 """
 
 from __future__ import annotations

@@ -62,16 +62,19 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     assert "autotuned" in line and "in " in line
     path = cache_home / "hw2" / "conv_forms.json"
     entries = json.loads(path.read_text())[conv_autotune.machine_key()]
-    # Timed: the inception's three 3x3s (one shape) and conv1 (3x3 stride 2: gather or
-    # winograd_s2). Not the stem (only the gather: Winograd needs 8 input channels) or the 1x1s
-    # (always matmul). And the batch norm of each output shape: conv0's 12x12x16, conv1's and the
+    # Timed: the stem (3 input channels: gather or pairs; Winograd needs 8), the inception's three
+    # 3x3s (one shape: gather, winograd or pairs) and conv1 (3x3 stride 2: gather or winograd_s2).
+    # Not the 1x1s (always matmul). And the batch norm of each output shape: conv0's 12x12x16, conv1's and the
     # 16-wide towers' 6x6x16, the 8-wide towers' 6x6x8.
-    conv_key = "6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd"
+    stem_key = "12x12x3-3x3/1x1-same-16-float32|train|batch 4|gather,pairs"
+    conv_key = "6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd,pairs"
     s2_key = "12x12x16-3x3/2x2-same-16-float32|train|batch 4|gather,winograd_s2"
     bn_keys = [f"batch norm 4x{shape} float32|fused,split" for shape in ("12x12x16", "6x6x16", "6x6x8")]
-    assert sorted(entries) == sorted([conv_key, s2_key] + bn_keys)
-    assert set(entries[conv_key]["ms"]) == {"gather", "winograd"}
+    assert sorted(entries) == sorted([stem_key, conv_key, s2_key] + bn_keys)
+    assert set(entries[stem_key]["ms"]) == {"gather", "pairs"}
+    assert set(entries[conv_key]["ms"]) == {"gather", "winograd", "pairs"}
     assert set(entries[s2_key]["ms"]) == {"gather", "winograd_s2"}
+    assert next(c for c in convs(model) if c.name == "conv0").train_form == entries[stem_key]["form"]
     assert next(c for c in convs(model) if c.name == "conv1").train_form == entries[s2_key]["form"]
     assert all(set(entries[k]["ms"]) == {"fused", "split"} for k in bn_keys)
     assert all(entry["form"] in entry["ms"] for entry in entries.values())
@@ -86,7 +89,7 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     assert [c.train_form for c in convs(again)] == chosen
 
     # A cached choice is used as is, so a planted one shows it was read.
-    key = "6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd"
+    key = "6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd,pairs"
     entries[key]["form"] = "gather" if entries[key]["form"] == "winograd" else "winograd"
     path.write_text(json.dumps({conv_autotune.machine_key(): entries}))
     third = small_model()
@@ -122,11 +125,11 @@ def test_big_timings_run_in_a_child_process(cache_home, monkeypatch, caplog):
     monkeypatch.setattr(conv_autotune, "_time_job", lambda job: pytest.fail("timed in this process"))
     model = small_model()
     line = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
-    assert "autotuned 5 layer shapes" in line  # the two 3x3 shapes and three batch-norm shapes
+    assert "autotuned 6 layer shapes" in line  # the three 3x3 shapes and three batch-norm shapes
     entries = json.loads((cache_home / "hw2" / "conv_forms.json").read_text())[conv_autotune.machine_key()]
-    assert len(entries) == 5 and all(e["form"] in e["ms"] for e in entries.values())
+    assert len(entries) == 6 and all(e["form"] in e["ms"] for e in entries.values())
     assert next(c for c in convs(model) if c.name == "b_3x3").train_form == \
-        entries["6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd"]["form"]
+        entries["6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd,pairs"]["form"]
 
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home / "again"))
@@ -134,7 +137,7 @@ def test_big_timings_run_in_a_child_process(cache_home, monkeypatch, caplog):
     monkeypatch.setattr(conv_autotune.sys, "executable", "/bin/false")
     with caplog.at_level("WARNING"):
         line = conv_autotune.choose_conv_forms(small_model(), INPUT, "float32", training=True, autotune=True)
-    assert "autotuned 5 layer shapes" in line
+    assert "autotuned 6 layer shapes" in line
     assert "timing in a child process failed (exit 1" in caplog.text
 
 

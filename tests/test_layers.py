@@ -173,14 +173,16 @@ def test_im2col_matches_native_even_kernels_and_stride_3(k, stride, padding):
     assert_close(dw, dw_ref, 1e-4)
 
 
-@pytest.mark.parametrize("k,stride,padding,hw", [(3, 1, "SAME", (9, 8)), (3, 2, "SAME", (9, 8)), (5, 2, "VALID", (11, 12)),
-                                                 (1, 1, "SAME", (7, 7)), (1, 2, "SAME", (7, 7))])
-def test_gather_in_bands_matches_native(k, stride, padding, hw, monkeypatch):
-    # The gather form's backward pass runs in bands of rows to bound its memory; force one band per row.
+@pytest.mark.parametrize("k,stride,padding,hw,form", [
+    (3, 1, "SAME", (9, 8), "gather"), (3, 2, "SAME", (9, 8), "gather"), (5, 2, "VALID", (11, 12), "gather"),
+    (1, 1, "SAME", (7, 7), "gather"), (1, 2, "SAME", (7, 7), "gather"),
+    (3, 1, "SAME", (9, 8), "pairs"), (5, 1, "VALID", (11, 12), "pairs"), (4, 1, "SAME", (9, 10), "pairs")])
+def test_gather_in_bands_matches_native(k, stride, padding, hw, form, monkeypatch):
+    # The gather forms' backward pass runs in bands of rows to bound its memory; force one band per row.
     monkeypatch.setattr(conv_forms, "BAND_BYTES_PER_IMAGE", 1)
     x, w = random_inputs(2, *hw, 3, k, 4, seed=11)
     y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
-    y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form="gather")
+    y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form=form)
     assert_close(y, y_ref, 1e-4)
     assert_close(dx, dx_ref, 1e-4)
     assert_close(dw, dw_ref, 1e-4)
@@ -508,20 +510,22 @@ def test_split_batch_norm_in_bfloat16_matches_fused():
         np.testing.assert_allclose(split_value, fused_value, rtol=2e-2, atol=5e-2)
 
 
-FOLD_CASES = [(impl, k, stride, activation, form)
+FOLD_CASES = [(impl, k, stride, activation, form, 11)
               for k, stride, activation in [(3, 1, True), (3, 2, False), (1, 1, True), (1, 2, True), (5, 1, True)]
               for impl in CONV_IMPLS
               for form in (forms_for(k, stride, "SAME", (9, 11), 5) if impl == "im2col" else (None,))]
+# The pairs form needs an even output width.
+FOLD_CASES += [("im2col", k, 1, activation, "pairs", 10) for k, activation in [(3, True), (5, False), (2, True)]]
 
 
-@pytest.mark.parametrize("impl, k, stride, activation, form", FOLD_CASES)
-def test_inference_folds_batch_norm_into_the_kernel(impl, k, stride, activation, form):
+@pytest.mark.parametrize("impl, k, stride, activation, form, width", FOLD_CASES)
+def test_inference_folds_batch_norm_into_the_kernel(impl, k, stride, activation, form, width):
     """ConvBNReLU at training=False (BN folded, one fused matmul + bias + ReLU) equals conv -> Keras BN
     with moving statistics -> ReLU, with and without gradients asked for, in every form."""
     rng = np.random.default_rng(1)
     layer = ConvBNReLU(8, k, stride, conv_impl=impl, activation=activation)
     layer.train_form = layer.infer_form = form
-    x = tf.constant(rng.normal(size=(3, 9, 11, 5)), tf.float32)
+    x = tf.constant(rng.normal(size=(3, 9, width, 5)), tf.float32)
     layer(x, training=True)
     for v in layer.bn.variables:  # statistics far from the 0/1 defaults, so folding shows
         v.assign(rng.uniform(0.3, 2.0, v.shape))
