@@ -74,13 +74,14 @@ def applicable_forms(spec: ConvSpec) -> tuple[str, ...]:
         forms.append("winograd")
     if spec.kh == spec.kw == 3 and spec.sh == spec.sw == 2 and spec.dtype == "float32":
         forms.append("winograd_s2")
-    if spec.sh == spec.sw == 1 and spec.kw > 1 and spec.cin <= PAIRS_MAX_CIN and _out_width(spec) % 2 == 0:
+    if spec.sh == spec.sw == 1 and spec.kw > 1 and spec.cin <= PAIRS_MAX_CIN and _even_out_width(spec):
         forms.append("pairs")
     return tuple(forms)
 
 
-def _out_width(spec: ConvSpec) -> int:
-    return axis_plan(spec.w, spec.kw, spec.sw, spec.same)[0] if spec.same or spec.w >= spec.kw else 0
+def _even_out_width(spec: ConvSpec) -> bool:
+    """Whether the output width is even (False where a VALID kernel does not fit)."""
+    return (spec.same or spec.w >= spec.kw) and axis_plan(spec.w, spec.kw, spec.sw, spec.same)[0] % 2 == 0
 
 
 def default_form(spec: ConvSpec, training: bool = True) -> str:

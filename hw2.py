@@ -323,8 +323,8 @@ def make_summary_step(model: keras.Model, writer, batch_size: int, label_smoothi
         return grads, activations
 
     def summary_step(images, labels, step):
-        # Histograms are bucketed from the values in numpy: inside the graph their ~30 ops each
-        # made the first call take 13 s to trace and optimize (see write_histogram for eager).
+        # Histograms are bucketed from the values in numpy (write_histogram): inside the graph
+        # their ~30 ops each made the first call take 13 s to trace and optimize.
         grads, activations = values(images, labels)
         with writer.as_default(step=int(step)):
             for v, g in zip(model.trainable_variables, grads):
