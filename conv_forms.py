@@ -130,8 +130,8 @@ def conv2d_bias_act(x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor, sh: int, sw: in
         y = tf.nn.bias_add(conv2d(x, w, sh, sw, same, form), bias)
         return tf.nn.relu(y) if relu else y
     if form == "pairs":
-        cols, (_, _, _, ho, wo, _, _) = _pair_patches(x, spec.kh, spec.kw, same)
-        y = tf.nn.bias_add(tf.matmul(cols, _pair_kernel(w)), tf.tile(bias, [2]))
+        src, (_, _, _, ho, wo, _, _) = _pair_source(x, spec.kh, spec.kw, same)
+        y = tf.nn.bias_add(tf.matmul(_pair_cols(src, spec.kh, spec.kw, ho, wo), _pair_kernel(w)), tf.tile(bias, [2]))
         return tf.reshape(tf.nn.relu(y) if relu else y, [-1, ho, wo, spec.cout])
     if form == "matmul":
         xs = _subsample(x, sh, sw, same)
@@ -342,23 +342,28 @@ def _pair_window(kw: int) -> int:
     return (kw + 2) // 2
 
 
-def _pair_patches(x: tf.Tensor, kh: int, kw: int, same: bool, rows: tuple[int, int] | None = None):
-    """(cols [N * ho * wo / 2, kh * q * 2 * Cin], plan) with q = _pair_window(kw): row (n, oh, p)
-    holds, for each kernel row i, the q pixel pairs from padded pixel (oh + i, 2p) on, the window
-    of outputs (oh, 2p) and (oh, 2p + 1). `rows` (start, stop) takes those output rows only."""
+def _pair_source(x: tf.Tensor, kh: int, kw: int, same: bool):
+    """(x padded and viewed as pixel pairs [N, lh * lw / 2, 2 * Cin], plan): what _pair_cols
+    gathers from, padded once however many bands take from it."""
     _, h, wd, cin = x.shape
     ho, pt, pb = axis_plan(h, kh, 1, same)
     wo, pl, pr = axis_plan(wd, kw, 1, same)
-    q = _pair_window(kw)
-    lw = wo + 2 * q - 2  # even: the last pair window ends there
+    lw = wo + 2 * _pair_window(kw) - 2  # even: the last pair window ends there
     pr = lw - wd - pl  # >= the plan's own right padding; never reads a pixel the plan would not
     xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
-    lh = xp.shape[1]
+    return tf.reshape(xp, [-1, xp.shape[1] * lw // 2, 2 * cin]), (h, wd, cin, ho, wo, pt, pl)
+
+
+def _pair_cols(src: tf.Tensor, kh: int, kw: int, ho: int, wo: int, rows: tuple[int, int] | None = None):
+    """[N * rows * wo / 2, kh * q * 2 * Cin] with q = _pair_window(kw): row (n, oh, p) holds, for
+    each kernel row i, the q pixel pairs from padded pixel (oh + i, 2p) on, the window of outputs
+    (oh, 2p) and (oh, 2p + 1). `rows` (start, stop) takes those output rows only."""
+    q = _pair_window(kw)
+    half = wo // 2 + q - 1  # pairs in a padded row
     r0, r1 = rows or (0, ho)
     oh, p, i, t = np.meshgrid(np.arange(r0, r1), np.arange(wo // 2), np.arange(kh), np.arange(q), indexing="ij")
-    index = tf.constant(((oh + i) * (lw // 2) + p + t).reshape(-1), tf.int32)
-    cols = tf.gather(tf.reshape(xp, [-1, lh * lw // 2, 2 * cin]), index, axis=1)
-    return tf.reshape(cols, [-1, kh * q * 2 * cin]), (h, wd, cin, ho, wo, pt, pl)
+    index = tf.constant(((oh + i) * half + p + t).reshape(-1), tf.int32)
+    return tf.reshape(tf.gather(src, index, axis=1), [-1, kh * q * src.shape[-1]])
 
 
 def _pair_kernel(w: tf.Tensor) -> tf.Tensor:
@@ -376,18 +381,20 @@ def _pairs_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
 
     @tf.custom_gradient
     def conv(x, w):
-        cols, (h, wd, _, ho, wo, pt, pl) = _pair_patches(x, kh, kw, same)
-        y = tf.reshape(tf.matmul(cols, _pair_kernel(w)), [-1, ho, wo, cout])
+        src, (h, wd, _, ho, wo, pt, pl) = _pair_source(x, kh, kw, same)
+        y = tf.reshape(tf.matmul(_pair_cols(src, kh, kw, ho, wo), _pair_kernel(w)), [-1, ho, wo, cout])
 
         @_in_backward_scope
         def grad(dy):
-            # As the gather form: the pairs gathered again band by band, then each output pixel's
-            # block of the pair kernel's gradient folded back onto the taps it came from.
+            # As the gather form: the pairs gathered again band by band (from one padded copy, not
+            # kept from the forward pass), then each output pixel's block of the pair kernel's
+            # gradient folded back onto the taps it came from.
+            src = _pair_source(x, kh, kw, same)[0]
             dy2 = tf.reshape(dy, [-1, ho * wo // 2, 2 * cout])
             dw = None
             for r0, r1 in _bands(ho, wo * kh * q2 * cin * x.dtype.size // 2):
                 with tf.control_dependencies([] if dw is None else [dw]):
-                    band = _pair_patches(x, kh, kw, same, rows=(r0, r1))[0]
+                    band = _pair_cols(src, kh, kw, ho, wo, rows=(r0, r1))
                 part = tf.matmul(band, tf.reshape(dy2[:, r0 * wo // 2:r1 * wo // 2], [-1, 2 * cout]), transpose_a=True)
                 dw = part if dw is None else dw + part
             dw = tf.reshape(dw, [kh, q2, cin, 2, cout])
