@@ -420,8 +420,11 @@ def test_eval_export_and_predict_agree_on_a_bf16_run(tmp_path):
     predicted = module.serve(tf.constant([open(f, "rb").read() for f in files]))["probabilities"].numpy()
     np.testing.assert_allclose(exported, predicted, atol=1e-5)  # both fp32, the same graph
     assert np.abs(in_bf16 - exported).max() <= 0.02, np.abs(in_bf16 - exported).max()
+    # Clear: a margin the 0.02 above cannot close. 8 steps leave most margins under 0.05 now that
+    # the batch-norm statistics warm up (hw2.StatisticsWarmUp; the initial ones made them peaky):
+    # 6 of 18 here, so a few is what keeps this check from being vacuous.
     top2 = np.sort(in_bf16, axis=1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 0.1
-    assert clear.sum() >= len(files) // 2
+    clear = top2[:, 1] - top2[:, 0] > 0.05
+    assert clear.sum() >= 3, np.round(top2[:, 1] - top2[:, 0], 3)
     np.testing.assert_array_equal(in_bf16.argmax(1)[clear], exported.argmax(1)[clear])
 

@@ -174,3 +174,31 @@ def test_moving_average_covers_batch_norm_statistics():
     np.testing.assert_allclose(stats[0].numpy(), 2.0)
     ema.swap()
     np.testing.assert_allclose(stats[0].numpy(), 4.0)
+
+
+def test_batch_norm_statistics_warm_up_like_the_moving_average(tmp_path):
+    """The n-th train step moves every batch-norm statistic min(0.99, (1 + n) / (10 + n)) of the
+    way to the batch's (Keras: always 0.99, so 150 steps still held 22% of the initial 0 and 1).
+    Checked on the seed network's first layer, whose batch statistics are those of a convolution
+    of the batch itself; from step ~900 on it is Keras' own update."""
+    data_dir, items = write_folder(tmp_path)
+    cfg = utils.Config({**utils.load_config("tiny"), "precision": "fp32", "weight_decay": 0.0})
+    strategy = tf.distribute.get_strategy()
+    images, labels = next(iter(hw2_input.train_dataset(data_dir, items, cfg, 12)))
+    state = training.create_train_state(cfg, NUM_CLASSES, strategy)
+    net, optimizer = state.model, state.optimizer
+    stats = [v for v in net.non_trainable_variables if v.path.endswith(("moving_mean", "moving_variance"))]
+    assert len(hw2.StatisticsWarmUp(net)._pairs) == len(stats) > 2  # the dense layer's Keras BN too
+    first = next(l for l in net._flatten_layers() if isinstance(l, layers.ConvBNReLU) and l.kernel.shape[2] == 3)
+    step = hw2.make_train_step(net, optimizer, state.ema, strategy, 12)
+    iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    for n in (0, 1, 2, 5000):
+        optimizer.iterations.assign(n)
+        y = tf.nn.conv2d(images, first.kernel, first.stride, first.padding)
+        mean, variance = (t.numpy() for t in tf.nn.moments(y, [0, 1, 2]))
+        old_mean, old_variance = first.bn.moving_mean.numpy(), first.bn.moving_variance.numpy()
+        step(iterator)
+        m = min(0.99, (1 + n) / (10 + n))
+        np.testing.assert_allclose(first.bn.moving_mean.numpy(), m * old_mean + (1 - m) * mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(first.bn.moving_variance.numpy(), m * old_variance + (1 - m) * variance,
+                                   rtol=1e-4, atol=1e-5)

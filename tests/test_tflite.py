@@ -71,10 +71,11 @@ def test_tflite_agrees_with_the_savedmodel_and_hw2_eval_and_predicts_the_same(tm
     top2 = np.sort(served, 1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.05
     assert clear.mean() > 0.5 and (got.argmax(1) == served.argmax(1))[clear].all()
-    # A model that tells digits apart, so that agreeing on its argmax means something. Above chance
-    # (1/3), not near 1: this 4-channel network's val top-1 after 150 steps swings between 0.35 and
-    # 0.98 with the batch size and the CPU's kernels (0.48 under ONEDNN_MAX_CPU_ISA=AVX2, 0.90 without).
-    assert (got.argmax(1) == [label for _, label in items]).mean() > 0.4 and len(set(got.argmax(1))) == 3
+    # A model that tells digits apart, so that agreeing on its argmax means something: 0.89 of its
+    # training scans under ONEDNN_MAX_CPU_ISA=AVX2, 0.85 without. Before the batch-norm statistics
+    # warmed up (hw2.StatisticsWarmUp) its 150 steps left them 22% initial values, and it scored
+    # 0.38-0.48 or 0.90 with the CPU's kernels.
+    assert (got.argmax(1) == [label for _, label in items]).mean() > 0.7 and len(set(got.argmax(1))) == 3
     # The TFLite path reads and prepares images with hw2's own code: hw2_eval's fp32 probabilities.
     hw2 = evaluation.Evaluator(run, 1, precision_name="fp32").evaluate(
         run_dirs.pick_checkpoint(run, prefer_best=True), hw2_input.eval_dataset(str(tmp_path / "digits"), items, cfg, 64))
