@@ -3,10 +3,11 @@
     python bench/epoch_parts.py --data_dir DIR --train_dir RUN [hw2_train.py flags, e.g. --time_budget 1.5]
 
 Runs hw2_train.py in this process with timers around the train step (its call and the fetch of
-its results), `Validator.__call__` (EMA swap, val set, summaries), `Checkpoints.save` and
-`Checkpoints.save_best` and the TensorBoard histograms (`summary_every_steps`), and prints each one's total, count and ms per call after the run. On a
-small folder an epoch is a second or two, so what an epoch end costs is a share of the epochs a
-time budget buys (245 photos at 64 px: ~1.5 s an epoch on 2 cores).
+its results), `Validator.__call__` (EMA swap, val set, summaries), `Checkpoints.save`,
+`Checkpoints.save_best` and the TensorBoard histograms (`summary_every_steps`), and prints each
+one's total, count and ms per call after the run. On a small folder an epoch is a second or two,
+so what an epoch end costs is a share of the epochs a time budget buys (245 photos at 64 px: ~1.5 s
+an epoch on 2 cores).
 """
 from __future__ import annotations
 
