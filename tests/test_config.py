@@ -1,4 +1,8 @@
 """config.cfg sections, command-line overrides and the one-line errors for bad ones."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 import utils
@@ -191,3 +195,19 @@ def test_seed_section_is_the_seed_projects_recipe():
     assert (cfg.save_checkpoint_steps, cfg.checkpoint_minutes, cfg.precision, cfg.rotate_deg) == (500, 0, "fp32", 0.0)
     assert (cfg.augment, cfg.scale_max) == ("base", 1.25)
     assert (cfg.lr_patience, cfg.stop_patience, cfg.ema_decay, cfg.weight_decay, cfg.l2_on) == (7, 15, 0.999, 5e-4, "all")
+
+
+def test_tensorflow_allocates_from_its_bfc_pool_unless_the_user_chose_malloc():
+    """Importing utils selects TensorFlow's BFC CPU allocator (why: utils' comment); an explicit
+    TF_CPU_ALLOCATOR_USE_BFC wins. Only the BFC allocator keeps the stats read here."""
+    import tensorflow as tf
+
+    # utils was imported with this module, at collection, before any test ran an op
+    tf.ones([512, 512]).numpy()
+    assert tf.config.experimental.get_memory_info("CPU:0")["peak"] >= 512 * 512 * 4
+    code = ("import utils, tensorflow as tf; tf.ones([512, 512]).numpy()\n"
+            "try: tf.config.experimental.get_memory_info('CPU:0'); print('bfc')\n"
+            "except ValueError: print('malloc')")
+    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="false")
+    out = subprocess.run([sys.executable, "-c", code], cwd=utils.HERE, env=env, capture_output=True, text=True)
+    assert out.stdout.split()[-1:] == ["malloc"], out.stderr[-2000:]
