@@ -309,5 +309,6 @@ def cpu_line() -> str:
     # oneDNN (TensorFlow's CPU matmuls and convolutions) runs no wider kernels than this cap, so a
     # capped run measures an AVX2-only laptop on an AVX-512 machine.
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    malloc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() not in ("true", "1")
     return (f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no avx2'}"
-            f"{f'; ONEDNN_MAX_CPU_ISA={cap}' if cap else ''})")
+            f"{f'; ONEDNN_MAX_CPU_ISA={cap}' if cap else ''}{'; malloc allocator' if malloc else ''})")
