@@ -22,8 +22,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's default CPU allocator is malloc, and glibc maps every block over 32 MiB afresh: each
 # step's big tensors (im2col's patch matrices most of all) are new pages, zero-filled by a page
 # fault every 4 KiB on first touch. In a VM a fault costs ~3.5 us: on a 2-core AMD EPYC (Zen 3)
-# the seed step at batch 128 spent 8 of its 11 s in the kernel. TensorFlow's BFC allocator keeps
-# its memory and reuses it: 11.2-11.4 -> 6.2-6.8 s a step (oneDNN's convolutions 7.0 -> 5.4-5.9).
+# the seed step at batch 128 (11.3 s on its 2 cores) spent 8 of its 21 CPU-seconds in the kernel.
+# TensorFlow's BFC allocator keeps its memory and reuses it: 11.2-11.4 -> 6.2-6.8 s a step
+# (oneDNN's convolutions 7.0 -> 5.4-5.9; bench/README.md, AMD EPYC Zen 3).
 # Read at the first allocation, so it holds wherever utils is imported before TensorFlow runs an
 # op. TF_CPU_ALLOCATOR_USE_BFC=false restores malloc.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
