@@ -9,9 +9,10 @@ pools on the first op, in the child).
 
 The kill points are moments of the run that the file system shows, so they land inside the run
 whatever the CPU's speed: the reference run (uninterrupted) is watched for every checkpoint file
-it writes, in order; each round draws one among the files of the next saves after the point
-the run resumes from, and kills when the run writes it anew (a data file before its index: in
-the middle of a save), after a random delay of 0 to 50 ms (often in the middle of a step).
+it writes, in order. Rounds alternate: one draws among the files of the next saves after the
+point the run resumes from and kills when the run writes it anew (a data file before its index:
+in the middle of a save), after a random delay of 0 to 50 ms; the next kills 0 to 400 ms after
+the run has started training (often in the middle of a step).
 Prints one JSON line: the kill points and how many kills landed before the run exited.
 """
 import json
@@ -115,10 +116,13 @@ def main() -> None:
         ahead = [e for step, e in events if step > resumes][:4]
         if resumes > MAX_STEPS - 8:
             trigger, delay = RUN_JSON, rng.uniform(0.0, 0.02)
-        elif rng.random() < 0.5:
+        elif len(points) % 2:
             trigger, delay = RUN_JSON, rng.uniform(0.0, 0.4)
         else:
-            trigger, delay = rng.choice(ahead), rng.uniform(0.0, 0.05)
+            # The two kinds alternate, so a few kills (each a run: ~10 s on a slow CPU) cover both;
+            # the first lands in the middle of a save (its data file written, its index not yet).
+            first = [e for e in ahead if ".data-" in e] if not points else []
+            trigger, delay = rng.choice(first or ahead), rng.uniform(0.0, 0.05)
         killed, _ = watch(start(data, run), run, trigger, delay)
         points.append(f"{trigger} +{delay * 1000:.0f} ms{'' if killed else ' (ran to the end)'}")
         landed += killed
