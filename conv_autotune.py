@@ -7,8 +7,9 @@ Call it after building the model and before tracing its tf.functions (the forms 
 time). The timing runs each candidate form of each distinct layer shape alone, for a few calls, at
 the real batch size; the choice is cached per machine (CPU model and flags, GPU name, TensorFlow
 version, ONEDNN_MAX_CPU_ISA cap, CPU allocator) in $XDG_CACHE_HOME/hw2/conv_forms.json
-(~/.cache/hw2 by default), so the next run on this machine starts without timing. Big timings run in a child process
-(CHILD_BYTES, below), so the memory they touch does not stay with the training process.
+(~/.cache/hw2 by default), so the next run on this machine starts without timing. Big timings run
+in a child process (CHILD_BYTES, below), so the memory they touch does not stay with the training
+process.
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ import utils
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when a form's code changes enough to invalidate old timings
+# Bump when a form's code changes enough to invalidate old timings. 4: timings under TensorFlow's
+# BFC allocator (utils), where malloc's page faults had weighed on the forms with big temporaries.
+CACHE_VERSION = 4
 TIMED_CALLS = 3    # per form, after one untimed call; the fastest counts
 
 
@@ -287,12 +290,11 @@ def cache_path() -> str:
 
 
 def machine_key() -> str:
-    """What the timings depend on besides the layer: CPU (model, cores, flags, oneDNN cap), GPU, TF,
-    and the CPU allocator (under malloc a form's big temporaries page-fault: see utils)."""
+    """What the timings depend on besides the layer: CPU (model, cores, flags, oneDNN cap, a malloc
+    allocator), GPU, TF."""
     gpus = tf.config.list_physical_devices("GPU")
     gpu = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else "no GPU"
-    bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("true", "1")
-    return f"v{CACHE_VERSION}; {utils.cpu_line()}; {gpu}; TensorFlow {tf.__version__}; {'BFC' if bfc else 'malloc'}"
+    return f"v{CACHE_VERSION}; {utils.cpu_line()}; {gpu}; TensorFlow {tf.__version__}"
 
 
 def _load_cache() -> dict:
