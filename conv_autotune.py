@@ -1,5 +1,5 @@
-"""Which form each of a model's convolutions (and, in training, its batch norm) takes: the fixed
-defaults, or the fastest one measured on this machine and cached.
+"""Which form each of a model's convolutions (and, in training, its batch norms and max pools) takes:
+the fixed defaults, or the fastest one measured on this machine and cached.
 
     choose_conv_forms(model, (128, 100, 100, 3), "float32", training=True, autotune=True)
 
@@ -29,6 +29,7 @@ import tensorflow as tf
 import bn_forms
 import conv_forms
 import layers
+import pool_forms
 import utils
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
     no timing (deterministic runs, tests); True times the candidate forms of each layer shape not
     in the cache yet (a few seconds on 2 CPU cores for the seed network) and caches the winners.
     Layers with conv_impl="native" keep tf.nn.conv2d. When training, each layer's batch norm form
-    (bn_forms.py) is chosen the same way, native layers included.
+    (bn_forms.py) and each max pool's gradient form (pool_forms.py) are chosen the same way, native
+    layers included.
     """
     dtype = tf.as_dtype(dtype).name
     batch, image_hw = int(input_shape[0]), (int(input_shape[1]), int(input_shape[2]), int(input_shape[3]))
@@ -59,10 +61,11 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
     start = time.perf_counter()
     chosen = _conv_keys(convs, batch, dtype, image_hw, training, autotune, cache, pending)
     bn_chosen = _bn_keys(layers._conv_layers(model), batch, dtype, autotune, cache, pending) if training else []
+    pool_chosen = _pool_keys(model, batch, dtype, autotune, cache, pending) if training else []
     entries = time_jobs(pending)
-    # Batch-norm forms count as tuned too: a bf16 run has one conv form per layer but still times them.
+    # Batch-norm and pool forms count as tuned too: a bf16 run has one conv form per layer but still times them.
     timed = len(entries)
-    tuned = sum(key is not None for _, key, _ in chosen) + sum(key is not None for _, key in bn_chosen)
+    tuned = sum(key is not None for _, key, _ in chosen) + sum(key is not None for _, key in bn_chosen + pool_chosen)
 
     def pick(key, fixed):
         return (entries.get(key) or cache[key])["form"] if key else fixed
@@ -76,6 +79,12 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
         conv.bn_form = pick(key, "fused")
         bn_counts[conv.bn_form] += 1
     bn_forms_line = "; batch norm " + ", ".join(f"{n} {f}" for f, n in bn_counts.most_common()) if bn_counts else ""
+    pool_counts = Counter()
+    for pool, key in pool_chosen:
+        pool.form = pick(key, "native")
+        pool_counts[pool.form] += 1
+    if pool_counts:
+        bn_forms_line += "; max pool " + ", ".join(f"{n} {f}" for f, n in pool_counts.most_common())
     if entries:
         cache.update(entries)
         where = _save_cache(cache)
@@ -135,6 +144,52 @@ def _bn_keys(convs, batch: int, dtype: str, autotune: bool, cache: dict, pending
                 pending[key] = {"kind": "bn", "shape": list(shape), "dtype": dtype}
         chosen.append((conv, key))
     return chosen
+
+
+def _pool_keys(model, batch: int, dtype: str, autotune: bool, cache: dict, pending: dict) -> list:
+    """[(pool, cache key or None)] for each max pool's training gradient, the keys not cached yet
+    added to `pending`. None means the fixed choice, native. Only where no GPU is visible: cuDNN's
+    max-pool gradient is not the slow one, and the taps form is an XLA compile per shape."""
+    chosen = []
+    tune = autotune and not tf.config.list_physical_devices("GPU")
+    pools = [p for p in model._flatten_layers(include_self=True, recursive=True) if isinstance(p, pool_forms.MaxPool2D)]
+    for pool in pools:
+        key, shape = None, pool.input_shape_seen
+        if tune and shape is not None and pool.data_format == "channels_last":
+            size, strides = list(pool.pool_size), list(pool.strides)
+            key = (f"max pool {batch}x{'x'.join(map(str, shape))} {'x'.join(map(str, size))}/"
+                   f"{'x'.join(map(str, strides))} {pool.padding} {dtype}|{','.join(pool_forms.FORMS)}")
+            if key not in cache:
+                pending[key] = {"kind": "pool", "shape": [batch, *shape], "pool_size": size, "strides": strides,
+                                "padding": pool.padding.upper(), "dtype": dtype}
+        chosen.append((pool, key))
+    return chosen
+
+
+def time_pool_forms(job: dict) -> dict:
+    """{"form": the fastest, "ms": {form: best ms}}: one max pool forward and backward."""
+    x = tf.cast(tf.nn.relu(tf.random.stateless_normal(job["shape"], [0, 4])), job["dtype"])  # ReLU's ties
+    size, strides, padding = tuple(job["pool_size"]), tuple(job["strides"]), job["padding"]
+
+    def timed_call(form):
+        gradient = pool_forms.taps_gradient(size, strides, padding) if form == "taps" else None
+
+        @tf.function
+        def train():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = pool_forms.max_pool(x, size, strides, padding, gradient)
+            return [tf.reduce_sum(y[:1]), tf.reduce_sum(tape.gradient(y, x, output_gradients=y)[:1])]
+        return lambda: [t.numpy() for t in train()]
+
+    calls = {form: timed_call(form) for form in pool_forms.FORMS}
+    try:
+        calls["taps"]()  # compiled by XLA: a TensorFlow build without XLA's CPU JIT keeps native
+    except (tf.errors.OpError, ValueError) as e:
+        log.warning("max pool: the taps form failed to run here (%s); keeping TensorFlow's gradient",
+                    str(e).strip().splitlines()[0][:200])
+        return {"form": "native", "ms": {}}
+    return _fastest(calls, f"max pool {job}")
 
 
 def bn_shape(conv: layers.ConvBNReLU, batch: int) -> tuple[int, int, int, int] | None:
@@ -197,7 +252,7 @@ CHILD_BYTES = 64 * 2**20
 def job_bytes(job: dict) -> int:
     """About the biggest buffer a timing job allocates: the gather form's patch matrix, or the
     tensor a batch norm normalizes."""
-    if job["kind"] == "bn":
+    if job["kind"] in ("bn", "pool"):
         return int(np.prod(job["shape"])) * tf.as_dtype(job["dtype"]).size
     spec = conv_forms.ConvSpec(*job["spec"])
     return job["batch"] * spec.h * spec.w * spec.kh * spec.kw * spec.cin * tf.as_dtype(spec.dtype).size
@@ -220,6 +275,8 @@ def time_jobs(jobs: dict) -> dict:
 def _time_job(job: dict) -> dict:
     if job["kind"] == "bn":
         return time_bn_forms(tuple(job["shape"]), job["dtype"])
+    if job["kind"] == "pool":
+        return time_pool_forms(job)
     return time_forms(conv_forms.ConvSpec(*job["spec"]), job["forms"], job["batch"], job["training"],
                       job["needs_dx"])
 

@@ -16,6 +16,7 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 
 import mixing
 import models
+import pool_forms
 from layers import ConvBNReLU, ConvStack, InceptionModule, spatial_dropout
 
 
@@ -36,16 +37,16 @@ class HW2Net(keras.Model):
                                      weight_decay=wd, name="conv_stack1")
         self.conv2 = ConvBNReLU(cfg["conv2"], 3, stride=2, conv_impl=impl, weight_decay=wd, name="conv2")
         # 3x3/2 SAME pooling as in the CIFAR-10 tutorial: 50 -> 25 -> 13 -> 7.
-        self.pool1 = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool1")
+        self.pool1 = pool_forms.MaxPool2D(3, 2, padding="same", name="pool1")
         self.inception2 = InceptionModule(cfg["inception_version"], tuple(cfg["inception2"]),
                                           cfg["inception2_bottleneck"], conv_impl=impl,
                                           weight_decay=wd, name="inception2")
-        self.pool2 = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool2")
+        self.pool2 = pool_forms.MaxPool2D(3, 2, padding="same", name="pool2")
         self.drop2 = spatial_dropout(cfg["keep_prob_1"])
         self.inception3 = InceptionModule(cfg["inception_version"], tuple(cfg["inception3"]),
                                           cfg["inception3_bottleneck"], conv_impl=impl,
                                           weight_decay=wd, name="inception3")
-        self.pool3 = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool3")
+        self.pool3 = pool_forms.MaxPool2D(3, 2, padding="same", name="pool3")
         self.drop3 = spatial_dropout(cfg["keep_prob_2"])
         self.flatten = keras.layers.Flatten()
         self.dense1 = keras.layers.Dense(cfg["dense_units"], use_bias=False, name="dense1",

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 import bn_forms
 import conv_forms
+import pool_forms
 
 CONV_IMPLS = ("im2col", "native")
 
@@ -313,7 +314,7 @@ class InceptionModule(keras.layers.Layer):
                 conv(self.bottleneck, 3, "c_3x3a"),
                 conv(t5, 3, "c_3x3b"),
             ]
-        self.pool = keras.layers.MaxPooling2D(3, strides=1, padding="same", name="d_pool")
+        self.pool = pool_forms.MaxPool2D(3, strides=1, padding="same", name="d_pool")
         self.tower_pool = [conv(tp, 1, "d_1x1")]
 
     def build(self, input_shape):

@@ -18,6 +18,7 @@ from typing import Mapping
 import keras
 import tensorflow as tf
 
+import pool_forms
 from layers import ConvBNReLU
 
 NORMS = ("batch", "instance", "none")
@@ -144,7 +145,7 @@ class ResNet(keras.Model):
         widths = [scaled(64 * 2 ** i, cfg["width"]) for i in range(4)]
         k, s = (7, 2) if cfg["stem"] == "7x7" else (3, 1)
         self.stem = ConvNorm(widths[0], k, s, name="stem", **conv)
-        self.stem_pool = keras.layers.MaxPooling2D(3, 2, padding="same") if cfg["stem_pool"] else None
+        self.stem_pool = pool_forms.MaxPool2D(3, 2, padding="same") if cfg["stem_pool"] else None
         self.blocks, cin = [], widths[0]
         for stage, (n, w) in enumerate(zip(blocks, widths)):
             for b in range(n):
@@ -177,7 +178,7 @@ class VGG(keras.Model):
         self.features = []
         for i, item in enumerate(layer_list):
             if item == "M":
-                self.features.append(keras.layers.MaxPooling2D(2, 2, padding="same", name=f"pool{i}"))
+                self.features.append(pool_forms.MaxPool2D(2, 2, padding="same", name=f"pool{i}"))
             else:
                 self.features.append(ConvNorm(scaled(item, cfg["width"]), 3, name=f"conv{i}", **conv))
         # Global average pooling (adaptive pooling to 1x1) lets any input size reach the classifier.
@@ -206,8 +207,8 @@ class SimpleCNN(keras.Model):
         conv, wd = _conv_args(cfg), cfg["weight_decay"]
         self.conv1 = ConvNorm(8, 3, name="conv1", **conv)
         self.conv2 = ConvNorm(16, 3, name="conv2", **conv)
-        self.pool1 = keras.layers.MaxPooling2D(2, 2, padding="same")
-        self.pool2 = keras.layers.MaxPooling2D(2, 2, padding="same")
+        self.pool1 = pool_forms.MaxPool2D(2, 2, padding="same")
+        self.pool2 = pool_forms.MaxPool2D(2, 2, padding="same")
         self.flatten = keras.layers.Flatten()
         self.fc = _dense(cfg["fc_units"], wd, "fc")
         self.dropout = keras.layers.Dropout(cfg["dropout"])
@@ -230,8 +231,8 @@ class Cifar10Tutorial(keras.Model):
         wd = cfg["weight_decay"]
         self.conv1 = ConvNorm(64, 5, name="conv1", **conv)
         self.conv2 = ConvNorm(64, 5, name="conv2", **conv)
-        self.pool1 = keras.layers.MaxPooling2D(3, 2, padding="same")
-        self.pool2 = keras.layers.MaxPooling2D(3, 2, padding="same")
+        self.pool1 = pool_forms.MaxPool2D(3, 2, padding="same")
+        self.pool2 = pool_forms.MaxPool2D(3, 2, padding="same")
         self.flatten = keras.layers.Flatten()
         self.fc1 = _dense(384, wd, "local3")
         self.fc2 = _dense(192, wd, "local4")

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import conv_autotune  # noqa: E402
 import conv_forms  # noqa: E402
+import pool_forms  # noqa: E402
 from layers import ConvBNReLU, ConvStack, InceptionModule  # noqa: E402
 
 INPUT = (4, 12, 12, 3)
@@ -25,7 +26,9 @@ def small_model():
     x = ConvStack([16, 16], strides=[1, 2])(inputs)
     x = InceptionModule(2, (8, 16, 16, 8), 16)(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(2)(x))
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    model(tf.zeros(INPUT))  # as hw2.create_model does: the inception's max pool sees its input shape
+    return model
 
 
 def convs(model):
@@ -49,7 +52,7 @@ def test_fixed_defaults_without_autotune(cache_home):
     assert all(c.infer_form is None for c in convs(model))  # the inference pass is set separately
     assert {c.bn_form for c in convs(model)} == {"fused"}
     assert line.startswith("conv forms (training, float32, batch 4): ") and "fixed defaults" in line
-    assert "; batch norm 9 fused (" in line
+    assert "; batch norm 9 fused; max pool 1 native (" in line
     assert not (cache_home / "hw2").exists()  # nothing timed, nothing written
     # bfloat16 has no Winograd (too little mantissa for its transforms).
     conv_autotune.choose_conv_forms(model, INPUT, tf.bfloat16, training=False, autotune=False)
@@ -65,12 +68,16 @@ def test_autotune_times_once_then_reads_the_cache(cache_home):
     # Timed: the stem (3 input channels: gather or pairs; Winograd needs 8), the inception's three
     # 3x3s (one shape: gather, winograd or pairs) and conv1 (3x3 stride 2: gather or winograd_s2).
     # Not the 1x1s (always matmul). And the batch norm of each output shape: conv0's 12x12x16, conv1's and the
-    # 16-wide towers' 6x6x16, the 8-wide towers' 6x6x8.
+    # 16-wide towers' 6x6x16, the 8-wide towers' 6x6x8. And the inception's max pool (3x3/1 on 6x6x16).
     stem_key = "12x12x3-3x3/1x1-same-16-float32|train|batch 4|gather,pairs"
     conv_key = "6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd,pairs"
     s2_key = "12x12x16-3x3/2x2-same-16-float32|train|batch 4|gather,winograd_s2"
     bn_keys = [f"batch norm 4x{shape} float32|fused,split" for shape in ("12x12x16", "6x6x16", "6x6x8")]
-    assert sorted(entries) == sorted([stem_key, conv_key, s2_key] + bn_keys)
+    pool_key = "max pool 4x6x6x16 3x3/1x1 same float32|native,taps"
+    assert sorted(entries) == sorted([stem_key, conv_key, s2_key, pool_key] + bn_keys)
+    assert set(entries[pool_key]["ms"]) == {"native", "taps"}
+    assert next(p for p in model._flatten_layers() if isinstance(p, pool_forms.MaxPool2D)).form == \
+        entries[pool_key]["form"]
     assert set(entries[stem_key]["ms"]) == {"gather", "pairs"}
     assert set(entries[conv_key]["ms"]) == {"gather", "winograd", "pairs"}
     assert set(entries[s2_key]["ms"]) == {"gather", "winograd_s2"}
@@ -125,9 +132,9 @@ def test_big_timings_run_in_a_child_process(cache_home, monkeypatch, caplog):
     monkeypatch.setattr(conv_autotune, "_time_job", lambda job: pytest.fail("timed in this process"))
     model = small_model()
     line = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
-    assert "autotuned 6 layer shapes" in line  # the three 3x3 shapes and three batch-norm shapes
+    assert "autotuned 7 layer shapes" in line  # the three 3x3 shapes, three batch-norm shapes, a max pool
     entries = json.loads((cache_home / "hw2" / "conv_forms.json").read_text())[conv_autotune.machine_key()]
-    assert len(entries) == 6 and all(e["form"] in e["ms"] for e in entries.values())
+    assert len(entries) == 7 and all(e["form"] in e["ms"] for e in entries.values())
     assert next(c for c in convs(model) if c.name == "b_3x3").train_form == \
         entries["6x6x16-3x3/1x1-same-16-float32|train|batch 4|gather,winograd,pairs"]["form"]
 
@@ -137,7 +144,7 @@ def test_big_timings_run_in_a_child_process(cache_home, monkeypatch, caplog):
     monkeypatch.setattr(conv_autotune.sys, "executable", "/bin/false")
     with caplog.at_level("WARNING"):
         line = conv_autotune.choose_conv_forms(small_model(), INPUT, "float32", training=True, autotune=True)
-    assert "autotuned 6 layer shapes" in line
+    assert "autotuned 7 layer shapes" in line
     assert "timing in a child process failed (exit 1" in caplog.text
 
 
@@ -185,6 +192,6 @@ def test_native_layers_are_left_alone(cache_home):
     assert "batch 4): 9 native; batch norm " in line
     assert {c.bn_form for c in convs(model)} <= {"fused", "split"}  # the batch norm is chosen still
     if not tf.config.list_physical_devices("GPU"):  # where batch norm has two forms to time
-        assert "autotuned 3 layer shapes" in line
+        assert "autotuned 4 layer shapes" in line  # three batch norms and a max pool
         again = conv_autotune.choose_conv_forms(model, INPUT, "float32", training=True, autotune=True)
         assert "from the cache" in again  # not "nothing to time": its batch norms were timed
