@@ -146,16 +146,23 @@ def _bn_keys(convs, batch: int, dtype: str, autotune: bool, cache: dict, pending
     return chosen
 
 
+# Pools smaller than this at the batch keep TensorFlow's gradient untimed: it takes well under a
+# millisecond either way (the photos' 8x8x192 pool at batch 16: 2.0 against 1.2 ms, the Zen 3), less
+# than the taps form's XLA compile (~0.5-1.5 s per shape, paid by every run) wins back in most runs.
+POOL_MIN_BYTES = 1 << 20
+
+
 def _pool_keys(model, batch: int, dtype: str, autotune: bool, cache: dict, pending: dict) -> list:
     """[(pool, cache key or None)] for each max pool's training gradient, the keys not cached yet
-    added to `pending`. None means the fixed choice, native. Only where no GPU is visible: cuDNN's
-    max-pool gradient is not the slow one, and the taps form is an XLA compile per shape."""
+    added to `pending`. None means the fixed choice, native. Only where no GPU is visible (cuDNN's
+    max-pool gradient is not the slow one) and for pools of POOL_MIN_BYTES or more."""
     chosen = []
     tune = autotune and not tf.config.list_physical_devices("GPU")
     pools = [p for p in model._flatten_layers(include_self=True, recursive=True) if isinstance(p, pool_forms.MaxPool2D)]
     for pool in pools:
         key, shape = None, pool.input_shape_seen
-        if tune and shape is not None and pool.data_format == "channels_last":
+        big = shape is not None and batch * int(np.prod(shape)) * tf.as_dtype(dtype).size >= POOL_MIN_BYTES
+        if tune and big and pool.data_format == "channels_last":
             size, strides = list(pool.pool_size), list(pool.strides)
             key = (f"max pool {batch}x{'x'.join(map(str, shape))} {'x'.join(map(str, size))}/"
                    f"{'x'.join(map(str, strides))} {pool.padding} {dtype}|{','.join(pool_forms.FORMS)}")

@@ -16,8 +16,9 @@
   network's five pool gradients 389 -> 92 ms of its batch-64 step. In bfloat16 there, native won.
 
 The forward pass and inference are native in both forms; conv_autotune times the two per pool
-shape on the machine it runs on (each XLA compile takes ~0.5-1.5 s, so the fixed default, for
-tests and --deterministic, is native).
+shape on the machine it runs on, for pools of a MiB or more at the batch (each XLA compile takes
+~0.5-1.5 s, paid by every run; for the same reason the fixed default, for tests and
+--deterministic, is native).
 """
 from __future__ import annotations
 
