@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 import run_dir
 import utils
@@ -30,6 +31,7 @@ def build_parser(prog: str = "hw2_train.py") -> argparse.ArgumentParser:
 
 def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
     """Parse flags, prepare RUN, train. `strategy_fn()` lets the multi-device script pick a strategy."""
+    started = time.monotonic()  # a --time_budget counts from here: the image checks and decoding too
     args, rest = build_parser(prog).parse_known_args(argv)
     utils.setup_logging()
     run_dir.check_run_path(args.train_dir)
@@ -50,7 +52,7 @@ def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
         run_dir.save_config(args.train_dir, args.section, cfg, split["class_names"])
         import run_record
         training.train(cfg, split, args.train_dir, strategy, hooks=[run_record.RunRecord(args.train_dir)],
-                       resume=chief or not args.fresh)
+                       resume=chief or not args.fresh, started=started)
     return 0
 
 

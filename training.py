@@ -385,16 +385,17 @@ class Meter:
 # ------------------------------------------------------------------------------ the loop
 
 def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Sequence = (),
-          resume: bool = True, clock=time.monotonic) -> dict:
+          resume: bool = True, clock=time.monotonic, started: float | None = None) -> dict:
     """Train (or resume) a run in train_dir. Returns the best validation {'top1', 'topk', 'step', 'checkpoint'}.
 
     resume=False starts at step 0 whatever train_dir holds (a --fresh worker that is not the
     chief: the chief may not have moved the old run aside yet). `hooks` observe the run without
     changing it: each may define on_start(info), on_validation(row) and on_end(best), all taking
     plain dicts. Ctrl-C or SIGTERM: the current step ends, a checkpoint is saved, and
-    `Interrupted` is raised with the command that resumes.
+    `Interrupted` is raised with the command that resumes. `started`: the clock's reading when the
+    command began, so that a time budget counts its start-up (None: from here).
     """
-    run = Session(cfg, split, train_dir, strategy or tf.distribute.get_strategy(), hooks, resume, clock)
+    run = Session(cfg, split, train_dir, strategy or tf.distribute.get_strategy(), hooks, resume, clock, started)
     step, stop_reason = run.start, None
     with Interrupts(enabled=run.ckpts.single_process) as interrupts:
         while step < run.plan.max_steps and not stop_reason:
@@ -473,7 +474,7 @@ def _choose_conv_forms(state: TrainState, cfg: Mapping, plan: Plan, strategy) ->
 class Session:
     """One start of a run: everything the loop works with, and the loop's named steps."""
 
-    def __init__(self, cfg, split, train_dir, strategy, hooks, resume, clock):
+    def __init__(self, cfg, split, train_dir, strategy, hooks, resume, clock, started=None):
         self.cfg, self.split, self.strategy, self.clock = cfg, split, strategy, clock
         self.plan = plan = make_plan(cfg, split, strategy)
         _seed(cfg)
@@ -499,7 +500,8 @@ class Session:
         self.summarize = hw2.make_summary_step(self.state.model, self.writers["train"], int(self.probe[1].shape[0]),
                                                cfg["label_smoothing"]) if histograms else None
         self.pace = pace.Pace(cfg, plan.steps_per_epoch, plan.max_steps, self.start, self.state.get("train_seconds"),
-                              clock, agree=None if self.ckpts.single_process else _sum_over_workers(strategy))
+                              clock, agree=None if self.ckpts.single_process else _sum_over_workers(strategy),
+                              started=started)
         self.window, self.since_val = Meter(plan.global_batch), Meter(plan.global_batch)
         self.bar = _progress_bar(self.start, plan.max_steps)
         self.log = self.bar.write if self.bar else logging.info

@@ -10,7 +10,7 @@ DATA_DIR is split stratified 80/20 into a pool and a test set (unless --test_dat
   size hw2 used, image_dataset_from_directory on the pool (its own 80/20 validation split),
   keras.io-style augmentation (random horizontal flip and rotation), Adam 1e-3, batch 128, for the
   same wall-clock minutes (counted from the dataset's creation, as hw2's budget counts from its
-  start), keeping its best-val weights; scored on the same test set.
+  command's start, imports aside), keeping its best-val weights; scored on the same test set.
 --seed seeds the 80/20 split, hw2 (`--seed`) and Keras alike: a repeat with another seed is a
 repeat of the whole comparison. Each side runs in its own process, one after the other.
 `--only hw2` / `--only keras` with the same --out runs one side (results are kept in OUT/*.json),

@@ -127,6 +127,20 @@ def test_a_resumed_budget_counts_the_time_already_spent():
     assert p.spent() == pytest.approx(60.0) and p.out_of_time()
 
 
+def test_a_budget_counts_the_start_up_but_the_validation_timer_starts_with_training():
+    """--time_budget 10 is the command's 10 minutes: the image checks, RAM decoding and autotune
+    before the first step count (a 10-minute CIFAR run had spent ~1 minute on them uncounted)."""
+    clock = Clock()
+    p = pace.Pace(cfg(time_budget=1, checkpoint_minutes=0.5), 10, 10_000, start_step=0, clock=clock,
+                  started=clock.t - 30.0)
+    assert p.spent() == pytest.approx(30.0)
+    run_steps(p, clock, 1, 5, 1.0)
+    assert p.spent() == pytest.approx(35.0)
+    assert not p.validation_due(5)  # 5 s of training, not 35, since the start: 30 s between validations
+    run_steps(p, clock, 6, 9, 5.0)
+    assert p.spent() == pytest.approx(55.0) and p.out_of_time()
+
+
 def test_workers_whose_clocks_disagree_stop_at_the_same_step_with_the_same_horizon():
     """Two workers' Paces, one a slower clock reader; `agree` sums both readings as the all-reduce
     of training._sum_over_workers does across processes."""
