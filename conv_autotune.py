@@ -70,27 +70,23 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
     def pick(key, fixed):
         return (entries.get(key) or cache[key])["form"] if key else fixed
 
-    forms, bn_counts = Counter(), Counter()
+    forms = Counter()
     for conv, key, fixed in chosen:
         forms[form := pick(key, fixed)] += 1
         if form != "default":  # "default": decided at trace time
             setattr(conv, "train_form" if training else "infer_form", form)
     for conv, key in bn_chosen:
         conv.bn_form = pick(key, "fused")
-        bn_counts[conv.bn_form] += 1
-    bn_forms_line = "; batch norm " + ", ".join(f"{n} {f}" for f, n in bn_counts.most_common()) if bn_counts else ""
-    pool_counts = Counter()
     for pool, key in pool_chosen:
         pool.form = pick(key, "native")
-        pool_counts[pool.form] += 1
-    if pool_counts:
-        bn_forms_line += "; max pool " + ", ".join(f"{n} {f}" for f, n in pool_counts.most_common())
+    bn_counts, pool_counts = Counter(c.bn_form for c, _ in bn_chosen), Counter(p.form for p, _ in pool_chosen)
+    others = "".join(f"; {what} {_tally(n)}" for what, n in (("batch norm", bn_counts), ("max pool", pool_counts)) if n)
     if entries:
         cache.update(entries)
         where = _save_cache(cache)
     else:
         where = cache_path()
-    counts = ", ".join([f"{n} {f}" for f, n in forms.most_common()] + ([f"{native} native"] if native else []))
+    counts = ", ".join(filter(None, [_tally(forms), f"{native} native" if native else ""]))
     pass_name = "training" if training else "inference"
     if not autotune:
         how = "fixed defaults"
@@ -100,7 +96,12 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
         how = f"autotuned, from the cache {where}"
     else:
         how = "autotune: one candidate form per layer, nothing to time"
-    return f"conv forms ({pass_name}, {dtype}, batch {batch}): {counts or 'no convolutions'}{bn_forms_line} ({how})"
+    return f"conv forms ({pass_name}, {dtype}, batch {batch}): {counts or 'no convolutions'}{others} ({how})"
+
+
+def _tally(counts: Counter) -> str:
+    """'8 matmul, 6 gather': each form with how many layers took it, the most common first."""
+    return ", ".join(f"{n} {form}" for form, n in counts.most_common())
 
 
 def _conv_keys(convs, batch: int, dtype: str, image_hw, training: bool, autotune: bool, cache: dict,
