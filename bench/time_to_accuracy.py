@@ -14,7 +14,8 @@ DATA_DIR is split stratified 80/20 into a pool and a test set (unless --test_dat
 --seed seeds the 80/20 split, hw2 (`--seed`) and Keras alike: a repeat with another seed is a
 repeat of the whole comparison. Each side runs in its own process, one after the other.
 `--only hw2` / `--only keras` with the same --out runs one side (results are kept in OUT/*.json),
-so the two halves can run apart.
+so the two halves can run apart. OUT/hw2_train.log holds hw2's log, each line stamped with the
+seconds since its launch.
 The first line is the machine; the last: `time-to-accuracy hw2 A keras-fit B diff +C pts (M min)`.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -60,10 +62,10 @@ def run_hw2(pool: str, test: str, minutes: float, extra: list[str], out: str) ->
     cmd = [sys.executable, os.path.join(ROOT, "hw2_train.py"), "--data_dir", pool, "--train_dir", run,
            "--time_budget", str(minutes), "--fresh", *extra]
     print("hw2:", shlex.join(cmd[1:]), flush=True)
-    train = subprocess.run(cmd, capture_output=True, text=True)
+    lines = timed_lines(cmd, os.path.join(out, "hw2_train.log"), t0)
     wall = time.time() - t0
-    if train.returncode:
-        raise SystemExit(f"hw2 training failed:\n{train.stderr[-3000:]}")
+    if lines.returncode:
+        raise SystemExit(f"hw2 training failed:\n{lines.text[-3000:]}")
     score = subprocess.run([sys.executable, os.path.join(ROOT, "hw2_eval.py"), "--checkpoint_dir",
                             os.path.join(run, "best"), "--test_data_path", test, "--no_report",
                             "--eval_dir", os.path.join(out, "hw2_eval")], capture_output=True, text=True)
@@ -74,7 +76,29 @@ def run_hw2(pool: str, test: str, minutes: float, extra: list[str], out: str) ->
     rows = open(os.path.join(run, "summary.csv")).read().splitlines()
     last = rows[-1].split(",")
     return {"top1": float(m.group(1)), "n": int(m.group(2)), "wall_s": wall, "image_size": cfg["image_size"],
-            "epochs": float(last[1]), "validations": len(rows) - 1, "log_tail": train.stderr.splitlines()[-4:]}
+            "epochs": float(last[1]), "validations": len(rows) - 1, "log_tail": lines.text.splitlines()[-4:],
+            # where the process's wall time went: before its first log line (imports), after its last (exit)
+            "first_line_s": lines.first, "last_line_s": lines.last}
+
+
+class TimedLines(NamedTuple):
+    returncode: int
+    text: str
+    first: float
+    last: float
+
+
+def timed_lines(cmd: list[str], log: str, t0: float) -> TimedLines:
+    """Run CMD, its stdout and stderr merged into LOG, each line stamped with its arrival (s since
+    t0): hw2's own log clock starts inside its process and cannot show the time around it."""
+    stamps, text = [], []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc, \
+            open(log, "w") as f:
+        for line in proc.stdout:
+            stamps.append(time.time() - t0)
+            text.append(line)
+            f.write(f"+{stamps[-1]:7.1f}s {line}")
+    return TimedLines(proc.returncode, "".join(text), stamps[0] if stamps else 0.0, stamps[-1] if stamps else 0.0)
 
 
 def run_keras(pool: str, test: str, minutes: float, image_size: int, seed: int) -> dict:
@@ -149,8 +173,10 @@ def main() -> None:
             results[side] = json.load(open(path))
         if side in results:
             r = results[side]
+            around = (f" (first log line at {r['first_line_s']:.0f} s, {r['wall_s'] - r['last_line_s']:.0f} s "
+                      "from the last to exit)") if "first_line_s" in r else ""
             print(f"{side}: test top-1 {r['top1']:.4f} (n={r['n']}), {r['epochs']:.1f} epochs at {r['image_size']}px, "
-                  f"{r['wall_s'] / 60:.1f} min wall", flush=True)
+                  f"{r['wall_s'] / 60:.1f} min wall{around}", flush=True)
     if len(results) == 2:
         a, b = results["hw2"]["top1"], results["keras"]["top1"]
         print(f"time-to-accuracy hw2 {a:.4f} keras-fit {b:.4f} diff {100 * (a - b):+.1f} pts ({args.minutes:g} min)")
