@@ -197,7 +197,7 @@ def time_pool_forms(job: dict) -> dict:
         log.warning("max pool: the taps form failed to run here (%s); keeping TensorFlow's gradient",
                     str(e).strip().splitlines()[0][:200])
         return {"form": "native", "ms": {}}
-    return _fastest(calls, f"max pool {job}")
+    return fastest(calls, f"max pool {job}")
 
 
 def bn_shape(conv: layers.ConvBNReLU, batch: int) -> tuple[int, int, int, int] | None:
@@ -225,7 +225,7 @@ def time_bn_forms(shape, dtype: str) -> dict:
             return [tf.reduce_sum(y[:1])] + [tf.reduce_sum(g[:1]) for g in grads]
         return lambda: [t.numpy() for t in train()]
 
-    return _fastest({form: timed_call(form) for form in bn_forms.FORMS}, f"batch norm {shape} {dtype}")
+    return fastest({form: timed_call(form) for form in bn_forms.FORMS}, f"batch norm {shape} {dtype}")
 
 
 def layer_spec(conv: layers.ConvBNReLU, dtype: str) -> conv_forms.ConvSpec | None:
@@ -302,10 +302,10 @@ def _time_in_child(jobs: dict) -> dict:
 
 def time_forms(spec: conv_forms.ConvSpec, forms, batch: int, training: bool, needs_dx: bool) -> dict:
     """{"form": the fastest, "ms": {form: best ms per call}} for one layer shape."""
-    return _fastest({form: _timed_call(spec, form, batch, training, needs_dx) for form in forms}, spec.key())
+    return fastest({form: _timed_call(spec, form, batch, training, needs_dx) for form in forms}, spec.key())
 
 
-def _fastest(run: dict, what: str) -> dict:
+def fastest(run: dict, what: str) -> dict:
     """{"form": the fastest, "ms": {form: best ms per call}} of {form: call}."""
     for f in run.values():
         f()  # trace and warm up
@@ -360,6 +360,15 @@ def machine_key() -> str:
     gpus = tf.config.list_physical_devices("GPU")
     gpu = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else "no GPU"
     return f"v{CACHE_VERSION}; {utils.cpu_line()}; {gpu}; TensorFlow {tf.__version__}"
+
+
+def cached_entry(key: str, measure) -> dict:
+    """This machine's cached entry `key`, or measure()'s, cached now (timed once per machine)."""
+    cache = _load_cache()
+    if key not in cache:
+        cache[key] = measure()
+        _save_cache(cache)
+    return cache[key]
 
 
 def _load_cache() -> dict:

@@ -6,10 +6,12 @@ variables and loss) only where the hardware makes it faster, and fp32 elsewhere:
 - GPU with compute capability >= 8.0 (Ampere and later): bf16 tensor cores.
 - CPU with AMX (`amx_bf16`, Intel Sapphire Rapids and later): bf16 GEMMs ~3.4x fp32 and the
   seed network trains ~2.1x faster (issue 9).
-- CPU with `avx512_bf16` but no AMX (AMD Zen 4, Intel Cooper Lake): bf16 too. Measured on a
-  2-core AMD EPYC (Zen 4), seed network, batch 128: bf16 trains 1.65x faster than fp32 (im2col,
-  with the fused batch norm of layers.py; 1.4x before it) and a 2048^3 GEMM runs ~2x faster; not the 1.8x+ of AMX, but a gain, so
-  requiring AMX would leave speed unused (bench/README.md has the figures and commands).
+- CPU with `avx512_bf16` but no AMX: bf16 where this machine's bf16 GEMMs run at least
+  BF16_GEMM_MIN times as fast as its fp32 ones, timed once (under a second) and cached with the
+  convolution forms; fp32 elsewhere. The flag alone does not tell: on a 2-core AMD EPYC (Zen 4)
+  bf16 GEMMs ran 1.4-1.6x fp32 and the seed network trained 1.65x faster in bf16, on an Intel Xeon
+  whose virtual machine hides AMX they ran 0.68x and training 0.94x (bench/README.md). Where
+  timing must not decide (--deterministic, the tests, several workers) the flag decides: bf16.
 - Anything else (AVX2 only): fp32; bf16 is emulated there and trains ~7x slower.
 
 fp16 (mixed_float16 with loss scaling) is offered for GPUs only, and never chosen by `auto`.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from utils import UserError
 
@@ -57,10 +59,18 @@ BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_
              "ALL", "DEFAULT")
 
 
+# avx512_bf16 without AMX: the bf16/fp32 GEMM speed-up from which bf16 trains faster. Measured
+# pairs (GEMM -> seed network's training): Zen 4 1.4-1.6 -> 1.65, AMX 2.3 -> 1.9, a VM-hidden-AMX
+# Xeon 0.68 -> 0.94; bf16 also halves the memory traffic of the ops around the GEMMs.
+BF16_GEMM_MIN = 1.2
+
+
 def choose(requested: str, flags: Iterable[str], gpu_cc: tuple[int, int] | None,
-           isa_cap: str | None = None) -> tuple[str, str]:
+           isa_cap: str | None = None, bf16_gemm_speedup: Callable[[], float] | None = None) -> tuple[str, str]:
     """(fp32 | bf16 | fp16, the reason in words) for `requested` on this hardware; `isa_cap` is
-    ONEDNN_MAX_CPU_ISA, which limits the kernels oneDNN may use whatever the CPU has.
+    ONEDNN_MAX_CPU_ISA, which limits the kernels oneDNN may use whatever the CPU has;
+    `bf16_gemm_speedup()` times this machine's bf16 GEMMs against fp32 ones, called only where the
+    choice hangs on it (None: the flags decide).
 
     A pure function of its inputs so the policy can be tested on any machine.
     """
@@ -85,7 +95,13 @@ def choose(requested: str, flags: Iterable[str], gpu_cc: tuple[int, int] | None,
     if "amx_bf16" in flags:
         return "bf16", "auto: CPU has AMX (amx_bf16)"
     if "avx512_bf16" in flags:
-        return "bf16", "auto: CPU has avx512_bf16 (no AMX; measured 1.65x fp32 on a Zen 4)"
+        if bf16_gemm_speedup is None:
+            return "bf16", "auto: CPU has avx512_bf16 (no AMX; not timed here; 1.65x fp32 on a Zen 4)"
+        speedup = bf16_gemm_speedup()
+        if speedup >= BF16_GEMM_MIN:
+            return "bf16", f"auto: CPU has avx512_bf16 (no AMX), its bf16 GEMMs timed {speedup:.2f}x fp32"
+        return "fp32", (f"auto: CPU has avx512_bf16 but no AMX, and its bf16 GEMMs timed only {speedup:.2f}x "
+                        f"fp32 (bf16 needs {BF16_GEMM_MIN}x)")
     return "fp32", "auto: CPU has no bf16 hardware"
 
 
@@ -108,8 +124,48 @@ def policy(precision: str) -> Iterator[None]:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def for_this_machine(requested: str) -> tuple[str, str]:
-    """choose() with this machine's CPU flags and GPU; logs the choice once."""
-    precision, reason = choose(requested, cpu_flags(), gpu_compute_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
+def for_this_machine(requested: str, timed: bool = True) -> tuple[str, str]:
+    """choose() with this machine's CPU flags and GPU, and where `timed` its bf16 GEMM speed-up
+    (timed once per machine, cached); logs the choice."""
+    precision, reason = choose(requested, cpu_flags(), gpu_compute_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA"),
+                               bf16_gemm_speedup if timed else None)
     logging.info("precision %s (%s)", precision, reason)
     return precision, reason
+
+
+# conv2's two GEMMs (its 3x3x64 patches by 128 filters: forward and filter gradient) at a tenth of
+# the throughput bench's rows: on the hidden-AMX Xeon 0.71-0.76x at 32768 rows as at 320,000
+# (0.72-0.78), timed in ~1 s instead of ~12.
+GEMM_PROBE = (32768, 576, 128)
+
+
+def probe_key() -> str:
+    return f"precision bf16/fp32 GEMM {'x'.join(map(str, GEMM_PROBE))}"
+
+
+def bf16_gemm_speedup() -> float:
+    """fp32 time / bf16 time of the probe GEMMs on this machine, from the forms cache or timed now
+    (0.0 if bf16 fails to run)."""
+    import conv_autotune
+    ms = conv_autotune.cached_entry(probe_key(), time_probe_gemms)["ms"]
+    return ms["fp32"] / ms["bf16"] if ms.get("bf16") else 0.0
+
+
+def time_probe_gemms() -> dict:
+    """{"form": the faster precision, "ms": {"fp32", "bf16"}}, as the forms cache keeps timings."""
+    import tensorflow as tf
+
+    import conv_autotune
+    m, k, n = GEMM_PROBE
+    calls = {}
+    for name, dtype in (("fp32", tf.float32), ("bf16", tf.bfloat16)):
+        cols, w, dy = (tf.cast(tf.random.stateless_normal(shape, [0, i]), dtype)
+                       for i, shape in enumerate(((m, k), (k, n), (m, n))))
+        gemms = tf.function(lambda cols=cols, w=w, dy=dy: (tf.matmul(cols, w)[:1, :1],
+                                                            tf.matmul(cols, dy, transpose_a=True)[:1, :1]))
+        calls[name] = lambda gemms=gemms: [t.numpy() for t in gemms()]
+    try:
+        return conv_autotune.fastest(calls, probe_key())
+    except tf.errors.OpError as e:  # bf16 kernels missing: no bf16 here
+        logging.warning("precision: the bf16 GEMM failed to run (%s); training in fp32", e.message.splitlines()[0])
+        return {"form": "fp32", "ms": {"fp32": 1.0, "bf16": 0.0}}

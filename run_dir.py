@@ -463,7 +463,8 @@ class RunModel:
         import precision
         self.cfg, self.class_names = read_config(run)
         # The run's precision on this machine by default, so a checkpoint scores what training measured.
-        self.precision = precision_name or precision.for_this_machine(self.cfg.precision)[0]
+        self.precision = precision_name or precision.for_this_machine(
+            self.cfg.precision, timed=utils.timings_may_choose(self.cfg))[0]
         with precision.policy(self.precision):
             self.model = hw2.create_model(self.cfg, len(self.class_names))
         self.ema = hw2.EMA(self.model, self.cfg.ema_decay)

@@ -79,7 +79,7 @@ def create_train_state(cfg: Mapping, num_classes: int, strategy=None, precision:
     """Model, optimizer, moving average and run state, created under `strategy`, computing in
     `precision` (default: what --precision auto picks for this machine, logged)."""
     strategy = strategy or tf.distribute.get_strategy()
-    precision = precision or precisions.for_this_machine(cfg["precision"])[0]
+    precision = precision or precisions.for_this_machine(cfg["precision"], timed=may_time(cfg, strategy))[0]
     with strategy.scope():
         with precisions.policy(precision):  # the model keeps it; the loss stays fp32
             model = hw2.create_model(cfg, num_classes)
@@ -459,16 +459,20 @@ def resume_command() -> str:
     return shlex.join(["python", *argv] if argv and argv[0].endswith(".py") else argv)
 
 
+def may_time(cfg: Mapping, strategy) -> bool:
+    """Whether timings on this machine may choose the forms and the precision: not under
+    --deterministic, in the tests (HW2_CONV_AUTOTUNE=0), or with several workers (each would time
+    its own and could choose otherwise)."""
+    return utils.timings_may_choose(cfg) and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def _choose_conv_forms(state: TrainState, cfg: Mapping, plan: Plan, strategy) -> None:
     """Each convolution's form (conv_forms.py): the fastest for its shape on this machine, timed
-    once and cached (conv_autotune), or the fixed defaults where timing must not decide anything:
-    --deterministic, the tests (HW2_CONV_AUTOTUNE=0), several workers (each would time its own)."""
+    once and cached (conv_autotune), or the fixed defaults where timing must not decide (may_time)."""
     import conv_autotune
-    autotune = not cfg["deterministic"] and os.environ.get("HW2_CONV_AUTOTUNE", "1") != "0" \
-        and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     shape = (plan.global_batch // plan.replicas, cfg["image_size"], cfg["image_size"], cfg["channels"])
     logging.info("%s", conv_autotune.choose_conv_forms(
-        state.model, shape, state.model.dtype_policy.compute_dtype, training=True, autotune=autotune))
+        state.model, shape, state.model.dtype_policy.compute_dtype, training=True, autotune=may_time(cfg, strategy)))
 
 
 class Session:

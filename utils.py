@@ -294,6 +294,12 @@ def pyplot():
     return plt
 
 
+def timings_may_choose(cfg) -> bool:
+    """False under --deterministic and in the tests (HW2_CONV_AUTOTUNE=0): there the convolution
+    forms and the precision are fixed, not timed on this machine."""
+    return not cfg["deterministic"] and os.environ.get("HW2_CONV_AUTOTUNE", "1") != "0"
+
+
 def cpu_line() -> str:
     """CPU model and the instruction-set flags that decide our speed (printed by every bench)."""
     model, flags = "unknown CPU", set()

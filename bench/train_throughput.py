@@ -392,7 +392,8 @@ def memory_child(batch: int, steps: int, requested: str, conv_impl: str) -> None
     """Train `steps` steps at `batch` with the default config in `requested` precision; print peak RSS."""
     import precision as prec
     cfg = utils.load_config("seed")
-    chosen, _ = prec.choose(requested, capped_cpu_flags(), prec.gpu_compute_capability())
+    chosen, _ = prec.choose(requested, capped_cpu_flags(), prec.gpu_compute_capability(),
+                            bf16_gemm_speedup=prec.bf16_gemm_speedup)
     conv_impl = conv_impl or cfg.conv_impl
     hw2_train(cfg, chosen, conv_impl, batch)(steps)
     print(json.dumps({"peak_rss_gib": peak_rss_gib(), "precision": chosen, "conv_impl": conv_impl}))
@@ -456,7 +457,7 @@ def main() -> None:
     import precision as prec
     cfg = utils.load_config("seed")
     flags, gpu_cc = capped_cpu_flags(), prec.gpu_compute_capability()
-    auto, reason = prec.choose("auto", flags, gpu_cc)
+    auto, reason = prec.choose("auto", flags, gpu_cc, bf16_gemm_speedup=prec.bf16_gemm_speedup)  # as hw2 picks
     default_impl = cfg.conv_impl
     print(f"machine: {machine_line()}")
     print(f"TensorFlow {tf.__version__}; seed network {cfg.image_size}x{cfg.image_size}, {NUM_CLASSES} classes, "
@@ -472,7 +473,7 @@ def main() -> None:
     bf16_runs = capped_cpu_flags() == prec.cpu_flags() or auto == "bf16"
     if bf16_runs:
         train[f"{default_impl} {bf16}"] = hw2_train(cfg, bf16, default_impl, args.batch)
-    if auto == "bf16":
+    if flags & {"avx512_bf16", "amx_bf16"}:  # bf16 hardware, whatever auto made of it
         train.update(matmul_ceiling(args.batch))
     train["GEMM roof"] = gemm_roof()
     if "infer" not in skip:

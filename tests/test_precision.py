@@ -17,7 +17,7 @@ ZEN3 = {"avx2", "fma"}
 
 @pytest.mark.parametrize("flags, gpu_cc, expected", [
     (SPR, None, "bf16"),
-    (ZEN4, None, "bf16"),  # measured 1.4x fp32 on a Zen 4 (bench/README.md)
+    (ZEN4, None, "bf16"),  # untimed here: the flag (timed, below)
     (ZEN3, None, "fp32"),
     (set(), None, "fp32"),  # unknown CPU (no /proc/cpuinfo)
     (ZEN3, (8, 0), "bf16"),  # A100: the GPU decides, not the host CPU
@@ -46,6 +46,41 @@ def test_an_isa_cap_below_bf16_kernels_means_fp32():
         precision.choose("bf16", ZEN4, None, "AVX2")
     assert precision.choose("bf16", ZEN3, None, "AVX2") == ("bf16", "requested")  # emulated, slow, but runs
     assert precision.choose("auto", ZEN3, (8, 0), "AVX2")[0] == "bf16"  # the GPU decides
+
+
+def test_avx512_bf16_without_amx_is_bf16_only_where_its_gemms_are_faster():
+    """The flag alone did not tell (bf16 GEMMs 1.4-1.6x fp32 on a Zen 4, 0.68x on a Xeon whose
+    virtual machine hides AMX): auto times them there, and nowhere else."""
+    assert precision.choose("auto", ZEN4, None, bf16_gemm_speedup=lambda: 1.5)[0] == "bf16"
+    chosen, reason = precision.choose("auto", ZEN4, None, bf16_gemm_speedup=lambda: 0.68)
+    assert chosen == "fp32" and "0.68x" in reason
+    assert precision.choose("auto", ZEN4, None)[0] == "bf16"  # untimed (--deterministic, tests): the flag
+
+    def not_here():
+        raise AssertionError("timed where the choice does not hang on it")
+    for requested, flags, gpu_cc, cap in [("auto", SPR, None, None), ("auto", ZEN3, None, None),
+                                          ("auto", ZEN4, (8, 0), None), ("auto", ZEN4, None, "AVX2"),
+                                          ("fp32", ZEN4, None, None), ("bf16", ZEN4, None, None)]:
+        precision.choose(requested, flags, gpu_cc, cap, not_here)
+
+
+@pytest.mark.skipif(bf16_kernels_missing(), reason="bf16 crashes under this ONEDNN_MAX_CPU_ISA cap")
+def test_the_gemm_timing_runs_once_per_machine_and_decides(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(precision, "GEMM_PROBE", (512, 64, 32))  # the same code at a test's size
+    speedup = precision.bf16_gemm_speedup()
+    assert speedup > 0  # bf16 runs everywhere (emulated, slowly, without bf16 hardware)
+    assert precision.probe_key() in (tmp_path / "hw2" / "conv_forms.json").read_text()
+    monkeypatch.setattr(precision, "time_probe_gemms", lambda: pytest.fail("timed again"))
+    assert precision.bf16_gemm_speedup() == speedup  # from the cache
+
+    import conv_autotune
+    monkeypatch.setattr(precision, "GEMM_PROBE", (64, 64, 32))
+    conv_autotune.cached_entry(precision.probe_key(), lambda: {"form": "fp32", "ms": {"fp32": 1.0, "bf16": 2.0}})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: ZEN4)
+    assert precision.for_this_machine("auto")[0] == "fp32"  # the planted timing: bf16 at half speed
+    assert precision.for_this_machine("auto", timed=False)[0] == "bf16"
 
 
 def test_fp16_needs_a_gpu_and_unknown_names_fail():
