@@ -30,6 +30,7 @@ import precision as precisions
 import schedules
 import run_dir
 from run_dir import BEST
+import utils
 from utils import UserError
 
 # What a checkpoint holds beyond the weights, the optimizer and the moving averages: the plateau

@@ -26,7 +26,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's BFC allocator keeps its memory and reuses it: 11.2-11.4 -> 6.2-6.8 s a step
 # (oneDNN's convolutions 7.0 -> 5.4-5.9; bench/README.md, AMD EPYC Zen 3).
 # Read at the first allocation, so it holds wherever utils is imported before TensorFlow runs an
-# op. TF_CPU_ALLOCATOR_USE_BFC=false restores malloc.
+# op. TF_CPU_ALLOCATOR_USE_BFC=false restores malloc, except where TensorFlow turns its oneDNN ops
+# on by default (CPUs with AVX-512 VNNI/bf16 or AVX-VNNI; not the Zen 3): there oneDNN's own
+# allocator, a pool as well, serves CPU tensors whatever this variable says.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
