@@ -93,7 +93,7 @@ def timed_lines(cmd: list[str], log: str, t0: float) -> TimedLines:
     t0): hw2's own log clock starts inside its process and cannot show the time around it."""
     stamps, text = [], []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc, \
-            open(log, "w") as f:
+            open(log, "w", buffering=1) as f:  # line by line: the log can be watched
         for line in proc.stdout:
             stamps.append(time.time() - t0)
             text.append(line)
