@@ -151,19 +151,23 @@ def bf16_gemm_speedup() -> float:
     return ms["fp32"] / ms["bf16"] if ms.get("bf16") else 0.0
 
 
+def conv_gemms(m: int, k: int, n: int, dtype) -> Callable[[], list]:
+    """A call that runs a conv layer's two GEMMs in `dtype`, patches [m, k] by filters [k, n]
+    (forward) and patches^T by dY [m, n] (filter gradient), and waits for them; also the
+    throughput bench's `bf16/fp32 GEMM alone` row."""
+    import tensorflow as tf
+    cols, w, dy = (tf.cast(tf.random.stateless_normal(shape, [0, i]), dtype)
+                   for i, shape in enumerate(((m, k), (k, n), (m, n))))
+    gemms = tf.function(lambda: (tf.matmul(cols, w)[:1, :1], tf.matmul(cols, dy, transpose_a=True)[:1, :1]))
+    return lambda: [t.numpy() for t in gemms()]
+
+
 def time_probe_gemms() -> dict:
     """{"form": the faster precision, "ms": {"fp32", "bf16"}}, as the forms cache keeps timings."""
     import tensorflow as tf
 
     import conv_autotune
-    m, k, n = GEMM_PROBE
-    calls = {}
-    for name, dtype in (("fp32", tf.float32), ("bf16", tf.bfloat16)):
-        cols, w, dy = (tf.cast(tf.random.stateless_normal(shape, [0, i]), dtype)
-                       for i, shape in enumerate(((m, k), (k, n), (m, n))))
-        gemms = tf.function(lambda cols=cols, w=w, dy=dy: (tf.matmul(cols, w)[:1, :1],
-                                                            tf.matmul(cols, dy, transpose_a=True)[:1, :1]))
-        calls[name] = lambda gemms=gemms: [t.numpy() for t in gemms()]
+    calls = {name: conv_gemms(*GEMM_PROBE, dtype) for name, dtype in (("fp32", tf.float32), ("bf16", tf.bfloat16))}
     try:
         return conv_autotune.fastest(calls, probe_key())
     except tf.errors.OpError as e:  # bf16 kernels missing: no bf16 here

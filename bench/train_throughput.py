@@ -312,19 +312,16 @@ def matmul_ceiling(batch: int):
     largest layer): forward cols x W and the filter gradient cols^T x dY. Their bf16/fp32 ratio is
     what this CPU's GEMMs allow a bf16 training step."""
     import tensorflow as tf
-    m = batch * 50 * 50
+
+    import precision as prec
     makers = {}
     for dtype in (tf.float32, tf.bfloat16):
-        cols = tf.cast(tf.random.normal((m, 576)), dtype)
-        dy = tf.cast(tf.random.normal((m, 128)), dtype)
-        w = tf.cast(tf.random.normal((576, 128)), dtype)
-        gemms = tf.function(lambda cols=cols, dy=dy, w=w: tf.reduce_sum(tf.cast(tf.matmul(cols, w)[:1], tf.float32))
-                            + tf.reduce_sum(tf.cast(tf.matmul(cols, dy, transpose_a=True), tf.float32)))
+        gemms = prec.conv_gemms(batch * 50 * 50, 576, 128, dtype)  # what --precision auto times, bigger
 
         def run(steps: int, gemms=gemms) -> float:
             start = time.perf_counter()
             for _ in range(steps):
-                float(gemms())
+                gemms()
             return time.perf_counter() - start
 
         run(1)
