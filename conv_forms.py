@@ -179,10 +179,8 @@ def _patch_index(lh: int, lw: int, kh: int, kw: int, sh: int, sw: int, ho: int, 
     return ((oh * sh + i) * lw + ow * sw + j).reshape(ho, -1)
 
 
-def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int,
-          rows: tuple[int, int] | None = None) -> tf.Tensor:
-    """im2col of the padded input as a [M, kh*kw*C] matrix, columns in w.reshape([-1, Cout]) order;
-    `rows` (start, stop) takes those output rows only.
+def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> tf.Tensor:
+    """im2col of the padded input as a [M, kh*kw*C] matrix, columns in w.reshape([-1, Cout]) order.
 
     One gather of C-long rows with a static index: measured ~2x faster than kh*kw slices +
     concat for C=64 and as fast for C=3, and strides need no special case (a stride-2
@@ -190,8 +188,8 @@ def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int,
     """
     lh, lw, c = xp.shape[1], xp.shape[2], xp.shape[3]
     if kh == kw == sh == sw == 1 and lh == ho and lw == wo:
-        return tf.reshape(xp[:, slice(*rows)] if rows else xp, [-1, c])
-    index = _patch_index(lh, lw, kh, kw, sh, sw, ho, wo)[slice(*rows) if rows else slice(None)]
+        return tf.reshape(xp, [-1, c])
+    index = _patch_index(lh, lw, kh, kw, sh, sw, ho, wo)
     cols = tf.gather(tf.reshape(xp, [-1, lh * lw, c]), tf.constant(index.reshape(-1), tf.int32), axis=1)
     return tf.reshape(cols, [-1, kh * kw * c])
 
@@ -211,8 +209,8 @@ def _patches(x: tf.Tensor, kh: int, kw: int, sh: int, sw: int, same: bool):
     return _cols(xp, kh, kw, sh, sw, plan[3], plan[4]), plan
 
 
-# The backward pass works in bands of rows, one after another, each gathering about this many
-# bytes per image (~64 MB at batch 128). Gathered whole, conv2's patch matrix and stride phases
+# The backward pass works in bands (of images for dL/dw, of rows for dL/dx), one after another,
+# each gathering about this many bytes per image of the batch (~64 MB at batch 128). Gathered whole, conv2's patch matrix and stride phases
 # (0.7 and 1.5 GB at batch 128 in fp32) raised the seed network's peak tensor memory from 2.8 to
 # 3.2 GiB (native: 2.0) and its peak RSS to 1.5x native's; the bands cost ~3% of the step.
 BAND_BYTES_PER_IMAGE = 512 * 1024
@@ -223,6 +221,22 @@ def _bands(rows: int, bytes_per_row: int) -> list[tuple[int, int]]:
     n = min(rows, max(1, -(-rows * bytes_per_row // BAND_BYTES_PER_IMAGE)))
     edges = np.linspace(0, rows, n + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _image_bands(x: tf.Tensor, bytes_per_image: int) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """(start, stop) image ranges of x's batch, as many as _bands would cut an image into.
+
+    The filter gradients go band by band over images, not rows: a slice of whole images is a view
+    of dy (TensorFlow shares the buffer of a dim-0 slice), where a band of rows across the batch
+    is a copy (the stem's two at batch 64: 14 ms of a 1,075 ms step on an AVX-512 Xeon).
+    """
+    per_image = -(-bytes_per_image // BAND_BYTES_PER_IMAGE)
+    k = max(1, min(per_image, x.shape[0] or 64))
+    if k == 1:
+        return [(0, None)]
+    n = tf.shape(x)[0]
+    edges = [n * i // k for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _gather_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf.Tensor:
@@ -237,12 +251,11 @@ def _gather_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf
             # dW = cols^T dy with cols gathered again, band by band, rather than kept from the
             # forward pass: far less memory, for a gather that is a small part of this matmul.
             xp = _pad(x, kh, kw, sh, sw, same)[0]
-            dy3 = tf.reshape(dy, [-1, ho * wo, cout])
             dw = None
-            for r0, r1 in _bands(ho, wo * kh * kw * cin * x.dtype.size):
+            for n0, n1 in _image_bands(x, ho * wo * kh * kw * cin * x.dtype.size):
                 with tf.control_dependencies([] if dw is None else [dw]):
-                    band = _cols(xp, kh, kw, sh, sw, ho, wo, rows=(r0, r1))
-                part = tf.matmul(band, tf.reshape(dy3[:, r0 * wo:r1 * wo], [-1, cout]), transpose_a=True)
+                    band = _cols(xp[n0:n1], kh, kw, sh, sw, ho, wo)
+                part = tf.matmul(band, tf.reshape(dy[n0:n1], [-1, cout]), transpose_a=True)
                 dw = part if dw is None else dw + part
             dw = tf.reshape(dw, [kh, kw, cin, cout])
             with tf.control_dependencies([dw]):  # one band of either gradient alive at a time
@@ -301,6 +314,13 @@ def gather_input_grad(
         sub = tf.transpose(w[a::sh, b::sw], [0, 1, 3, 2])
         k = sub.shape[0] * sub.shape[1] * cout
         sub = tf.reshape(sub, [k, cin])
+        if np.array_equal(index.reshape(-1), np.arange(ho * wo)):
+            # One tap reading dy pixel for pixel (a stride-2 3x3 layer's odd phase): dy is already
+            # its patch matrix; a gather would only copy it (conv2 at batch 64: 8 ms).
+            with tf.control_dependencies(pieces[-1:]):
+                pieces.append(tf.matmul(tf.reshape(dy, [-1, cout]), sub))
+            pixels.append(where.reshape(-1))
+            continue
         # Band by band, one phase after another (see BAND_BYTES_PER_IMAGE).
         for r0, r1 in _bands(index.shape[0], index.shape[1] * cout * dy.dtype.size):
             with tf.control_dependencies(pieces[-1:]):
@@ -354,14 +374,13 @@ def _pair_source(x: tf.Tensor, kh: int, kw: int, same: bool):
     return tf.reshape(xp, [-1, xp.shape[1] * lw // 2, 2 * cin]), (h, wd, cin, ho, wo, pt, pl)
 
 
-def _pair_cols(src: tf.Tensor, kh: int, kw: int, ho: int, wo: int, rows: tuple[int, int] | None = None):
-    """[N * rows * wo / 2, kh * q * 2 * Cin] with q = _pair_window(kw): row (n, oh, p) holds, for
+def _pair_cols(src: tf.Tensor, kh: int, kw: int, ho: int, wo: int):
+    """[N * ho * wo / 2, kh * q * 2 * Cin] with q = _pair_window(kw): row (n, oh, p) holds, for
     each kernel row i, the q pixel pairs from padded pixel (oh + i, 2p) on, the window of outputs
-    (oh, 2p) and (oh, 2p + 1). `rows` (start, stop) takes those output rows only."""
+    (oh, 2p) and (oh, 2p + 1)."""
     q = _pair_window(kw)
     half = wo // 2 + q - 1  # pairs in a padded row
-    r0, r1 = rows or (0, ho)
-    oh, p, i, t = np.meshgrid(np.arange(r0, r1), np.arange(wo // 2), np.arange(kh), np.arange(q), indexing="ij")
+    oh, p, i, t = np.meshgrid(np.arange(ho), np.arange(wo // 2), np.arange(kh), np.arange(q), indexing="ij")
     index = tf.constant(((oh + i) * half + p + t).reshape(-1), tf.int32)
     return tf.reshape(tf.gather(src, index, axis=1), [-1, kh * q * src.shape[-1]])
 
@@ -390,12 +409,11 @@ def _pairs_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
             # kept from the forward pass), then each output pixel's block of the pair kernel's
             # gradient folded back onto the taps it came from.
             src = _pair_source(x, kh, kw, same)[0]
-            dy2 = tf.reshape(dy, [-1, ho * wo // 2, 2 * cout])
             dw = None
-            for r0, r1 in _bands(ho, wo * kh * q2 * cin * x.dtype.size // 2):
+            for n0, n1 in _image_bands(x, ho * wo * kh * q2 * cin * x.dtype.size // 2):
                 with tf.control_dependencies([] if dw is None else [dw]):
-                    band = _pair_cols(src, kh, kw, ho, wo, rows=(r0, r1))
-                part = tf.matmul(band, tf.reshape(dy2[:, r0 * wo // 2:r1 * wo // 2], [-1, 2 * cout]), transpose_a=True)
+                    band = _pair_cols(src[n0:n1], kh, kw, ho, wo)
+                part = tf.matmul(band, tf.reshape(dy[n0:n1], [-1, 2 * cout]), transpose_a=True)
                 dw = part if dw is None else dw + part
             dw = tf.reshape(dw, [kh, q2, cin, 2, cout])
             dw = dw[:, :kw, :, 0] + dw[:, 1:kw + 1, :, 1]

@@ -175,10 +175,12 @@ def test_im2col_matches_native_even_kernels_and_stride_3(k, stride, padding):
 
 @pytest.mark.parametrize("k,stride,padding,hw,form", [
     (3, 1, "SAME", (9, 8), "gather"), (3, 2, "SAME", (9, 8), "gather"), (5, 2, "VALID", (11, 12), "gather"),
+    (3, 2, "SAME", (8, 10), "gather"),  # even sides: the odd phase reads dy pixel for pixel, ungathered
     (1, 1, "SAME", (7, 7), "gather"), (1, 2, "SAME", (7, 7), "gather"),
     (3, 1, "SAME", (9, 8), "pairs"), (5, 1, "VALID", (11, 12), "pairs"), (4, 1, "SAME", (9, 10), "pairs")])
 def test_gather_in_bands_matches_native(k, stride, padding, hw, form, monkeypatch):
-    # The gather forms' backward pass runs in bands of rows to bound its memory; force one band per row.
+    # The gather forms' backward pass runs in bands (of images for dL/dw, of rows for dL/dx) to
+    # bound its memory; force as many as there can be.
     monkeypatch.setattr(conv_forms, "BAND_BYTES_PER_IMAGE", 1)
     x, w = random_inputs(2, *hw, 3, k, 4, seed=11)
     y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
@@ -186,6 +188,25 @@ def test_gather_in_bands_matches_native(k, stride, padding, hw, form, monkeypatc
     assert_close(y, y_ref, 1e-4)
     assert_close(dx, dx_ref, 1e-4)
     assert_close(dw, dw_ref, 1e-4)
+
+
+@pytest.mark.parametrize("form", ["gather", "pairs"])
+def test_gather_in_bands_of_a_batch_unknown_when_traced_matches_native(form, monkeypatch):
+    # Traced with the batch unknown, the filter gradient cuts it into 64 image bands at run time,
+    # most of them empty for a batch of 3.
+    monkeypatch.setattr(conv_forms, "BAND_BYTES_PER_IMAGE", 1)
+    x, w = random_inputs(3, 8, 10, 3, 3, 4, seed=13)
+    upstream = tf.random.stateless_normal([3, 8, 10, 4], [1, 2])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 10, 3])])
+    def grads(x):
+        return conv_and_grads(x, w, 1, "SAME", "im2col", upstream, form=form)[:3]
+
+    bands = sum(op.type == "MatMul" for op in grads.get_concrete_function().graph.get_operations())
+    assert bands > 64
+    y_ref, dx_ref, dw_ref, _ = conv_and_grads(x, w, 1, "SAME", "native", upstream)
+    for got, ref in zip(grads(x), (y_ref, dx_ref, dw_ref)):
+        assert_close(got, ref, 1e-4)
 
 
 MORE_CHANNELS, MORE_CHANNELS_IDS = with_forms([(k, s, "SAME", (9, 8)) for k in (1, 3) for s in (1, 2)], cin=16)
