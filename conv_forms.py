@@ -2,6 +2,7 @@
 matmuls and gathers of our own, each fastest on some layer shapes.
 
     gather    im2col: one gather of the kh*kw taps into a patch matrix, one matmul. Any shape.
+              It reads x itself, not a padded copy, except on small maps (see _GatherPlan).
     pairs     stride-1 layers with few input channels (the stem): the gather form on pixel pairs,
               each patch row two neighbouring outputs' window, so the gather copies a third as
               many rows, twice as long; (kw + 1) / kw the multiplies (the stem's 3x3 on RGB at
@@ -133,13 +134,16 @@ def conv2d_bias_act(x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor, sh: int, sw: in
         src, (_, _, _, ho, wo, _, _) = _pair_source(x, spec.kh, spec.kw, same)
         y = tf.nn.bias_add(tf.matmul(_pair_cols(src, spec.kh, spec.kw, ho, wo), _pair_kernel(w)), tf.tile(bias, [2]))
         return tf.reshape(tf.nn.relu(y) if relu else y, [-1, ho, wo, spec.cout])
+    def epilogue(y):
+        y = tf.nn.bias_add(y, bias)
+        return tf.nn.relu(y) if relu else y
+
     if form == "matmul":
         xs = _subsample(x, sh, sw, same)
-        cols, ho, wo = tf.reshape(xs, [-1, spec.cin]), xs.shape[1], xs.shape[2]
-    else:
-        cols, (_, _, _, ho, wo, _, _) = _patches(x, spec.kh, spec.kw, sh, sw, same)
-    y = tf.nn.bias_add(tf.matmul(cols, tf.reshape(w, [-1, spec.cout])), bias)
-    return tf.reshape(tf.nn.relu(y) if relu else y, [-1, ho, wo, spec.cout])
+        y = epilogue(tf.matmul(tf.reshape(xs, [-1, spec.cin]), tf.reshape(w, [-1, spec.cout])))
+        return tf.reshape(y, [-1, xs.shape[1], xs.shape[2], spec.cout])
+    plan = _gather_plan(spec.h, spec.w, spec.kh, spec.kw, sh, sw, same)
+    return _gather_matmul(_source(x, plan), plan, spec.kh * spec.kw, tf.reshape(w, [-1, spec.cout]), epilogue)
 
 
 def _in_backward_scope(grad):
@@ -173,40 +177,79 @@ def axis_plan(size: int, k: int, s: int, same: bool) -> tuple[int, int, int]:
     return out, total // 2, total - total // 2
 
 
-def _patch_index(lh: int, lw: int, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> np.ndarray:
-    """[ho, wo*kh*kw]: the padded-input pixel of each (output pixel, tap), one output row a row."""
-    oh, ow, i, j = np.meshgrid(*map(np.arange, (ho, wo, kh, kw)), indexing="ij")
-    return ((oh * sh + i) * lw + ow * sw + j).reshape(ho, -1)
+class _GatherPlan(NamedTuple):
+    """Static indices of the gather form without a padded copy of x (the copy cost conv2 of the
+    seed network 14 ms of a 1,075 ms step at batch 64 on an AVX-512 Xeon, and TensorFlow kept it
+    alive from the forward pass to the backward one: 167 MB at batch 64).
+
+    Every (output, tap) gathers a pixel of x itself; a tap in the padding gathers pixel 0
+    instead, and the few outputs that have one (`border`) are computed again from a small
+    gather of the pixels they read (`near`) with a zero row after them."""
+    ho: int
+    wo: int
+    pt: int
+    pl: int
+    pad: tuple | None       # ((top, bottom), (left, right)) where x is padded after all
+    index: np.ndarray       # [ho*wo*kh*kw]: the pixel of x each (output, tap) reads (0: padding)
+    border: np.ndarray      # [B]: outputs with a tap in the padding
+    near: np.ndarray        # [P]: the pixels of x those outputs read
+    near_index: np.ndarray  # [B*kh*kw]: each border (output, tap)'s row of near, P for padding
 
 
-def _cols(xp: tf.Tensor, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> tf.Tensor:
-    """im2col of the padded input as a [M, kh*kw*C] matrix, columns in w.reshape([-1, Cout]) order.
-
-    One gather of C-long rows with a static index: measured ~2x faster than kh*kw slices +
-    concat for C=64 and as fast for C=3, and strides need no special case (a stride-2
-    strided_slice is very slow on CPU).
-    """
-    lh, lw, c = xp.shape[1], xp.shape[2], xp.shape[3]
-    if kh == kw == sh == sw == 1 and lh == ho and lw == wo:
-        return tf.reshape(xp, [-1, c])
-    index = _patch_index(lh, lw, kh, kw, sh, sw, ho, wo)
-    cols = tf.gather(tf.reshape(xp, [-1, lh * lw, c]), tf.constant(index.reshape(-1), tf.int32), axis=1)
-    return tf.reshape(cols, [-1, kh * kw * c])
-
-
-def _pad(x: tf.Tensor, kh: int, kw: int, sh: int, sw: int, same: bool):
-    """(padded x, plan) with plan = (h, w, cin, ho, wo, pad_top, pad_left)."""
-    _, h, wd, cin = x.shape
+def _gather_plan(h: int, wd: int, kh: int, kw: int, sh: int, sw: int, same: bool) -> _GatherPlan:
     ho, pt, pb = axis_plan(h, kh, sh, same)
     wo, pl, pr = axis_plan(wd, kw, sw, same)
-    xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]]) if pt + pb + pl + pr else x
-    return xp, (h, wd, cin, ho, wo, pt, pl)
+    oh, ow, i, j = np.meshgrid(*map(np.arange, (ho, wo, kh, kw)), indexing="ij")
+    r, c = oh * sh + i - pt, ow * sw + j - pl
+    inside = (r >= 0) & (r < h) & (c >= 0) & (c < wd)
+    has_pad = ~inside.all(axis=(2, 3))
+    none = np.zeros(0, int)
+    if has_pad.sum() * 4 > ho * wo:  # mostly border (small maps): one padded copy is cheaper
+        index = ((r + pt) * (wd + pl + pr) + c + pl).reshape(-1)
+        return _GatherPlan(ho, wo, pt, pl, ((pt, pb), (pl, pr)), index, none, none, none)
+    pixel = r * wd + c
+    near = np.unique(pixel[has_pad][inside[has_pad]])
+    near_index = np.where(inside[has_pad], np.searchsorted(near, pixel[has_pad]), near.size)
+    return _GatherPlan(ho, wo, pt, pl, None, np.where(inside, pixel, 0).reshape(-1), np.flatnonzero(has_pad),
+                       near, near_index.reshape(-1))
 
 
-def _patches(x: tf.Tensor, kh: int, kw: int, sh: int, sw: int, same: bool):
-    """(cols, plan) of the gather form; plan = (h, w, cin, ho, wo, pad_top, pad_left)."""
-    xp, plan = _pad(x, kh, kw, sh, sw, same)
-    return _cols(xp, kh, kw, sh, sw, plan[3], plan[4]), plan
+def _source(x: tf.Tensor, plan: _GatherPlan) -> tf.Tensor:
+    """What the plan's index reads: x (padded if the plan says so) as [N, pixels, C]."""
+    if plan.pad:
+        x = tf.pad(x, [[0, 0], *plan.pad, [0, 0]])
+    return tf.reshape(x, [-1, x.shape[1] * x.shape[2], x.shape[3]])
+
+
+def _gather_rows(x_rows: tf.Tensor, index: np.ndarray, k: int) -> tf.Tensor:
+    """[N * len(index) / k, k * C]: x_rows [N, pixels, C] gathered along the pixels."""
+    if k == 1 and np.array_equal(index, np.arange(x_rows.shape[1])):  # a 1x1 stride-1 kernel: x itself
+        return tf.reshape(x_rows, [-1, x_rows.shape[-1]])
+    return tf.reshape(tf.gather(x_rows, tf.constant(index, tf.int32), axis=1), [-1, k * x_rows.shape[-1]])
+
+
+def _border_cols(x_rows: tf.Tensor, plan: _GatherPlan, k: int) -> tf.Tensor:
+    """The border outputs' patch rows [N * B, k * C], zeros where a tap is in the padding."""
+    near = tf.pad(tf.gather(x_rows, tf.constant(plan.near, tf.int32), axis=1), [[0, 0], [0, 1], [0, 0]])
+    return _gather_rows(near, plan.near_index, k)
+
+
+def _border_index(n: tf.Tensor, border: np.ndarray) -> tf.Tensor:
+    """[N, B, 2]: (image, output) of every border output, for tensor_scatter_nd_update."""
+    images = tf.broadcast_to(tf.range(n)[:, None], tf.stack([n, border.size]))
+    outputs = tf.broadcast_to(tf.constant(border, tf.int32)[None, :], tf.stack([n, border.size]))
+    return tf.stack([images, outputs], axis=-1)
+
+
+def _gather_matmul(x_rows: tf.Tensor, plan: _GatherPlan, k: int, w2: tf.Tensor, epilogue=lambda y: y) -> tf.Tensor:
+    """epilogue(cols @ w2) as [N, ho, wo, Cout], cols the plan's patch matrix of x_rows."""
+    cout = w2.shape[-1]
+    y = tf.reshape(epilogue(tf.matmul(_gather_rows(x_rows, plan.index, k), w2)), [-1, plan.ho * plan.wo, cout])
+    if plan.border.size:  # their rows of y read pixel 0 for the padding: made again right
+        y_border = epilogue(tf.matmul(_border_cols(x_rows, plan, k), w2))
+        y_border = tf.reshape(y_border, [-1, plan.border.size, cout])
+        y = tf.tensor_scatter_nd_update(y, _border_index(tf.shape(x_rows)[0], plan.border), y_border)
+    return tf.reshape(y, [-1, plan.ho, plan.wo, cout])
 
 
 # The backward pass works in bands (of images for dL/dw, of rows for dL/dx), one after another,
@@ -241,25 +284,34 @@ def _image_bands(x: tf.Tensor, bytes_per_image: int) -> list[tuple[tf.Tensor, tf
 
 def _gather_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf.Tensor:
     kh, kw, _, cout = w.shape
+    _, h, wd, cin = x.shape
+    k = kh * kw
+    plan = _gather_plan(h, wd, kh, kw, sh, sw, same)
+    ho, wo = plan.ho, plan.wo
 
     @tf.custom_gradient
     def conv(x, w):
-        cols, (h, wd, cin, ho, wo, pt, pl) = _patches(x, kh, kw, sh, sw, same)
-        y = tf.reshape(tf.matmul(cols, tf.reshape(w, [-1, cout])), [-1, ho, wo, cout])
+        x_rows = _source(x, plan)
+        y = _gather_matmul(x_rows, plan, k, tf.reshape(w, [-1, cout]))
+
         @_in_backward_scope
         def grad(dy):
             # dW = cols^T dy with cols gathered again, band by band, rather than kept from the
             # forward pass: far less memory, for a gather that is a small part of this matmul.
-            xp = _pad(x, kh, kw, sh, sw, same)[0]
             dw = None
-            for n0, n1 in _image_bands(x, ho * wo * kh * kw * cin * x.dtype.size):
+            for n0, n1 in _image_bands(x, ho * wo * k * cin * x.dtype.size):
                 with tf.control_dependencies([] if dw is None else [dw]):
-                    band = _cols(xp[n0:n1], kh, kw, sh, sw, ho, wo)
+                    band = _gather_rows(x_rows[n0:n1], plan.index, k)
                 part = tf.matmul(band, tf.reshape(dy[n0:n1], [-1, cout]), transpose_a=True)
                 dw = part if dw is None else dw + part
+            if plan.border.size:  # less what the padding's stand-in pixels added
+                rows = np.reshape(plan.index, [ho * wo, k])[plan.border].reshape(-1)
+                wrong = _gather_rows(x_rows, rows, k) - _border_cols(x_rows, plan, k)
+                dy_border = tf.gather(tf.reshape(dy, [-1, ho * wo, cout]), tf.constant(plan.border, tf.int32), axis=1)
+                dw -= tf.matmul(wrong, tf.reshape(dy_border, [-1, cout]), transpose_a=True)
             dw = tf.reshape(dw, [kh, kw, cin, cout])
             with tf.control_dependencies([dw]):  # one band of either gradient alive at a time
-                return gather_input_grad(dy, w, h, wd, sh, sw, pt, pl), dw
+                return gather_input_grad(dy, w, h, wd, sh, sw, plan.pt, plan.pl), dw
 
         return y, grad
 

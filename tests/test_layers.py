@@ -190,6 +190,29 @@ def test_gather_in_bands_matches_native(k, stride, padding, hw, form, monkeypatc
     assert_close(dw, dw_ref, 1e-4)
 
 
+@pytest.mark.parametrize("k,stride,hw", [(3, 1, (16, 18)), (3, 2, (20, 20)), (3, 2, (41, 39)), (5, 1, (36, 34)),
+                                         (2, 2, (17, 17))])
+def test_gather_without_a_padded_copy_matches_native(k, stride, hw, monkeypatch):
+    # On maps this large the gather form reads x itself, padding taps read pixel 0, and the border
+    # outputs are made again from a small padded gather: y, and dL/dw less the stand-ins' share.
+    plan = conv_forms._gather_plan(*hw, k, k, stride, stride, True)
+    assert plan.pad is None and plan.border.size > 0
+    monkeypatch.setattr(conv_forms, "BAND_BYTES_PER_IMAGE", 1)
+    x, w = random_inputs(3, *hw, 5, k, 4, seed=17)
+    x += 3.0  # pixel 0 standing in for the padding must not leak into y or dL/dw
+    y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, "SAME", "native")
+    y, dx, dw, _ = conv_and_grads(x, w, stride, "SAME", "im2col", upstream, form="gather")
+    assert_close(y, y_ref, 1e-4)
+    assert_close(dx, dx_ref, 1e-4)
+    assert_close(dw, dw_ref, 1e-4)
+
+
+def test_gather_pads_small_maps_once():
+    # Mostly border (a 4x4 map under a 3x3 kernel): one padded copy, no border pass.
+    plan = conv_forms._gather_plan(4, 4, 3, 3, 1, 1, True)
+    assert plan.pad == ((1, 1), (1, 1)) and plan.border.size == 0
+
+
 @pytest.mark.parametrize("form", ["gather", "pairs"])
 def test_gather_in_bands_of_a_batch_unknown_when_traced_matches_native(form, monkeypatch):
     # Traced with the batch unknown, the filter gradient cuts it into 64 image bands at run time,

@@ -50,7 +50,8 @@ def forms(n: int) -> tuple[dict, tuple]:
     w = tf.constant(rng.standard_normal((3, 3, CIN, COUT)).astype(np.float32) * 0.05)
     dy = tf.constant(rng.standard_normal((n, HO, HO, COUT)).astype(np.float32))
     # Each tap's padded-input pixel, rows in _tap_rows' (oh, ow, i, j) order: the forward's index.
-    pixel = conv_forms._patch_index(LH, LH, 3, 3, 2, 2, HO, HO).reshape(-1)
+    oh, ow, i, j = np.meshgrid(*map(np.arange, (HO, HO, 3, 3)), indexing="ij")
+    pixel = ((oh * 2 + i) * LH + ow * 2 + j).reshape(-1)
     seg = tf.constant((pixel[None] + np.arange(n)[:, None] * (LH * LH)).reshape(-1), tf.int32)
 
     def crop(flat):
@@ -99,7 +100,7 @@ def stem_forms(n: int) -> tuple[dict, tuple]:
     x = tf.constant(rng.standard_normal((n, H, H, 3)).astype(np.float32))
     w = tf.constant(rng.standard_normal((3, 3, 3, 64)).astype(np.float32))
     dy = tf.constant(rng.standard_normal((n, H, H, 64)).astype(np.float32))
-    cols = tf.reshape(conv_forms._patches(x, 3, 3, 1, 1, True)[0], [-1, 27])
+    cols = tf.reshape(tf.image.extract_patches(x, [1, 3, 3, 1], [1, 1, 1, 1], [1, 1, 1, 1], "SAME"), [-1, 27])
 
     def native(x, dy, cols):
         return tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=[3, 3, 3, 64], out_backprop=dy,
