@@ -228,10 +228,26 @@ def _gather_rows(x_rows: tf.Tensor, index: np.ndarray, k: int) -> tf.Tensor:
     return tf.reshape(tf.gather(x_rows, tf.constant(index, tf.int32), axis=1), [-1, k * x_rows.shape[-1]])
 
 
+def _near_cols(rows: tf.Tensor, near: np.ndarray, near_index: np.ndarray, k: int) -> tf.Tensor:
+    """Patch rows [N * len(near_index) / k, k * C] from the few pixels `near` of rows [N, pixels, C]
+    and a zero row after them (near_index == len(near)): padding without a padded copy of rows."""
+    near_rows = tf.pad(tf.gather(rows, tf.constant(near, tf.int32), axis=1), [[0, 0], [0, 1], [0, 0]])
+    return _gather_rows(near_rows, near_index, k)
+
+
+def _split_border(index: np.ndarray, outside: int):
+    """For patch indices [pixels, taps] with `outside` for a tap in the padding: (interior pixels,
+    border pixels, the pixels the border reads, the border's index into them + a zero row)."""
+    whole = (index != outside).all(axis=1)
+    border = index[~whole]
+    near = np.unique(border[border != outside])
+    near_index = np.where(border != outside, np.searchsorted(near, border), near.size)
+    return np.flatnonzero(whole), np.flatnonzero(~whole), near, near_index.reshape(-1)
+
+
 def _border_cols(x_rows: tf.Tensor, plan: _GatherPlan, k: int) -> tf.Tensor:
     """The border outputs' patch rows [N * B, k * C], zeros where a tap is in the padding."""
-    near = tf.pad(tf.gather(x_rows, tf.constant(plan.near, tf.int32), axis=1), [[0, 0], [0, 1], [0, 0]])
-    return _gather_rows(near, plan.near_index, k)
+    return _near_cols(x_rows, plan.near, plan.near_index, k)
 
 
 def _border_index(n: tf.Tensor, border: np.ndarray) -> tf.Tensor:
@@ -358,27 +374,33 @@ def gather_input_grad(
         return tf.reshape(dx, [-1, h, wd, cin])
     n = tf.shape(dy)[0]
     phases = _input_grad_plan(h, wd, kh, kw, sh, sw, pt, pl, ho, wo)
-    # A zero row after each image's pixels stands in for the padding: taps that fall outside dy
-    # gather it, which is cheaper than padding dy once per phase.
-    dy_rows = tf.pad(tf.reshape(dy, [-1, ho * wo, cout]), [[0, 0], [0, 1], [0, 0]])
+    dy_rows = tf.reshape(dy, [-1, ho * wo, cout])
     pieces, pixels = [], []
     for a, b, index, where in phases:
         sub = tf.transpose(w[a::sh, b::sw], [0, 1, 3, 2])
-        k = sub.shape[0] * sub.shape[1] * cout
-        sub = tf.reshape(sub, [k, cin])
+        taps = sub.shape[0] * sub.shape[1]
+        sub = tf.reshape(sub, [taps * cout, cin])
+        index, where = index.reshape(-1, taps), where.reshape(-1)
         if np.array_equal(index.reshape(-1), np.arange(ho * wo)):
             # One tap reading dy pixel for pixel (a stride-2 3x3 layer's odd phase): dy is already
             # its patch matrix; a gather would only copy it (conv2 at batch 64: 8 ms).
             with tf.control_dependencies(pieces[-1:]):
                 pieces.append(tf.matmul(tf.reshape(dy, [-1, cout]), sub))
-            pixels.append(where.reshape(-1))
+            pixels.append(where)
             continue
-        # Band by band, one phase after another (see BAND_BYTES_PER_IMAGE).
-        for r0, r1 in _bands(index.shape[0], index.shape[1] * cout * dy.dtype.size):
+        # Pixels whose taps all fall inside dy gather from dy itself, band by band, one phase after
+        # another (see BAND_BYTES_PER_IMAGE); the border's from its few pixels and a zero row: no
+        # padded copy of dy (conv2 at batch 64: 13 ms).
+        inner, border, near, near_index = _split_border(index, ho * wo)
+        for r0, r1 in _bands(inner.size, taps * cout * dy.dtype.size):
             with tf.control_dependencies(pieces[-1:]):
-                band = tf.gather(dy_rows, tf.constant(index[r0:r1].reshape(-1), tf.int32), axis=1)
-            pieces.append(tf.reshape(tf.matmul(tf.reshape(band, [-1, k]), sub), [-1, cin]))
-            pixels.append(where[r0:r1].reshape(-1))
+                band = _gather_rows(dy_rows, index[inner[r0:r1]].reshape(-1), taps)
+            pieces.append(tf.matmul(band, sub))
+            pixels.append(where[inner[r0:r1]])
+        if border.size:
+            with tf.control_dependencies(pieces[-1:]):
+                pieces.append(tf.matmul(_near_cols(dy_rows, near, near_index, taps), sub))
+            pixels.append(where[border])
     untouched = np.setdiff1d(np.arange(h * wd), np.concatenate(pixels))  # e.g. 1x1 stride 2
     if untouched.size:
         pieces.append(tf.zeros(tf.stack([n * untouched.size, cin]), dy.dtype))
