@@ -207,11 +207,10 @@ def _gather_plan(h: int, wd: int, kh: int, kw: int, sh: int, sw: int, same: bool
     if has_pad.sum() * 4 > ho * wo:  # mostly border (small maps): one padded copy is cheaper
         index = ((r + pt) * (wd + pl + pr) + c + pl).reshape(-1)
         return _GatherPlan(ho, wo, pt, pl, ((pt, pb), (pl, pr)), index, none, none, none)
-    pixel = r * wd + c
-    near = np.unique(pixel[has_pad][inside[has_pad]])
-    near_index = np.where(inside[has_pad], np.searchsorted(near, pixel[has_pad]), near.size)
-    return _GatherPlan(ho, wo, pt, pl, None, np.where(inside, pixel, 0).reshape(-1), np.flatnonzero(has_pad),
-                       near, near_index.reshape(-1))
+    pixel = np.where(inside, r * wd + c, h * wd).reshape(ho * wo, kh * kw)
+    _, border, near, near_index = _split_border(pixel, h * wd)
+    return _GatherPlan(ho, wo, pt, pl, None, np.where(pixel < h * wd, pixel, 0).reshape(-1), border, near,
+                       near_index)
 
 
 def _source(x: tf.Tensor, plan: _GatherPlan) -> tf.Tensor:
@@ -268,10 +267,11 @@ def _gather_matmul(x_rows: tf.Tensor, plan: _GatherPlan, k: int, w2: tf.Tensor, 
     return tf.reshape(y, [-1, plan.ho, plan.wo, cout])
 
 
-# The backward pass works in bands (of images for dL/dw, of rows for dL/dx), one after another,
-# each gathering about this many bytes per image of the batch (~64 MB at batch 128). Gathered whole, conv2's patch matrix and stride phases
-# (0.7 and 1.5 GB at batch 128 in fp32) raised the seed network's peak tensor memory from 2.8 to
-# 3.2 GiB (native: 2.0) and its peak RSS to 1.5x native's; the bands cost ~3% of the step.
+# The backward pass works in bands (of images for dL/dw, of pixels for dL/dx), one after another,
+# each gathering about this many bytes per image of the batch (~64 MB at batch 128). Gathered
+# whole, conv2's patch matrix and stride phases (0.7 and 1.5 GB at batch 128 in fp32) raised the
+# seed network's peak tensor memory from 2.8 to 3.2 GiB (native: 2.0) and its peak RSS to 1.5x
+# native's; the bands cost ~3% of the step.
 BAND_BYTES_PER_IMAGE = 512 * 1024
 
 
