@@ -179,7 +179,7 @@ def test_im2col_matches_native_even_kernels_and_stride_3(k, stride, padding):
     (1, 1, "SAME", (7, 7), "gather"), (1, 2, "SAME", (7, 7), "gather"),
     (3, 1, "SAME", (9, 8), "pairs"), (5, 1, "VALID", (11, 12), "pairs"), (4, 1, "SAME", (9, 10), "pairs")])
 def test_gather_in_bands_matches_native(k, stride, padding, hw, form, monkeypatch):
-    # The gather forms' backward pass runs in bands (of images for dL/dw, of rows for dL/dx) to
+    # The gather forms' backward pass runs in bands (of images for dL/dw, of pixels for dL/dx) to
     # bound its memory; force as many as there can be.
     monkeypatch.setattr(conv_forms, "BAND_BYTES_PER_IMAGE", 1)
     x, w = random_inputs(2, *hw, 3, k, 4, seed=11)
