@@ -8,6 +8,7 @@ and tests), `Checkpoints` (restore-or-init, saves, best copy, NaN rollback), `Va
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -296,7 +297,11 @@ def _chief_and_write_dir(strategy, train_dir: str) -> tuple[bool, str]:
     if is_chief(strategy):
         return True, train_dir
     resolver = strategy.cluster_resolver
-    return False, tempfile.mkdtemp(prefix=f"hw2-{resolver.task_type}{resolver.task_id}-")
+    write_dir = tempfile.mkdtemp(prefix=f"hw2-{resolver.task_type}{resolver.task_id}-")
+    # finish() removes it on a normal end; this, when the worker stops on an error, an interrupt
+    # or a preemption (the suite's multi-worker tests left one behind in /tmp per run).
+    atexit.register(shutil.rmtree, write_dir, True)
+    return False, write_dir
 
 
 # ------------------------------------------------------------------------------ validation

@@ -41,10 +41,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_workers(data, run_dirs, max_steps):
-    """Run worker 0 and worker 1 on 127.0.0.1, each with its own --train_dir; (exit codes, outputs)."""
+def two_workers(data, run_dirs, max_steps, tmp=None):
+    """Run worker 0 and worker 1 on 127.0.0.1, each with its own --train_dir; (exit codes, outputs).
+    tmp: the workers' TMPDIR (where worker 1 writes its checkpoints)."""
     hosts = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **({"TMPDIR": str(tmp)} if tmp else {}))
     env.pop("TF_CONFIG", None)
     procs = [subprocess.Popen([sys.executable, "hw2_multi_gpu_train.py", "--data_dir", data, "--train_dir", run_dir,
                                "--section", "tiny", "--model", "simple_cnn", "--fc_units", "8",
@@ -65,8 +66,11 @@ def two_workers(data, run_dirs, max_steps):
 def test_two_workers_train_one_run_that_eval_restores(tmp_path):
     data = make_image_folder(tmp_path / "data")
     run_dir = str(tmp_path / "run")
-    codes, outs = two_workers(data, [run_dir, run_dir], 4)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    codes, outs = two_workers(data, [run_dir, run_dir], 4, tmp)
     assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert not [f for f in os.listdir(tmp) if f.startswith("hw2-")]  # worker 1's checkpoints went with it
     assert "2 replica(s) in all" in outs[0]
     import tensorflow as tf
     assert tf.train.latest_checkpoint(run_dir).endswith("ckpt-4")
@@ -81,8 +85,9 @@ def test_two_workers_train_one_run_that_eval_restores(tmp_path):
 
     # A restarted worker whose RUN is a local folder (not the chief's) must not hang in a save
     # the chief never joins: both stop with one line that says why.
-    codes, outs = two_workers(data, [run_dir, str(tmp_path / "local")], 6)
+    codes, outs = two_workers(data, [run_dir, str(tmp_path / "local")], 6, tmp)
     assert codes == [2, 2], outs
+    assert not [f for f in os.listdir(tmp) if f.startswith("hw2-")]  # and when it stopped on an error
     for out in outs:
         last = out.strip().splitlines()[-1]
         assert last.startswith("error: the workers found different checkpoints") and "shared" in last, out[-2000:]
