@@ -23,7 +23,7 @@ import run_dir
 import utils
 from utils import UserError
 
-from hw2_dataset import IMAGE_EXTENSIONS
+from hw2_dataset import CONVERT_FIRST, IMAGE_EXTENSIONS, unsupported
 
 # TIFF's magic numbers (little- and big-endian): the one training format TensorFlow cannot decode.
 _TIFF = (b"II*\x00", b"MM\x00*")
@@ -48,8 +48,10 @@ def list_images(inputs: list[str]) -> list[str]:
     paths = []
     for item in inputs:
         if os.path.isdir(item):
+            # A folder's HEIC photos are listed too, so that their rows say to convert them (a
+            # folder of iPhone photos otherwise read "no image files").
             found = sorted(os.path.join(d, f) for d, _, files in _walk_visible(item) for f in files
-                           if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+                           if f.lower().endswith(IMAGE_EXTENSIONS + tuple(CONVERT_FIRST)) and not f.startswith("."))
             if not found:
                 logging.warning("no image files in %s", item)
             paths += found
@@ -126,6 +128,9 @@ def predict_files(module, paths: list[str], batch_size: int) -> list[tuple[np.nd
 
 def _read(path: str) -> tuple[bytes | None, str]:
     """(the bytes the model decodes for path, "") or (None, why not)."""
+    ext = os.path.splitext(path)[1]
+    if ext.lower() in CONVERT_FIRST:
+        return None, unsupported(ext)
     try:
         with open(path, "rb") as f:
             blob = f.read()
