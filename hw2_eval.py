@@ -2,7 +2,7 @@
 
     python hw2_eval.py --checkpoint_dir RUN [--test_data_path DIR] [--num_examples N] [--top_k K]
                        [--run_once 1] [--eval_dir E] [--raw] [--all_checkpoints] [--no_report]
-                       [--tta flip] [--section S]
+                       [--tta auto|none|flip] [--section S]
 
 The network is rebuilt from RUN/config.json, so no training flag has to be repeated. --section
 applies a config.cfg section's evaluation keys (eval_batch_size, top_k, eval_timeout_secs), as
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_report", action="store_true",
                    help="skip the per-class report (confusion.csv, per_class.csv, confusion.png) and the error "
                         "gallery (errors.csv, errors.png) of a single evaluation")
-    p.add_argument("--tta", default="none", help="test-time augmentation: none, or flip (mean of image and mirror)")
+    p.add_argument("--tta", default="auto", help="test-time augmentation: flip (mean of image and mirror), none, "
+                                                 "or auto (flip if the run trained with flip_lr)")
     p.add_argument("--section", help="a config.cfg section whose eval keys apply (eval_batch_size, top_k, "
                                      "eval_timeout_secs)")
     p.add_argument("--config", default=utils.DEFAULT_CONFIG, help="config file of --section")
@@ -81,10 +82,11 @@ def run(argv: list[str]) -> int:
     dataset = hw2_input.eval_dataset(data_dir, items, cfg, keys["eval_batch_size"], args.num_examples,
                                      with_index=True)
     image_paths = [os.path.join(data_dir, path) for path, _ in items]
-    evaluator = evaluation.Evaluator(run, keys["top_k"], tta=args.tta)
+    tta = evaluation.resolve_tta(args.tta, cfg)
+    evaluator = evaluation.Evaluator(run, keys["top_k"], tta=tta)
     weights = "raw" if args.raw else "ema"
-    if args.tta != "none":
-        what += f", tta {args.tta}"
+    if tta != "none":
+        what += f", tta {tta}"
     if args.all_checkpoints:
         evaluation.all_checkpoints(evaluator, dataset, eval_dir, not args.no_report, image_paths)
         return 0

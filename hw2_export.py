@@ -1,7 +1,7 @@
 """Export a trained hw2 run as a TensorFlow SavedModel that takes encoded images.
 
     python hw2_export.py --checkpoint_dir RUN --export_dir saved_model/NAME [--checkpoint P] [--raw] [--top_k K]
-                         [--tta flip] [--tflite]
+                         [--tta auto|none|flip] [--tflite]
 
 The SavedModel's `serving_default` signature takes a batch of encoded image files (tf.string:
 JPEG, PNG, BMP or GIF bytes) and returns `probabilities` [N, classes], `top_k_indices`,
@@ -13,8 +13,9 @@ needs only TensorFlow:
 
 By default the weights are the best checkpoint's exponential moving average, the ones that
 validation judged. Preprocessing differs from hw2's PIL decoding in small ways (see
-`preprocess_bytes`); outputs match hw2_eval.py's to a small tolerance. `--tta flip` makes the
-graph average the probabilities of each image and its mirror, as hw2_eval.py --tta flip does.
+`preprocess_bytes`); outputs match hw2_eval.py's to a small tolerance. The graph averages the
+probabilities of each image and its mirror where the run trained with mirrored images (`--tta
+auto`, as hw2_eval.py's default); `--tta none` halves its work.
 
 `--tflite` also writes export_dir/model.tflite for phones: float32 [N, S, S, C] input of RGB values
 0-255, already resized and center-cropped as hw2's eval does; per-image standardization inside;
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="one checkpoint prefix (default: RUN/best's, else the newest)")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of their moving average")
     p.add_argument("--top_k", type=int, help="how many classes to return (default: the run's top_k)")
-    p.add_argument("--tta", default="none", help="test-time augmentation: none, or flip (mean of image and mirror)")
+    p.add_argument("--tta", default="auto", help="test-time augmentation: flip (mean of image and mirror), none "
+                                                 "(half the work), or auto (flip if the run trained with flip_lr)")
     p.add_argument("--tflite", action="store_true",
                    help="also write export_dir/model.tflite (+ model.tflite.json) for mobile runtimes")
     p.add_argument("--force", action="store_true", help="replace an existing export_dir")
@@ -66,7 +68,7 @@ def run(argv: list[str]) -> int:
     logging.info("exporting %s (%s weights)", checkpoint, "raw" if args.raw else "EMA")
     import serving
     info = serving.export(run, checkpoint, args.export_dir, args.raw, args.top_k, args.tta, args.tflite)
-    tta = f", tta {args.tta}" if args.tta != "none" else ""
+    tta = f", tta {info['tta']}" if info["tta"] != "none" else ""
     print(f"wrote {args.export_dir} ({dir_size(args.export_dir) / 2**20:.1f} MiB): {len(info['class_names'])} "
           f"classes, top-{info['top_k']}, {info['weights']} weights of {checkpoint}{tta}", flush=True)
     if args.tflite:

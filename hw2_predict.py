@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--top_k", type=int, help="classes per image (default: the model's top_k)")
     p.add_argument("--raw", action="store_true", help="with --checkpoint_dir: raw weights instead of the EMA")
+    p.add_argument("--tta", help="with --checkpoint_dir: test-time augmentation, flip, none or auto (the default: "
+                                 "flip if the run trained with flip_lr); an export keeps what hw2_export chose")
     p.add_argument("--batch_size", type=int, default=32)
     return p
 
@@ -89,7 +91,7 @@ def load_model(args):
     else:
         module = serving.build_serving_module(run_dir.find(args.checkpoint_dir),
                                               run_dir.pick_checkpoint(args.checkpoint_dir, prefer_best=True),
-                                              raw=args.raw)
+                                              raw=args.raw, tta=args.tta or "auto")
         names, k = module.info["class_names"], module.info["top_k"]
     # The closure keeps the module alive: its serve() holds only weak references to its variables.
     return (lambda paths, batch_size: predict_files(module, paths, batch_size)), names, k
@@ -189,6 +191,9 @@ def run(argv: list[str]) -> int:
     utils.setup_logging()
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be > 0, got {args.batch_size}")
+    if args.model and args.tta:
+        raise UserError("--tta applies to --checkpoint_dir: an export's test-time augmentation is fixed when it "
+                        "is made (hw2_export.py --tta)")
     paths = list_images(args.images)
     check_out(args.out)
     predict, class_names, default_k = load_model(args)

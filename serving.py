@@ -158,15 +158,17 @@ def serving_model(run: str, checkpoint: str, raw: bool = False):
 
 
 def build_serving_module(run: str, checkpoint: str, raw: bool = False, top_k: int | None = None,
-                         tta: str = "none"):
+                         tta: str = "auto"):
     """A tf.Module whose `serve(images: [N] tf.string)` returns probabilities and the top-k classes;
-    with tta "flip" the probabilities are the mean of each image's and its mirror's."""
+    with tta "flip" (auto: where the run trained with flip_lr) the probabilities are the mean of
+    each image's and its mirror's."""
     import tensorflow as tf
 
     import evaluation
     evaluation.check_tta(tta)
     saved = serving_model(run, checkpoint, raw)
     cfg, class_names, model = saved.cfg, saved.class_names, saved.model
+    tta = evaluation.resolve_tta(tta, cfg)
     k = top_k or min(cfg.top_k, len(class_names))
     run_dir.check_top_k(k, len(class_names))
     size, channels = cfg.image_size, cfg.channels
@@ -198,7 +200,7 @@ def build_serving_module(run: str, checkpoint: str, raw: bool = False, top_k: in
 
 
 def export(run: str, checkpoint: str, export_dir: str, raw: bool = False, top_k: int | None = None,
-           tta: str = "none", tflite: bool = False) -> dict:
+           tta: str = "auto", tflite: bool = False) -> dict:
     """Write the SavedModel (plus hw2_export.json describing it; with `tflite`, model.tflite and
     model.tflite.json too) to export_dir; returns that description."""
     import tensorflow as tf

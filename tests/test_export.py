@@ -317,6 +317,7 @@ def test_predict_a_folder_with_an_unreadable_file(exported, tmp_path, capsys):
     (["--model", "{tmp}", "--images", "{tmp}"], "is not a SavedModel"),
     (["--model", "{model}", "--images", "{model}/variables"], "no image files"),
     (["--model", "{model}", "--images", "{png}", "--top_k", "3"], "--top_k 3 must be between 1"),
+    (["--model", "{model}", "--images", "{png}", "--tta", "none"], "--tta applies to --checkpoint_dir"),
 ])
 def test_predict_user_errors(exported, tmp_path, capsys, argv, message):
     tmp, run_dir, model_dir = exported

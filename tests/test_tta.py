@@ -1,5 +1,6 @@
 """Test-time augmentation: hw2_eval --tta flip and the export's --tta flip give the mean of two
-separate passes, one over the images and one over their mirrors."""
+separate passes, one over the images and one over their mirrors; --tta auto (the default) is flip
+for a run that trained with flip_lr and none for one that did not."""
 import contextlib
 import csv
 import io
@@ -33,7 +34,7 @@ def test_eval_tta_flip_is_the_mean_of_the_image_and_mirror_passes(tiny_run, tmp_
     dataset = hw2_input.eval_dataset(data_dir, items, cfg, 16)
     mirrored = dataset.map(lambda images, labels: (tf.image.flip_left_right(images), labels))
     path = run_dirs.pick_checkpoint(best)
-    plain = evaluation.Evaluator(tiny_run.run, 2)  # the run's precision, as hw2_eval
+    plain = evaluation.Evaluator(tiny_run.run, 2, tta="none")  # one pass, in the run's precision
     image, mirror = plain.evaluate(path, dataset), plain.evaluate(path, mirrored)
     assert np.abs(image.probabilities - mirror.probabilities).max() > 1e-3  # the mirror really differs
     mean = (image.probabilities + mirror.probabilities) / 2
@@ -49,6 +50,20 @@ def test_eval_tta_flip_is_the_mean_of_the_image_and_mirror_passes(tiny_run, tmp_
     wrong = class_report.mistakes(image.labels, mean)
     assert [r["path"] for r in errors] == [os.path.join(data_dir, items[i][0]) for i in wrong]
     assert [float(r["probability"]) for r in errors] == pytest.approx(mean[wrong].max(axis=1), abs=2e-6)
+
+    # The default (auto) is flip for this run, which trained with flip_lr = true ([tiny]).
+    assert hw2_eval.main(["--checkpoint_dir", best, "--test_data_path", test, "--no_report",
+                          "--eval_dir", str(tmp_path / "eval")]) == 0
+    assert "tta flip" in capsys.readouterr().out
+    again = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))[-1]
+    assert again["data"] == row["data"] and again["top1"] == row["top1"] and again["loss"] == row["loss"]
+
+
+def test_auto_tta_is_flip_only_where_the_run_trained_on_mirrors():
+    assert evaluation.resolve_tta("auto", {"flip_lr": True}) == "flip"
+    assert evaluation.resolve_tta("auto", {"flip_lr": False}) == "none"  # digits, text: a mirror is not the class
+    assert evaluation.resolve_tta("none", {"flip_lr": True}) == "none"
+    assert evaluation.resolve_tta("flip", {"flip_lr": False}) == "flip"  # what the user asks for
 
 
 def test_export_tta_flip_is_the_mean_of_the_image_and_mirror_passes(tiny_run, tmp_path):
@@ -69,10 +84,19 @@ def test_export_tta_flip_is_the_mean_of_the_image_and_mirror_passes(tiny_run, tm
             image.save(buffer, "PNG")
             out.append(buffer.getvalue())
     flip = tf.saved_model.load(str(tmp_path / "model"))
-    plain = serving.build_serving_module(tiny_run.run, run_dirs.pick_checkpoint(tiny_run.run, prefer_best=True))
+    plain = serving.build_serving_module(tiny_run.run, run_dirs.pick_checkpoint(tiny_run.run, prefer_best=True),
+                                         tta="none")
     image, mirror = (plain.serve(tf.constant(b))["probabilities"].numpy() for b in (files, mirrors))
     assert np.abs(image - mirror).max() > 1e-3
     np.testing.assert_allclose(flip.serve(tf.constant(files))["probabilities"].numpy(), (image + mirror) / 2,
+                               atol=1e-5)
+    # The default export of this run (flip_lr = true) is the same graph, and says so.
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert hw2_export.main(["--checkpoint_dir", tiny_run.run, "--export_dir", str(tmp_path / "auto")]) == 0
+    assert out.getvalue().rstrip().endswith("tta flip")
+    assert json.load(open(tmp_path / "auto" / "hw2_export.json"))["tta"] == "flip"
+    auto = tf.saved_model.load(str(tmp_path / "auto"))
+    np.testing.assert_allclose(auto.serve(tf.constant(files))["probabilities"].numpy(), (image + mirror) / 2,
                                atol=1e-5)
 
 
@@ -83,5 +107,5 @@ def test_unknown_tta_is_one_error_line(tiny_run, tmp_path, capsys, script):
         argv += ["--export_dir", str(tmp_path / "model")]
     assert script.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: --tta must be one of none|flip, got 'rotate'"
+    assert err[-1] == "error: --tta must be one of auto|none|flip, got 'rotate'"
     assert not os.path.exists(tmp_path / "model")
