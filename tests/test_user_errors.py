@@ -116,7 +116,7 @@ def test_a_run_follows_its_data_to_a_new_folder_but_not_to_another_dataset(tmp_p
     split = json.load(open(os.path.join(run, "split.json")))
     assert split["data_dir"] == moved and len(split["train"]) + len(split["val"]) == 6
     assert hw2_eval.main(["--checkpoint_dir", run, "--no_report"]) == 0  # finds the val images, no flags
-    assert "(step 2, ema weights, validation split)" in capsys.readouterr().out
+    assert "(step 2, ema weights, validation split, tta flip)" in capsys.readouterr().out
 
 
 def test_class_with_only_bad_files_is_named(tmp_path, capsys):
