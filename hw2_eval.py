@@ -82,11 +82,10 @@ def run(argv: list[str]) -> int:
     dataset = hw2_input.eval_dataset(data_dir, items, cfg, keys["eval_batch_size"], args.num_examples,
                                      with_index=True)
     image_paths = [os.path.join(data_dir, path) for path, _ in items]
-    tta = evaluation.resolve_tta(args.tta, cfg)
-    evaluator = evaluation.Evaluator(run, keys["top_k"], tta=tta)
+    evaluator = evaluation.Evaluator(run, keys["top_k"], tta=args.tta)
     weights = "raw" if args.raw else "ema"
-    if tta != "none":
-        what += f", tta {tta}"
+    if evaluator.tta != "none":  # what auto resolved to
+        what += f", tta {evaluator.tta}"
     if args.all_checkpoints:
         evaluation.all_checkpoints(evaluator, dataset, eval_dir, not args.no_report, image_paths)
         return 0
