@@ -180,8 +180,10 @@ def test_im2col_matches_native_even_kernels_and_stride_3(k, stride, padding):
     (3, 1, "SAME", (9, 8), "pairs"), (5, 1, "VALID", (11, 12), "pairs"), (4, 1, "SAME", (9, 10), "pairs")])
 def test_gather_in_bands_matches_native(k, stride, padding, hw, form, monkeypatch):
     # The gather forms' backward pass runs in bands (of images for dL/dw, of pixels for dL/dx) to
-    # bound its memory; force as many as there can be.
+    # bound its memory, and the gather form's forward in bands of images; force as many as there
+    # can be.
     monkeypatch.setattr(conv_forms, "BAND_BYTES_PER_IMAGE", 1)
+    monkeypatch.setattr(conv_forms, "FORWARD_BAND_BYTES", 1)
     x, w = random_inputs(2, *hw, 3, k, 4, seed=11)
     y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
     y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form=form)
@@ -198,6 +200,7 @@ def test_gather_without_a_padded_copy_matches_native(k, stride, hw, monkeypatch)
     plan = conv_forms._gather_plan(*hw, k, k, stride, stride, True)
     assert plan.pad is None and plan.border.size > 0
     monkeypatch.setattr(conv_forms, "BAND_BYTES_PER_IMAGE", 1)
+    monkeypatch.setattr(conv_forms, "FORWARD_BAND_BYTES", 1)  # each image's border made again in its band
     x, w = random_inputs(3, *hw, 5, k, 4, seed=17)
     x += 3.0  # pixel 0 standing in for the padding must not leak into y or dL/dw
     y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, "SAME", "native")
@@ -205,6 +208,28 @@ def test_gather_without_a_padded_copy_matches_native(k, stride, hw, monkeypatch)
     assert_close(y, y_ref, 1e-4)
     assert_close(dx, dx_ref, 1e-4)
     assert_close(dw, dw_ref, 1e-4)
+
+
+@pytest.mark.parametrize("band_images", [1, 2, 5])
+def test_gather_forward_in_bands_of_images_matches_native(band_images, monkeypatch):
+    # The forward pass (training, and inference with bias and ReLU) gathers and multiplies a band of
+    # images at a time; 5 images in bands of 2 leave a last band of 1, and every band has border
+    # outputs to make again.
+    hw, k, stride = (20, 20), 3, 2
+    per_image = conv_forms._gather_plan(*hw, k, k, stride, stride, True).ho ** 2 * k * k * 5 * 4
+    monkeypatch.setattr(conv_forms, "FORWARD_BAND_BYTES", per_image * band_images)
+    x, w = random_inputs(5, *hw, 5, k, 4, seed=19)
+    x += 3.0
+    bias = tf.constant([0.5, -1.0, 0.0, 2.0])
+    y, _, dw, _ = conv_and_grads(x, w, stride, "SAME", "im2col", form="gather", seed=3)
+    y_ref, _, dw_ref, _ = conv_and_grads(x, w, stride, "SAME", "native", seed=3)
+    assert_close(y, y_ref, 1e-4)
+    assert_close(dw, dw_ref, 1e-4)
+    infer = tf.function(lambda x: conv_forms.conv2d_bias_act(x, w, bias, stride, stride, True, "gather", True))
+    assert_close(infer(x), tf.nn.relu(y_ref + bias), 1e-4)
+    graph = infer.get_concrete_function(x).graph
+    bands = sum(op.type == "MatMul" for op in graph.get_operations()) // 2  # the band's and its border's
+    assert bands == -(-5 // band_images)
 
 
 def test_gather_pads_small_maps_once():
