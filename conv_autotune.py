@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 # Bump when a form's code changes enough to invalidate old timings. 4: timings under TensorFlow's
 # BFC allocator (utils), where malloc's page faults had weighed on the forms with big temporaries.
 # 5: the gather form without a padded copy of its input, its filter gradient in bands of images.
-# 6: the gather form's forward in bands of images.
-CACHE_VERSION = 6
+# 6: the gather form's forward in bands of images. 7: its backward in bands a quarter the size.
+CACHE_VERSION = 7
 TIMED_CALLS = 3    # per form, after one untimed call; the fastest counts
 
 

@@ -256,26 +256,33 @@ def _border_index(n: tf.Tensor, border: np.ndarray) -> tf.Tensor:
     return tf.stack([images, outputs], axis=-1)
 
 
-# The forward pass gathers and multiplies a band of images at a time, each band's patch matrix
-# about this many bytes: a patch matrix made and read while it is still in the caches, where the
-# whole batch's (conv2 of the seed network: 368 MB at batch 64) streams through memory twice.
-# conv2's forward, bias and ReLU at batch 64 (an AVX-512 Xeon without AMX): 99-104 ms in bands of
-# 1-2 images against 120-126 whole; 171-175 against 213-215 under ONEDNN_MAX_CPU_ISA=AVX2; bands
-# of 8 images (46 MB) or more gained nothing.
-FORWARD_BAND_BYTES = 16 * 1024 * 1024
+# The gather form's forward pass, and both passes of the Winograd forms, work on a band of images at
+# a time, each band's patch matrix (tiles) about this many bytes: made and read while still in the
+# caches, where the whole batch's (conv2 of the seed network: 368 MB at batch 64) streams through
+# memory twice. conv2's forward, bias and ReLU at batch 64 (an AVX-512 Xeon without AMX): 99-104 ms
+# in bands of 1-2 images against 120-126 whole; 171-175 against 213-215 under
+# ONEDNN_MAX_CPU_ISA=AVX2; bands of 8 images (46 MB) or more gained nothing.
+BAND_BYTES = 16 * 1024 * 1024
+
+
+def _image_ranges(n: int | None, bytes_per_image: int) -> list[tuple[int, int]] | None:
+    """Static (start, stop) image ranges of about BAND_BYTES each; None for one pass over the whole
+    batch (unknown when traced, or within one band)."""
+    per_band = max(1, BAND_BYTES // bytes_per_image)
+    if n is None or n <= per_band:
+        return None
+    return [(a, min(a + per_band, n)) for a in range(0, n, per_band)]
 
 
 def _gather_matmul(x_rows: tf.Tensor, plan: _GatherPlan, k: int, w2: tf.Tensor, epilogue=lambda y: y) -> tf.Tensor:
     """epilogue(cols @ w2) as [N, ho, wo, Cout], cols the plan's patch matrix of x_rows, in bands
-    of images (FORWARD_BAND_BYTES) where the batch is known when traced."""
-    n = x_rows.shape[0]
-    per_band = max(1, FORWARD_BAND_BYTES // (plan.ho * plan.wo * k * x_rows.shape[-1] * x_rows.dtype.size))
-    if n is None or n <= per_band:
+    of images (BAND_BYTES) where the batch is known when traced."""
+    ranges = _image_ranges(x_rows.shape[0], plan.ho * plan.wo * k * x_rows.shape[-1] * x_rows.dtype.size)
+    if ranges is None:
         return _gather_matmul_band(x_rows, plan, k, w2, epilogue)
     # A slice of whole images is a view of x_rows; the bands' outputs are concatenated (a copy of
     # y, a fraction of the patch matrix: Cout against kh*kw*Cin columns).
-    return tf.concat([_gather_matmul_band(x_rows[a:a + per_band], plan, k, w2, epilogue)
-                      for a in range(0, n, per_band)], axis=0)
+    return tf.concat([_gather_matmul_band(x_rows[a:b], plan, k, w2, epilogue) for a, b in ranges], axis=0)
 
 
 def _gather_matmul_band(x_rows: tf.Tensor, plan: _GatherPlan, k: int, w2: tf.Tensor, epilogue) -> tf.Tensor:
@@ -288,31 +295,40 @@ def _gather_matmul_band(x_rows: tf.Tensor, plan: _GatherPlan, k: int, w2: tf.Ten
     return tf.reshape(y, [-1, plan.ho, plan.wo, cout])
 
 
-# The backward pass works in bands (of images for dL/dw, of pixels for dL/dx), one after another,
-# each gathering about this many bytes per image of the batch (~64 MB at batch 128). Gathered
-# whole, conv2's patch matrix and stride phases (0.7 and 1.5 GB at batch 128 in fp32) raised the
-# seed network's peak tensor memory from 2.8 to 3.2 GiB (native: 2.0) and its peak RSS to 1.5x
-# native's; the bands cost ~3% of the step.
-BAND_BYTES_PER_IMAGE = 512 * 1024
+# The backward pass works in bands too (of images for dL/dw, of pixels for dL/dx), one after
+# another, each gathering about BAND_BYTES. Gathered whole, conv2's patch matrix and stride phases
+# (0.7 and 1.5 GB at batch 128 in fp32) raised the seed network's peak tensor memory from 2.8 to
+# 3.2 GiB (native: 2.0) and its peak RSS to 1.5x native's. Bands of 16 MB are faster than the 64 MB
+# they had been: conv2's forward and both gradients at batch 128 (AVX-512 Xeon without AMX, two
+# runs of ten alternating rounds) 658-681 ms best, 713-816 median, against 718-770 and 774-864;
+# 8 MB gained nothing more. Where the batch is unknown when traced, bands are cut per image, as if
+# at batch 128.
+BAND_BYTES_PER_IMAGE = BAND_BYTES // 128
 
 
-def _bands(rows: int, bytes_per_row: int) -> list[tuple[int, int]]:
-    """Contiguous (start, stop) row ranges of about BAND_BYTES_PER_IMAGE each."""
-    n = min(rows, max(1, -(-rows * bytes_per_row // BAND_BYTES_PER_IMAGE)))
+def _band_count(bytes_per_image: int, batch: int | None) -> int:
+    """How many bands of about BAND_BYTES a batch (unknown: per BAND_BYTES_PER_IMAGE) makes."""
+    if batch is None:
+        return max(1, -(-bytes_per_image // BAND_BYTES_PER_IMAGE))
+    return max(1, -(-bytes_per_image * batch // BAND_BYTES))
+
+
+def _bands(rows: int, bytes_per_row: int, batch: int | None) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) ranges of an image's rows, each about BAND_BYTES over the batch."""
+    n = min(rows, _band_count(rows * bytes_per_row, batch))
     edges = np.linspace(0, rows, n + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def _image_bands(x: tf.Tensor, bytes_per_image: int) -> list[tuple[tf.Tensor, tf.Tensor]]:
-    """(start, stop) image ranges of x's batch, as many as _bands would cut an image into.
+    """(start, stop) image ranges of x's batch, each about BAND_BYTES.
 
     The filter gradients go band by band over images, not rows: a slice of whole images is a view
     of dy (TensorFlow shares the buffer of a dim-0 slice), where a band of rows across the batch
     is a copy (the stem's two at batch 64: 14 ms of a 1,075 ms step on an AVX-512 Xeon).
     """
-    per_image = -(-bytes_per_image // BAND_BYTES_PER_IMAGE)
     # No more bands than images; with the batch unknown when traced, at most 64 (some may be empty).
-    k = max(1, min(per_image, x.shape[0] or 64))
+    k = max(1, min(_band_count(bytes_per_image, x.shape[0]), x.shape[0] or 64))
     if k == 1:
         return [(0, None)]
     n = tf.shape(x)[0]
@@ -411,10 +427,10 @@ def gather_input_grad(
             pixels.append(where)
             continue
         # Pixels whose taps all fall inside dy gather from dy itself, band by band, one phase after
-        # another (see BAND_BYTES_PER_IMAGE); the border's from its few pixels and a zero row: no
+        # another (see BAND_BYTES); the border's from its few pixels and a zero row: no
         # padded copy of dy (conv2 at batch 64: 13 ms).
         inner, border, near, near_index = _split_border(index, ho * wo)
-        for r0, r1 in _bands(inner.size, taps * cout * dy.dtype.size):
+        for r0, r1 in _bands(inner.size, taps * cout * dy.dtype.size, dy.shape[0]):
             with tf.control_dependencies(pieces[-1:]):
                 band = _gather_rows(dy_rows, index[inner[r0:r1]].reshape(-1), taps)
             pieces.append(tf.matmul(band, sub))
@@ -696,50 +712,66 @@ def _winograd_apply(x: tf.Tensor, w: tf.Tensor, plan: _WinogradPlan, phases: int
     # kron(G, G) [36, r*r], kron(A^T, A^T) [m*m, 36].
     bt, g, at = (np.kron(t, t) for t in _winograd_matrices(m, r))
     bt, g, at = (tf.constant(t, x.dtype) for t in (bt, g, at))
-    n = tf.shape(x)[0]
-    nt = n * plan.tiles
     cz = phases * cin
+    # Bands of images (BAND_BYTES of tiles each), one after another in the backward pass.
+    ranges = _image_ranges(x.shape[0], taps * plan.tiles * max(cz, cout) * x.dtype.size)
+
+    def band(t, a, b):
+        return t if ranges is None else t[a:b]
 
     def tiles(x):
         """The input's tiles after B^T, tap-major [36, N*tiles, phases*Cin]: the 36 tap GEMMs have
-        the whole batch as M."""
-        d = tf.gather(_rows(x, cin), _tap_major(plan.tile_in, n, h * wd))
-        return tf.reshape(tf.matmul(bt, tf.reshape(d, [taps, -1])), [taps, nt, cz])
+        the whole band as M."""
+        d = tf.gather(_rows(x, cin), _tap_major(plan.tile_in, tf.shape(x)[0], h * wd))
+        return tf.reshape(tf.matmul(bt, tf.reshape(d, [taps, -1])), [taps, -1, cz])
+
+    def forward(x, u):
+        prod = tf.matmul(tiles(x), u)  # [36, N*tiles, Cout]
+        yt = tf.matmul(at, tf.reshape(prod, [taps, -1]))  # [m*m, N*tiles*Cout]
+        y = tf.gather(tf.reshape(yt, [-1, cout]), _image_major(plan.y_out, tf.shape(x)[0], plan.tiles, m * m))
+        return tf.reshape(y, [-1, plan.ho, plan.wo, cout])
 
     @tf.custom_gradient
     def conv(x, w):
-        v = tiles(x)
         u = tf.reshape(tf.matmul(g, tf.reshape(w, [r * r, cz * cout])), [taps, cz, cout])
-        prod = tf.matmul(v, u)  # [36, N*tiles, Cout]
-        yt = tf.matmul(at, tf.reshape(prod, [taps, -1]))  # [m*m, N*tiles*Cout]
-        y = tf.gather(tf.reshape(yt, [-1, cout]), _image_major(plan.y_out, n, plan.tiles, m * m))
-        y = tf.reshape(y, [-1, plan.ho, plan.wo, cout])
+        y = tf.concat([forward(x[a:b], u) for a, b in ranges], axis=0) if ranges else forward(x, u)
 
         @_in_backward_scope
         def grad(dy):
-            # The output gather's adjoint is a gather too (a permutation, zeros where tiles overhang).
-            dyt = tf.gather(_rows(dy, cout), _tap_major(plan.y_back, n, plan.ho * plan.wo))
-            dprod = tf.reshape(tf.matmul(at, tf.reshape(dyt, [m * m, -1]), transpose_a=True), [taps, nt, cout])
-            # The tiles made again rather than kept from the forward pass: kept, every Winograd
-            # layer held 2.25x its input (1.44x for winograd_s2) until its backward. The control
-            # dependency holds the remaking back until this layer's backward has begun; without
-            # it the executor ran it early, while every activation was still alive (the seed
-            # network at batch 128: allocator peak 2.83 GiB, 2.13-2.19 with it, 2.71-2.74 kept).
-            with tf.control_dependencies([dprod]):
-                v = tiles(x)
-            du = tf.matmul(v, dprod, transpose_a=True)  # [36, Cin, Cout], summed over all tiles
+            du, dx, done = None, [], []
+            for a, b in ranges or [(0, None)]:
+                x_band, dy_band = band(x, a, b), band(dy, a, b)
+                n = tf.shape(dy_band)[0]
+                # The output gather's adjoint is a gather too (a permutation, zeros where tiles
+                # overhang).
+                with tf.control_dependencies(done):  # one band alive at a time
+                    dyt = tf.gather(_rows(dy_band, cout), _tap_major(plan.y_back, n, plan.ho * plan.wo))
+                dprod = tf.reshape(tf.matmul(at, tf.reshape(dyt, [m * m, -1]), transpose_a=True), [taps, -1, cout])
+                # The tiles made again rather than kept from the forward pass: kept, every Winograd
+                # layer held 2.25x its input (1.44x for winograd_s2) until its backward. The control
+                # dependency holds the remaking back until this layer's backward has begun; without
+                # it the executor ran it early, while every activation was still alive (the seed
+                # network at batch 128: allocator peak 2.83 GiB, 2.13-2.19 with it, 2.71-2.74 kept).
+                with tf.control_dependencies([dprod]):
+                    v = tiles(x_band)
+                part = tf.matmul(v, dprod, transpose_a=True)  # [36, Cin, Cout], summed over the tiles
+                du = part if du is None else du + part
+                done = [du]
+                if input_grad is None:
+                    dv = tf.matmul(dprod, u, transpose_b=True)  # [36, N*tiles, Cin]
+                    # B's adjoint with an extra zero row: its output ends in zero rows that the
+                    # gather below reads for missing taps (cheaper than padding its output).
+                    bt_zero = tf.pad(tf.transpose(bt), [[0, 1], [0, 0]])
+                    dd = tf.matmul(bt_zero, tf.reshape(dv, [taps, -1]))
+                    # Overlapping tiles: each pixel sums the tile taps that read it.
+                    dxt = tf.gather(tf.reshape(dd, [-1, cin]), _image_major(plan.x_back, n, plan.tiles, taps))
+                    dx.append(tf.reshape(tf.reduce_sum(dxt, axis=2), [-1, h, wd, cin]))
+                    done.append(dx[-1])
             dw = tf.reshape(tf.matmul(g, tf.reshape(du, [taps, -1]), transpose_a=True), [r, r, cz, cout])
             if input_grad is not None:
                 with tf.control_dependencies([dw]):
                     return input_grad(dy), dw
-            dv = tf.matmul(dprod, u, transpose_b=True)  # [36, N*tiles, Cin]
-            # B's adjoint with an extra zero row: its output ends in zero rows that the gather
-            # below reads for missing taps (cheaper than padding its output).
-            bt_zero = tf.pad(tf.transpose(bt), [[0, 1], [0, 0]])
-            dd = tf.matmul(bt_zero, tf.reshape(dv, [taps, -1]))
-            # Overlapping tiles: each pixel sums the tile taps that read it.
-            dx = tf.gather(tf.reshape(dd, [-1, cin]), _image_major(plan.x_back, n, plan.tiles, taps))
-            return tf.reshape(tf.reduce_sum(dx, axis=2), [-1, h, wd, cin]), dw
+            return (tf.concat(dx, axis=0) if len(dx) > 1 else dx[0]), dw
 
         return y, grad
 

@@ -145,6 +145,27 @@ def test_winograd_backward_makes_its_tiles_again_once_its_backward_has_begun(str
     assert any(c.type == "Reshape" and "gradient" in c.name for op in feeding for c in op.control_inputs)
 
 
+@pytest.mark.parametrize("k,stride,form", [(3, 1, "winograd"), (5, 1, "winograd"), (3, 2, "winograd_s2")])
+def test_winograd_in_bands_of_images_matches_native(k, stride, form, monkeypatch):
+    # Both passes take a band of images at a time (BAND_BYTES); force one image a band.
+    monkeypatch.setattr(conv_forms, "BAND_BYTES", 1)
+    x, w = random_inputs(3, 13, 11, 4, k, 5, seed=23)
+
+    @tf.function
+    def grads(x, w):
+        return conv_and_grads(x, w, stride, "SAME", "im2col", form=form, seed=4)
+
+    y, dx, dw, upstream = grads(x, w)
+    y_ref, dx_ref, dw_ref, _ = conv_and_grads(x, w, stride, "SAME", "native", upstream)
+    assert_close(y, y_ref, 1e-4)
+    assert_close(dx, dx_ref, 1e-4)
+    assert_close(dw, dw_ref, 1e-4)
+    graph = grads.get_concrete_function(x, w).graph
+    makers = [op for op in graph.get_operations() if op.type == "MatMul" and op.inputs[0].op.type == "Const"
+              and op.inputs[0].shape.as_list() == [36, 36]]
+    assert len(makers) == 6  # each image's tiles, in the forward pass and again in the backward
+
+
 def test_gather_input_gradient_interleaves_its_stride_phases_with_the_parallel_stitch_on_cpu():
     """On CPU the stride phases of dL/dx go into image order by ParallelDynamicStitch (sharded over
     threads; DynamicStitch copies on one), and the result is still native's."""
@@ -183,7 +204,7 @@ def test_gather_in_bands_matches_native(k, stride, padding, hw, form, monkeypatc
     # bound its memory, and the gather form's forward in bands of images; force as many as there
     # can be.
     monkeypatch.setattr(conv_forms, "BAND_BYTES_PER_IMAGE", 1)
-    monkeypatch.setattr(conv_forms, "FORWARD_BAND_BYTES", 1)
+    monkeypatch.setattr(conv_forms, "BAND_BYTES", 1)
     x, w = random_inputs(2, *hw, 3, k, 4, seed=11)
     y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
     y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form=form)
@@ -200,7 +221,7 @@ def test_gather_without_a_padded_copy_matches_native(k, stride, hw, monkeypatch)
     plan = conv_forms._gather_plan(*hw, k, k, stride, stride, True)
     assert plan.pad is None and plan.border.size > 0
     monkeypatch.setattr(conv_forms, "BAND_BYTES_PER_IMAGE", 1)
-    monkeypatch.setattr(conv_forms, "FORWARD_BAND_BYTES", 1)  # each image's border made again in its band
+    monkeypatch.setattr(conv_forms, "BAND_BYTES", 1)  # each image's border made again in its band
     x, w = random_inputs(3, *hw, 5, k, 4, seed=17)
     x += 3.0  # pixel 0 standing in for the padding must not leak into y or dL/dw
     y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, "SAME", "native")
@@ -217,7 +238,7 @@ def test_gather_forward_in_bands_of_images_matches_native(band_images, monkeypat
     # outputs to make again.
     hw, k, stride = (20, 20), 3, 2
     per_image = conv_forms._gather_plan(*hw, k, k, stride, stride, True).ho ** 2 * k * k * 5 * 4
-    monkeypatch.setattr(conv_forms, "FORWARD_BAND_BYTES", per_image * band_images)
+    monkeypatch.setattr(conv_forms, "BAND_BYTES", per_image * band_images)
     x, w = random_inputs(5, *hw, 5, k, 4, seed=19)
     x += 3.0
     bias = tf.constant([0.5, -1.0, 0.0, 2.0])
