@@ -701,73 +701,86 @@ def _winograd_s2_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
                            input_grad=lambda dy: gather_input_grad(dy, w, h, wd, 2, 2, pt, pl))
 
 
+class _Winograd(NamedTuple):
+    """One layer's Winograd convolution: its plan, sizes and transforms, the 2-D transforms as
+    matmuls over the tap axis of tap-major data: kron(B^T, B^T) [36, 36], kron(G, G) [36, r*r],
+    kron(A^T, A^T) [m*m, 36]."""
+    plan: _WinogradPlan
+    h: int
+    wd: int
+    cin: int
+    cz: int  # phases * cin: the channels of a tile tap
+    cout: int
+    bt: tf.Tensor
+    g: tf.Tensor
+    at: tf.Tensor
+
+    def tiles(self, x: tf.Tensor) -> tf.Tensor:
+        """The input's tiles after B^T, tap-major [36, N*tiles, phases*Cin]: the 36 tap GEMMs have
+        the whole band as M."""
+        d = tf.gather(_rows(x, self.cin), _tap_major(self.plan.tile_in, tf.shape(x)[0], self.h * self.wd))
+        return tf.reshape(tf.matmul(self.bt, tf.reshape(d, [_A * _A, -1])), [_A * _A, -1, self.cz])
+
+    def forward(self, x: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
+        plan, m = self.plan, self.plan.m
+        prod = tf.matmul(self.tiles(x), u)  # [36, N*tiles, Cout]
+        yt = tf.matmul(self.at, tf.reshape(prod, [_A * _A, -1]))  # [m*m, N*tiles*Cout]
+        y = tf.gather(tf.reshape(yt, [-1, self.cout]), _image_major(plan.y_out, tf.shape(x)[0], plan.tiles, m * m))
+        return tf.reshape(y, [-1, plan.ho, plan.wo, self.cout])
+
+    def backward(self, x: tf.Tensor, dy: tf.Tensor, u: tf.Tensor, input_grad: bool, after: list):
+        """(dL/du summed over this band's tiles [36, phases*Cin, Cout], this band's dL/dx or None),
+        begun once the ops in `after` (the previous band's) have run."""
+        plan, m, taps, n = self.plan, self.plan.m, _A * _A, tf.shape(dy)[0]
+        # The output gather's adjoint is a gather too (a permutation, zeros where tiles overhang).
+        with tf.control_dependencies(after):  # one band alive at a time
+            dyt = tf.gather(_rows(dy, self.cout), _tap_major(plan.y_back, n, plan.ho * plan.wo))
+        dprod = tf.reshape(tf.matmul(self.at, tf.reshape(dyt, [m * m, -1]), transpose_a=True), [taps, -1, self.cout])
+        # The tiles made again rather than kept from the forward pass: kept, every Winograd layer
+        # held 2.25x its input (1.44x for winograd_s2) until its backward. The control dependency
+        # holds the remaking back until this layer's backward has begun; without it the executor
+        # ran it early, while every activation was still alive (the seed network at batch 128:
+        # allocator peak 2.83 GiB, 2.13-2.19 with it, 2.71-2.74 kept).
+        with tf.control_dependencies([dprod]):
+            v = self.tiles(x)
+        du = tf.matmul(v, dprod, transpose_a=True)  # [36, Cin, Cout], summed over the tiles
+        if not input_grad:
+            return du, None
+        dv = tf.matmul(dprod, u, transpose_b=True)  # [36, N*tiles, Cin]
+        # B's adjoint with an extra zero row: its output ends in zero rows that the gather below
+        # reads for missing taps (cheaper than padding its output).
+        dd = tf.matmul(tf.pad(tf.transpose(self.bt), [[0, 1], [0, 0]]), tf.reshape(dv, [taps, -1]))
+        # Overlapping tiles: each pixel sums the tile taps that read it.
+        dx = tf.gather(tf.reshape(dd, [-1, self.cin]), _image_major(plan.x_back, n, plan.tiles, taps))
+        return du, tf.reshape(tf.reduce_sum(dx, axis=2), [-1, self.h, self.wd, self.cin])
+
+
 def _winograd_apply(x: tf.Tensor, w: tf.Tensor, plan: _WinogradPlan, phases: int, input_grad=None) -> tf.Tensor:
     """y of the plan's Winograd convolution of x by w [r, r, phases * Cin, Cout]: each of the plan's
     tile taps gathers `phases` pixels of x side by side as its phases * Cin channels. dL/dx is
-    input_grad(dy) where given (run after dL/dw, so the tiles are freed first), else Winograd's."""
+    input_grad(dy) where given (run after dL/dw, so the tiles are freed first), else Winograd's.
+    Both passes take a band of images (BAND_BYTES of tiles) at a time."""
     _, h, wd, cin = x.shape
-    r, cout = w.shape[0], w.shape[-1]
-    m, taps = plan.m, _A * _A
-    # The 2-D transforms as matmuls over the tap axis of tap-major data: kron(B^T, B^T) [36, 36],
-    # kron(G, G) [36, r*r], kron(A^T, A^T) [m*m, 36].
-    bt, g, at = (np.kron(t, t) for t in _winograd_matrices(m, r))
-    bt, g, at = (tf.constant(t, x.dtype) for t in (bt, g, at))
-    cz = phases * cin
-    # Bands of images (BAND_BYTES of tiles each), one after another in the backward pass.
-    ranges = _image_ranges(x.shape[0], taps * plan.tiles * max(cz, cout) * x.dtype.size)
-
-    def band(t, a, b):
-        return t if ranges is None else t[a:b]
-
-    def tiles(x):
-        """The input's tiles after B^T, tap-major [36, N*tiles, phases*Cin]: the 36 tap GEMMs have
-        the whole band as M."""
-        d = tf.gather(_rows(x, cin), _tap_major(plan.tile_in, tf.shape(x)[0], h * wd))
-        return tf.reshape(tf.matmul(bt, tf.reshape(d, [taps, -1])), [taps, -1, cz])
-
-    def forward(x, u):
-        prod = tf.matmul(tiles(x), u)  # [36, N*tiles, Cout]
-        yt = tf.matmul(at, tf.reshape(prod, [taps, -1]))  # [m*m, N*tiles*Cout]
-        y = tf.gather(tf.reshape(yt, [-1, cout]), _image_major(plan.y_out, tf.shape(x)[0], plan.tiles, m * m))
-        return tf.reshape(y, [-1, plan.ho, plan.wo, cout])
+    r, cout, cz = w.shape[0], w.shape[-1], phases * cin
+    bt, g, at = (tf.constant(np.kron(t, t), x.dtype) for t in _winograd_matrices(plan.m, r))
+    op = _Winograd(plan, h, wd, cin, cz, cout, bt, g, at)
+    ranges = _image_ranges(x.shape[0], _A * _A * plan.tiles * max(cz, cout) * x.dtype.size)
 
     @tf.custom_gradient
     def conv(x, w):
-        u = tf.reshape(tf.matmul(g, tf.reshape(w, [r * r, cz * cout])), [taps, cz, cout])
-        y = tf.concat([forward(x[a:b], u) for a, b in ranges], axis=0) if ranges else forward(x, u)
+        u = tf.reshape(tf.matmul(g, tf.reshape(w, [r * r, cz * cout])), [_A * _A, cz, cout])
+        y = tf.concat([op.forward(x[a:b], u) for a, b in ranges], axis=0) if ranges else op.forward(x, u)
 
         @_in_backward_scope
         def grad(dy):
-            du, dx, done = None, [], []
+            du, dx, after = None, [], []
             for a, b in ranges or [(0, None)]:
-                x_band, dy_band = band(x, a, b), band(dy, a, b)
-                n = tf.shape(dy_band)[0]
-                # The output gather's adjoint is a gather too (a permutation, zeros where tiles
-                # overhang).
-                with tf.control_dependencies(done):  # one band alive at a time
-                    dyt = tf.gather(_rows(dy_band, cout), _tap_major(plan.y_back, n, plan.ho * plan.wo))
-                dprod = tf.reshape(tf.matmul(at, tf.reshape(dyt, [m * m, -1]), transpose_a=True), [taps, -1, cout])
-                # The tiles made again rather than kept from the forward pass: kept, every Winograd
-                # layer held 2.25x its input (1.44x for winograd_s2) until its backward. The control
-                # dependency holds the remaking back until this layer's backward has begun; without
-                # it the executor ran it early, while every activation was still alive (the seed
-                # network at batch 128: allocator peak 2.83 GiB, 2.13-2.19 with it, 2.71-2.74 kept).
-                with tf.control_dependencies([dprod]):
-                    v = tiles(x_band)
-                part = tf.matmul(v, dprod, transpose_a=True)  # [36, Cin, Cout], summed over the tiles
+                band = (x, dy) if ranges is None else (x[a:b], dy[a:b])
+                part, dx_band = op.backward(*band, u, input_grad is None, after)
                 du = part if du is None else du + part
-                done = [du]
-                if input_grad is None:
-                    dv = tf.matmul(dprod, u, transpose_b=True)  # [36, N*tiles, Cin]
-                    # B's adjoint with an extra zero row: its output ends in zero rows that the
-                    # gather below reads for missing taps (cheaper than padding its output).
-                    bt_zero = tf.pad(tf.transpose(bt), [[0, 1], [0, 0]])
-                    dd = tf.matmul(bt_zero, tf.reshape(dv, [taps, -1]))
-                    # Overlapping tiles: each pixel sums the tile taps that read it.
-                    dxt = tf.gather(tf.reshape(dd, [-1, cin]), _image_major(plan.x_back, n, plan.tiles, taps))
-                    dx.append(tf.reshape(tf.reduce_sum(dxt, axis=2), [-1, h, wd, cin]))
-                    done.append(dx[-1])
-            dw = tf.reshape(tf.matmul(g, tf.reshape(du, [taps, -1]), transpose_a=True), [r, r, cz, cout])
+                dx += [] if dx_band is None else [dx_band]
+                after = [du] + dx[-1:]
+            dw = tf.reshape(tf.matmul(g, tf.reshape(du, [_A * _A, -1]), transpose_a=True), [r, r, cz, cout])
             if input_grad is not None:
                 with tf.control_dependencies([dw]):
                     return input_grad(dy), dw
