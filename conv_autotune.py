@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 # 6: the gather form's forward in bands of images. 7: its backward in bands a quarter the size.
 CACHE_VERSION = 7
 TIMED_CALLS = 3    # per form, after one untimed call; the fastest counts
+# ...and more rounds, up to MAX_ROUNDS, until the timing has taken MIN_TIMING_S: three calls of a
+# 2-ms layer on a shared machine picked the slower of two forms (the 64 px stem under the AVX2 cap:
+# the gather form, 9.2 ms a step in the profile against the pairs form's 6.9).
+MIN_TIMING_S = 0.25
+MAX_ROUNDS = 20
 
 
 def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: bool, autotune: bool) -> str:
@@ -312,11 +317,13 @@ def fastest(run: dict, what: str) -> dict:
     for f in run.values():
         f()  # trace and warm up
     best = {form: float("inf") for form in run}
-    for _ in range(TIMED_CALLS):  # interleaved, so a busy machine slows all alike
-        for form, f in run.items():
+    rounds, start = 0, time.perf_counter()
+    while rounds < TIMED_CALLS or (rounds < MAX_ROUNDS and time.perf_counter() - start < MIN_TIMING_S):
+        for form, f in run.items():  # interleaved, so a busy machine slows all alike
             t = time.perf_counter()
             f()
             best[form] = min(best[form], (time.perf_counter() - t) * 1000)
+        rounds += 1
     winner = min(best, key=best.get)
     log.debug("forms %s: %s -> %s", what, best, winner)
     return {"form": winner, "ms": {f: round(ms, 2) for f, ms in best.items()}}

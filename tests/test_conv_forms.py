@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import keras
 import numpy as np
@@ -108,6 +109,26 @@ def test_autotune_times_once_then_reads_the_cache(cache_home, monkeypatch):
     conv_autotune.choose_conv_forms(third, INPUT, "float32", training=True, autotune=True)
     assert next(c for c in convs(third) if c.name == "b_3x3").train_form == entries[key]["form"]
     assert next(c for c in convs(third) if c.name == "conv0").bn_form == entries[stem]["form"]
+
+
+def test_short_timings_take_more_rounds(monkeypatch):
+    # Calls of a few ms are timed round after round until MIN_TIMING_S (at most MAX_ROUNDS), long
+    # ones TIMED_CALLS times; each form once more, untimed, first.
+    calls = {"a": 0, "b": 0}
+
+    def call(form, seconds):
+        def f():
+            calls[form] += 1
+            time.sleep(seconds)
+        return f
+
+    result = conv_autotune.fastest({"a": call("a", 0.002), "b": call("b", 0.0)}, "short")
+    assert result["form"] == "b" and result["ms"]["a"] >= 2.0
+    assert calls == {"a": conv_autotune.MAX_ROUNDS + 1, "b": conv_autotune.MAX_ROUNDS + 1}
+    monkeypatch.setattr(conv_autotune, "MIN_TIMING_S", 0.0)
+    calls.update(a=0, b=0)
+    conv_autotune.fastest({"a": call("a", 0.0), "b": call("b", 0.0)}, "long")
+    assert calls == {"a": conv_autotune.TIMED_CALLS + 1, "b": conv_autotune.TIMED_CALLS + 1}
 
 
 def test_timing_many_shapes_prints_no_tensorflow_retracing_warning():
