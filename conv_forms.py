@@ -266,12 +266,13 @@ BAND_BYTES = 16 * 1024 * 1024
 
 
 def _image_ranges(n: int | None, bytes_per_image: int) -> list[tuple[int, int]] | None:
-    """Static (start, stop) image ranges of about BAND_BYTES each; None for one pass over the whole
-    batch (unknown when traced, or within one band)."""
-    per_band = max(1, BAND_BYTES // bytes_per_image)
-    if n is None or n <= per_band:
+    """Static (start, stop) ranges of a batch of n images, about BAND_BYTES each (_band_count);
+    None for one pass over the whole batch (unknown when traced, or within one band)."""
+    k = 1 if n is None else min(n, _band_count(bytes_per_image, n))
+    if k == 1:
         return None
-    return [(a, min(a + per_band, n)) for a in range(0, n, per_band)]
+    edges = [n * i // k for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _gather_matmul(x_rows: tf.Tensor, plan: _GatherPlan, k: int, w2: tf.Tensor, epilogue=lambda y: y) -> tf.Tensor:
@@ -320,15 +321,17 @@ def _bands(rows: int, bytes_per_row: int, batch: int | None) -> list[tuple[int, 
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _image_bands(x: tf.Tensor, bytes_per_image: int) -> list[tuple[tf.Tensor, tf.Tensor]]:
+def _image_bands(x: tf.Tensor, bytes_per_image: int) -> list[tuple]:
     """(start, stop) image ranges of x's batch, each about BAND_BYTES.
 
     The filter gradients go band by band over images, not rows: a slice of whole images is a view
     of dy (TensorFlow shares the buffer of a dim-0 slice), where a band of rows across the batch
     is a copy (the stem's two at batch 64: 14 ms of a 1,075 ms step on an AVX-512 Xeon).
     """
-    # No more bands than images; with the batch unknown when traced, at most 64 (some may be empty).
-    k = max(1, min(_band_count(bytes_per_image, x.shape[0]), x.shape[0] or 64))
+    if x.shape[0] is not None:
+        return _image_ranges(x.shape[0], bytes_per_image) or [(0, None)]
+    # With the batch unknown when traced, at most 64 bands, cut at run time (some may be empty).
+    k = min(_band_count(bytes_per_image, None), 64)
     if k == 1:
         return [(0, None)]
     n = tf.shape(x)[0]
@@ -728,7 +731,7 @@ class _Winograd(NamedTuple):
         y = tf.gather(tf.reshape(yt, [-1, self.cout]), _image_major(plan.y_out, tf.shape(x)[0], plan.tiles, m * m))
         return tf.reshape(y, [-1, plan.ho, plan.wo, self.cout])
 
-    def backward(self, x: tf.Tensor, dy: tf.Tensor, u: tf.Tensor, input_grad: bool, after: list):
+    def backward(self, x: tf.Tensor, dy: tf.Tensor, u: tf.Tensor, want_dx: bool, after: list):
         """(dL/du summed over this band's tiles [36, phases*Cin, Cout], this band's dL/dx or None),
         begun once the ops in `after` (the previous band's) have run."""
         plan, m, taps, n = self.plan, self.plan.m, _A * _A, tf.shape(dy)[0]
@@ -744,7 +747,7 @@ class _Winograd(NamedTuple):
         with tf.control_dependencies([dprod]):
             v = self.tiles(x)
         du = tf.matmul(v, dprod, transpose_a=True)  # [36, Cin, Cout], summed over the tiles
-        if not input_grad:
+        if not want_dx:
             return du, None
         dv = tf.matmul(dprod, u, transpose_b=True)  # [36, N*tiles, Cin]
         # B's adjoint with an extra zero row: its output ends in zero rows that the gather below

@@ -234,7 +234,7 @@ def test_gather_without_a_padded_copy_matches_native(k, stride, hw, monkeypatch)
 @pytest.mark.parametrize("band_images", [1, 2, 5])
 def test_gather_forward_in_bands_of_images_matches_native(band_images, monkeypatch):
     # The forward pass (training, and inference with bias and ReLU) gathers and multiplies a band of
-    # images at a time; 5 images in bands of 2 leave a last band of 1, and every band has border
+    # images at a time; 5 images in bands of about 2 are 3 bands of 1-2, and every band has border
     # outputs to make again.
     hw, k, stride = (20, 20), 3, 2
     per_image = conv_forms._gather_plan(*hw, k, k, stride, stride, True).ho ** 2 * k * k * 5 * 4
