@@ -575,6 +575,26 @@ def test_batch_norm_forms_equal_keras_batch_norm(form, graph):
         np.testing.assert_allclose(value, keras_value, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("signature", [(None, 7, 5, 6), (None, None, None, 6)])
+def test_split_batch_norm_statistics_with_dimensions_unknown_when_traced(signature):
+    """The split form's statistics sum over [N, H*W*C] then [H*W, C] with the batch unknown when
+    traced (hw2's last, smaller batch), and fall back to tf.nn.moments where H or W is unknown:
+    the batch's mean and biased variance either way, as Keras tracks them."""
+    import keras
+
+    from bn_forms import batch_norm
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(2.0, 3.0, (3, 7, 5, 6)), tf.float32)
+    bn = keras.layers.BatchNormalization(momentum=0.0, epsilon=1e-3)  # moving statistics = the batch's
+    bn.build(x.shape)
+    traced = tf.function(lambda t: batch_norm(bn, t, True, "split"), input_signature=[tf.TensorSpec(signature)])
+    y = traced(x)
+    mean, variance = x.numpy().mean((0, 1, 2)), x.numpy().var((0, 1, 2))
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), variance, rtol=1e-5)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(variance + 1e-3), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(bf16_kernels_missing(), reason="bf16 crashes under this ONEDNN_MAX_CPU_ISA cap")
 def test_split_batch_norm_in_bfloat16_matches_fused():
     """bf16 activations with fp32 statistics: the split form's outputs and gradients match the fused
