@@ -122,6 +122,9 @@ def test_short_timings_take_more_rounds(monkeypatch):
             time.sleep(seconds)
         return f
 
+    # A MIN_TIMING_S far above what 20 rounds take, so that MAX_ROUNDS binds however slowly a busy
+    # machine wakes from the sleeps (at 0.25 s, rounds of over 12.5 ms would end the timing early).
+    monkeypatch.setattr(conv_autotune, "MIN_TIMING_S", 60.0)
     result = conv_autotune.fastest({"a": call("a", 0.002), "b": call("b", 0.0)}, "short")
     assert result["form"] == "b" and result["ms"]["a"] >= 2.0
     assert calls == {"a": conv_autotune.MAX_ROUNDS + 1, "b": conv_autotune.MAX_ROUNDS + 1}
