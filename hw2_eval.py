@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 import run_dir
 import utils
@@ -123,5 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     return utils.run_cli(run, argv)
 
 
+console = utils.console(main)  # the installed command: exits without TensorFlow's teardown
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -446,5 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     return utils.run_cli(run, argv)
 
 
+console = utils.console(main)  # the installed command: exits without TensorFlow's teardown
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 
 import run_dir
@@ -60,5 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     return utils.run_cli(run, argv)
 
 
+console = utils.console(main)  # the installed command: exits without TensorFlow's teardown
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

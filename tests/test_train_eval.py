@@ -139,6 +139,26 @@ def test_cli_mistakes_are_one_line_without_traceback(tmp_path, capsys):
         assert err.startswith("error:") and needle in err and "\n" not in err, err
 
 
+def test_a_command_ends_without_the_interpreters_teardown_and_loses_no_output(tmp_path):
+    """utils.console(main): main's code is the exit code, exit handlers run and the output is
+    flushed, but the interpreter's teardown (where TensorFlow frees a run's objects, seconds to
+    tens of seconds) is skipped. An object freed only in that teardown tells which exit was taken."""
+    code = ("import atexit, sys, utils\n"
+            "class FreedInTeardown:\n"
+            "    def __del__(self, open=open, path=sys.argv[1] + '/teardown'): open(path, 'w').close()\n"
+            "kept = FreedInTeardown()\n"
+            "atexit.register(lambda: open(sys.argv[1] + '/atexit', 'w').close())\n"
+            "print('saved', end='')\n"
+            "sys.stderr.write('a note')\n")
+    for how, teardown in (("sys.exit(3)", True), ("utils.console(lambda: 3)()", False)):
+        out = tmp_path / how.split("(")[0]
+        out.mkdir()
+        p = subprocess.run([sys.executable, "-c", code + how, str(out)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert (p.returncode, p.stdout, p.stderr) == (3, "saved", "a note"), how
+        assert (out / "atexit").exists() and (out / "teardown").exists() == teardown, how
+
+
 def test_tied_logits_are_not_all_correct():
     """in_top_k counted every class tied at the boundary as a hit: equal logits scored top-1 1.0."""
     import numpy as np
