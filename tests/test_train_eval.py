@@ -8,7 +8,7 @@ import pytest
 
 import hw2_eval
 import hw2_train
-from helpers import make_image_folder
+from helpers import SMALL_NET, make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -369,8 +369,8 @@ def test_auto_image_and_batch_size_come_from_the_data_and_stay_on_resume(tmp_pat
 def test_a_small_folder_trains_with_strong_augmentation_and_config_json_says_so(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=6)
     run = tmp_path / "run"
-    assert hw2_train.main(["--data_dir", data, "--train_dir", str(run), "--section", "tiny", "--augment", "auto",
-                           "--max_steps", "1"]) == 0
+    assert hw2_train.main(["--data_dir", data, "--train_dir", str(run), "--section", "tiny", *SMALL_NET, "--augment",
+                           "auto", "--max_steps", "1"]) == 0
     assert "augment auto: strong (10 training images, strong below 1000)" in capsys.readouterr().err
     saved = json.loads((run / "config.json").read_text())["config"]
     assert (saved["augment"], saved["scale_max"], saved["rotate_deg"]) == ("strong", 1.5, 20.0)
@@ -381,8 +381,8 @@ def test_a_run_times_its_conv_forms_once_and_caches_them(tiny_run, tmp_path, mon
     per machine and caches the winners; the next run reads them; --deterministic never times."""
     monkeypatch.setenv("HW2_CONV_AUTOTUNE", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    argv = ["--data_dir", tiny_run.data, "--section", "tiny", "--max_steps", "1", "--precision", "fp32",
-            "--conv_stack", "8,8"]  # Winograd is a candidate: fp32, a 3x3 stride-1 conv with 8 input channels
+    # Winograd is a candidate: fp32, and simple_cnn's second conv is 3x3 stride 1 with 8 input channels
+    argv = ["--data_dir", tiny_run.data, "--section", "tiny", *SMALL_NET, "--max_steps", "1", "--precision", "fp32"]
     assert hw2_train.main(argv + ["--train_dir", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     assert "conv forms (training" in err and "autotuned" in err and "from the cache" not in err
@@ -408,7 +408,8 @@ def test_names_that_are_not_utf8_train_evaluate_and_predict(tmp_path, capsys):
     with open(os.fsencode(data) + b"/dark/cass\xe9.jpg", "wb") as f:
         f.write(b"not an image")
     run = str(tmp_path / "run")
-    assert hw2_train.main(["--data_dir", data, "--train_dir", run, "--section", "tiny", "--max_steps", "2"]) == 0
+    assert hw2_train.main(["--data_dir", data, "--train_dir", run, "--section", "tiny", *SMALL_NET, "--max_steps",
+                           "2"]) == 0
     assert json.load(open(os.path.join(run, "config.json")))["class_names"] == ["caf" + os.fsdecode(b"\xe9"), "dark"]
     assert "dark/cass\\xe9.jpg\tnot an image" in open(os.path.join(run, "bad_images.txt"), encoding="utf-8").read()
     assert hw2_eval.main(["--checkpoint_dir", run, "--test_data_path", data, "--eval_dir", str(tmp_path / "e")]) == 0

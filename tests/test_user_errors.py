@@ -9,11 +9,11 @@ from PIL import Image
 
 import hw2_eval
 import hw2_train
-from helpers import HOLDER, make_image_folder, run_held_by_another_process
+from helpers import HOLDER, SMALL_NET, make_image_folder, run_held_by_another_process
 
 
 # Where the network is not what a test is about, the smallest one: a fraction of the tracing time.
-SMALL = ("--section", "tiny", "--model", "simple_cnn", "--fc_units", "8")
+SMALL = ("--section", "tiny", *SMALL_NET)
 
 
 def train(capsys, *argv):
