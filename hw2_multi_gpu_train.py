@@ -103,5 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     return utils.run_cli(run, argv)
 
 
+def console() -> None:
+    """The command (and the installed `hw2-multi-gpu-train`): one machine ends without TensorFlow's
+    teardown, as hw2_train.py does; several machines keep the normal exit, where their workers'
+    shutdown meets (TF_CONFIG is set by then, by --worker_hosts or by the user)."""
+    code = main()
+    if "TF_CONFIG" in os.environ:
+        sys.exit(code)
+    utils.exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
