@@ -107,6 +107,7 @@ def console() -> None:
     """The command (and the installed `hw2-multi-gpu-train`): one machine ends without TensorFlow's
     teardown, as hw2_train.py does; several machines keep the normal exit, where their workers'
     shutdown meets (TF_CONFIG is set by then, by --worker_hosts or by the user)."""
+    utils.command_start()
     code = main()
     if "TF_CONFIG" in os.environ:
         sys.exit(code)

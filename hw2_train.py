@@ -30,7 +30,9 @@ def build_parser(prog: str = "hw2_train.py") -> argparse.ArgumentParser:
 
 def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
     """Parse flags, prepare RUN, train. `strategy_fn()` lets the multi-device script pick a strategy."""
-    started = time.monotonic()  # a --time_budget counts from here: the image checks and decoding too
+    # A --time_budget counts from the process's start when run as a command (the imports too),
+    # else from here (a call from Python): the image checks and decoding count either way.
+    started = utils.COMMAND_STARTED or time.monotonic()
     args, rest = build_parser(prog).parse_known_args(argv)
     utils.setup_logging()
     run_dir.check_run_path(args.train_dir)

@@ -410,6 +410,11 @@ def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Se
             out_of_time, horizon = run.pace.decide(step)
             if out_of_time:
                 stop_reason = f"the time budget of {cfg['time_budget']:g} min is spent"
+                if step == run.start and run.policy.best_step < 0:
+                    run.finish(stop_reason)
+                    raise utils.UserError(f"{stop_reason} before the first step: starting took "
+                                          f"{run.pace.spent():.0f} s (imports, image checks, decoding, and on a "
+                                          f"first run the autotune); give --time_budget more minutes")
                 break
             lr = run.set_learning_rate(step, horizon)
             total, ce, correct = (float(t) for t in run.train_step(run.iterator))
@@ -707,7 +712,7 @@ def _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, sinc
 def _finish(state, ckpts, policy, validate, plan, stop_reason, hooks) -> dict:
     """Re-measure the best checkpoint (cheap, and exact even after a resume) and report it."""
     if policy.best_step < 0:
-        logging.info("no validation ran (max_steps=%d already reached)", plan.max_steps)
+        logging.info("no validation ran (%s)", stop_reason)
         ckpts.finish()
         return {"top1": float("nan"), "topk": float("nan"), "step": -1}
     path = ckpts.best_checkpoint()

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from typing import Any, Callable, Sequence
 
 import config_keys
@@ -285,9 +286,35 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+# time.monotonic() when this process started, once it runs as a command (console, command_start):
+# a --time_budget counts the Python and TensorFlow imports too, what the user waits through.
+COMMAND_STARTED: float | None = None
+
+
+def process_age() -> float:
+    """Seconds since this process started, from /proc (Linux); 0.0 where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def command_start() -> None:
+    """Mark this process as a command: its --time_budget counts from the process's start."""
+    global COMMAND_STARTED
+    COMMAND_STARTED = time.monotonic() - process_age()
+
+
 def console(main: Callable[[], int]) -> Callable[[], None]:
     """A command's entry point (`python hw2_x.py`, the installed `hw2-x`): main(), then exit_now."""
-    return lambda: exit_now(main())
+    def command() -> None:
+        command_start()
+        exit_now(main())
+    return command
 
 
 def underscored(argv: Sequence[str]) -> list[str]:

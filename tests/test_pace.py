@@ -238,3 +238,43 @@ def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, mon
         assert lrs[0] < lrs[1] and lrs[1:] == sorted(lrs[1:], reverse=True)
         assert lrs[1] > 0.7 * config.learning_rate
     assert os.path.isfile(os.path.join(run, f"ckpt-{steps[-1]}.index"))
+
+
+def test_a_commands_budget_counts_from_the_process_start(tmp_path, monkeypatch):
+    """Run as a command (utils.console), hw2_train's --time_budget counts from the process's start,
+    the Python and TensorFlow imports included; called from Python, from the call."""
+    import subprocess
+    import sys
+    import time
+
+    import hw2_train
+    import training
+    from helpers import make_image_folder
+    code = "import time; time.sleep(0.5); import utils; print(utils.process_age())"
+    age = subprocess.run([sys.executable, "-c", code], cwd=utils.HERE, capture_output=True, text=True, check=True)
+    assert 0.5 <= float(age.stdout) < 60, age.stdout  # a few ms more than the sleep; 0.0 = unreadable
+    seen = []
+    monkeypatch.setattr(training, "train", lambda *args, started=None, **kwargs: seen.append(started) or {})
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    before = time.monotonic()
+    for command_started in (None, 123.0):
+        monkeypatch.setattr(utils, "COMMAND_STARTED", command_started)
+        argv = ["--data_dir", data, "--train_dir", str(tmp_path / f"run{command_started}"), "--section", "tiny"]
+        assert hw2_train.main(argv) == 0
+    assert seen[0] >= before and seen[1] == 123.0
+
+
+def test_a_budget_spent_before_the_first_step_is_one_error_line(tmp_path):
+    """Start-up (imports, image checks, decoding, a first run's autotune) longer than the budget:
+    one error saying so, not a run that ends as if max_steps were reached."""
+    import run_dir
+    import training
+    from helpers import make_image_folder
+    config = utils.load_config("tiny", {"model": "simple_cnn", "fc_units": "8", "time_budget": "0.5"})
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    split = run_dir.prepare_split(run, config, make_image_folder(tmp_path / "data", per_class=4))
+    clock = Clock()
+    with pytest.raises(utils.UserError, match="the time budget of 0.5 min is spent before the first step: "
+                                              "starting took 40 s "):
+        training.train(config, split, run, clock=clock, started=clock.t - 40)
