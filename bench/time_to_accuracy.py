@@ -11,8 +11,8 @@ DATA_DIR is split stratified 80/20 into a pool and a test set (unless --test_dat
 - Keras: the same seed network from stock Keras 3 layers (bench/keras_reference.py) at the input
   size hw2 used, image_dataset_from_directory on the pool (its own 80/20 validation split),
   keras.io-style augmentation (random horizontal flip and rotation), Adam 1e-3, batch 128, for the
-  same wall-clock minutes (counted from the dataset's creation, as hw2's budget counts from its
-  command's start, imports aside), keeping its best-val weights; scored on the same test set.
+  same wall-clock minutes (counted from its process's start, imports included, as hw2's budget
+  counts from its command's start), keeping its best-val weights; scored on the same test set.
 --seed seeds the 80/20 split, hw2 (`--seed`) and Keras alike: a repeat with another seed is a
 repeat of the whole comparison. Each side runs in its own process, one after the other.
 `--only hw2` / `--only keras` with the same --out runs one side (results are kept in OUT/*.json),
@@ -120,7 +120,7 @@ def run_keras(pool: str, test: str, minutes: float, image_size: int, seed: int) 
     from keras import layers
 
     from keras_reference import seed_network
-    t0 = time.monotonic()
+    t0 = time.monotonic() - utils.process_age()  # hw2's --time_budget counts its imports too
     keras.utils.set_random_seed(seed)
     size = (image_size, image_size)
     train_ds, val_ds = keras.utils.image_dataset_from_directory(
@@ -203,6 +203,8 @@ def side_run(side: str, pool: str, test: str, args, out: str, results: dict) -> 
     hw2_json = os.path.join(out, "hw2.json")
     size = (results.get("hw2") or (json.load(open(hw2_json)) if os.path.isfile(hw2_json) else {})).get("image_size")
     size = size or utils.load_config("default").image_size
+    if not size:  # image_size = auto: hw2 picks it from the images
+        raise SystemExit(f"--only keras trains at the input size hw2 chose: run --only hw2 with --out {out} first")
     child = subprocess.run([sys.executable, __file__, args.data_dir, str(args.minutes), "--seed", str(args.seed),
                             "--keras_child", pool, test, str(size)], capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.abspath(__file__)))
