@@ -32,7 +32,7 @@ def run(argv: list[str], strategy_fn=None, prog: str = "hw2_train.py") -> int:
     """Parse flags, prepare RUN, train. `strategy_fn()` lets the multi-device script pick a strategy."""
     # A --time_budget counts from the process's start when run as a command (the imports too),
     # else from here (a call from Python): the image checks and decoding count either way.
-    started = utils.COMMAND_STARTED or time.monotonic()
+    started = time.monotonic() if utils.COMMAND_STARTED is None else utils.COMMAND_STARTED
     args, rest = build_parser(prog).parse_known_args(argv)
     utils.setup_logging()
     run_dir.check_run_path(args.train_dir)
