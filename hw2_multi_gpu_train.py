@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import hw2_train
 import utils
@@ -103,16 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     return utils.run_cli(run, argv)
 
 
-def console() -> None:
-    """The command (and the installed `hw2-multi-gpu-train`): one machine ends without TensorFlow's
-    teardown, as hw2_train.py does; several machines keep the normal exit, where their workers'
-    shutdown meets (TF_CONFIG is set by then, by --worker_hosts or by the user)."""
-    utils.command_start()
-    code = main()
-    if "TF_CONFIG" in os.environ:
-        sys.exit(code)
-    utils.exit_now(code)
-
+console = utils.console(main)  # one machine exits without TensorFlow's teardown; several workers do not
 
 if __name__ == "__main__":
     console()

@@ -310,10 +310,15 @@ def command_start() -> None:
 
 
 def console(main: Callable[[], int]) -> Callable[[], None]:
-    """A command's entry point (`python hw2_x.py`, the installed `hw2-x`): main(), then exit_now."""
+    """A command's entry point (`python hw2_x.py`, the installed `hw2-x`): main(), then exit_now;
+    one of several workers (TF_CONFIG set, by the user or by --worker_hosts during main) keeps the
+    normal exit, where the workers' shutdown meets."""
     def command() -> None:
         command_start()
-        exit_now(main())
+        code = main()
+        if "TF_CONFIG" in os.environ:
+            sys.exit(code)
+        exit_now(code)
     return command
 
 
