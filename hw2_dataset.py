@@ -28,16 +28,34 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 import utils
 from utils import UserError
 
-# Matched case-insensitively; PIL decodes them all. TIFF is what scanners write; WebP, what web
-# pages serve. (TensorFlow's own decoders, which an exported model uses, read all but TIFF.)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# What iPhones save by default: PIL cannot read it without a plugin, so the skip says what to do.
-CONVERT_FIRST = {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF"}
+
+def _readable_extensions() -> tuple[str, ...]:
+    """The image extensions PIL reads here, matched case-insensitively. TIFF is what scanners
+    write; WebP, what web pages serve; HEIC, what iPhones save by default, through the pillow-heif
+    plugin (a requirement, but a missing one only costs HEIC); AVIF, what Pillow 11.3 and later
+    read themselves. (TensorFlow's own decoders, which an exported model uses, read neither TIFF,
+    HEIC nor AVIF: hw2_predict hands the model their pixels, read by PIL, as PNG.)"""
+    extensions = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
+    try:
+        import pillow_heif
+        pillow_heif.register_heif_opener()  # turns the photo upright by its own transforms, EXIF says 1
+        extensions += [".heic", ".heif"]
+    except ImportError:
+        pass
+    if features.check("avif"):
+        extensions.append(".avif")
+    return tuple(extensions)
+
+
+IMAGE_EXTENSIONS = _readable_extensions()
+# Photo formats this installation cannot read: the skip says what to do.
+CONVERT_FIRST = {ext: name for ext, name in {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF"}.items()
+                 if ext not in IMAGE_EXTENSIONS}
 # Written by Windows Explorer into image folders, and by macOS into the zips it makes.
 JUNK_FILES = ("thumbs.db", "desktop.ini", "__macosx")
 # PIL refuses images over 179 megapixels as decompression bombs, but a 200-megapixel phone photo
@@ -222,6 +240,11 @@ def inspect_image(path: str, min_size: int = 8) -> ImageInfo:
                 # is what makes checking a folder of 24-megapixel photos take seconds, not minutes.
                 # The trade-off: damage that only shows in the full-resolution pixels goes unnoticed.
                 img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+            elif img.format == "HEIF":
+                # Its embedded thumbnail where it has one (see read_image): what training decodes at
+                # sizes up to the thumbnail's. A damaged photo behind a good thumbnail goes unnoticed
+                # here, and is skipped with a warning if a run ever needs its full size.
+                img.draft(img.mode, (min_size, min_size))
             img.load()
     except UnidentifiedImageError:
         return info._replace(problem="not an image")
@@ -453,9 +476,12 @@ def read_image(path: str, short_side: int | None = None) -> np.ndarray:
             raise ValueError(f"short_side must be positive, got {short_side}")
     try:
         with open_image(path) as img:
-            if short_side and img.format == "JPEG":
+            if short_side and img.format in ("JPEG", "HEIF"):
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below short_side: a 24-megapixel
                 # photo then costs a fraction of the time and memory of a full decode plus resize.
+                # A HEIC decodes its embedded thumbnail instead (pillow-heif's draft) where that is a
+                # scaled copy at least short_side high and wide: an iPhone's 320x240 one decodes in
+                # ~12 ms where its 12-megapixel photo takes ~420.
                 img.draft("RGB", (short_side, short_side))
             img.load()
             try:

@@ -25,8 +25,10 @@ from utils import UserError
 
 from hw2_dataset import CONVERT_FIRST, IMAGE_EXTENSIONS, unsupported
 
-# TIFF's magic numbers (little- and big-endian): the one training format TensorFlow cannot decode.
+# TIFF's magic numbers (little- and big-endian), and the ISO box HEIC and AVIF files open with
+# (at byte 4): the training formats TensorFlow cannot decode.
 _TIFF = (b"II*\x00", b"MM\x00*")
+_ISO_BOX = b"ftyp"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +52,8 @@ def list_images(inputs: list[str]) -> list[str]:
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            # A folder's HEIC photos are listed too, so that their rows say to convert them (a
-            # folder of iPhone photos otherwise read "no image files").
+            # Photos in a format this installation cannot read (HEIC without pillow-heif) are listed
+            # too, so that their rows say to convert them (not "no image files").
             found = sorted(os.path.join(d, f) for d, _, files in _walk_visible(item) for f in files
                            if f.lower().endswith(IMAGE_EXTENSIONS + tuple(CONVERT_FIRST)) and not f.startswith("."))
             if not found:
@@ -138,7 +140,8 @@ def _read(path: str) -> tuple[bytes | None, str]:
             blob = f.read()
         if not blob:
             return None, "empty file"
-        return (_as_png(path) if blob.startswith(_TIFF) else blob), ""  # PIL reads a scan as training did
+        # PIL reads a scan or an iPhone photo as training did.
+        return (_as_png(path) if blob.startswith(_TIFF) or blob[4:8] == _ISO_BOX else blob), ""
     except OSError as e:
         return None, f"cannot read: {e.strerror}"
     except ValueError as e:  # read_image's message starts with the path

@@ -1,8 +1,8 @@
 """A trained run as a SavedModel that takes encoded images: the serving graph and its export.
 
 The module's `serve(images)` takes a batch of encoded image files (tf.string: JPEG, PNG, BMP, GIF
-or WebP bytes; not TIFF, which TensorFlow cannot decode) and returns `probabilities` [N, classes],
-`top_k_indices`, `top_k_classes` and `top_k_probabilities` [N, K]. hw2's eval preprocessing runs
+or WebP bytes; not TIFF, HEIC or AVIF, which TensorFlow cannot decode) and returns `probabilities`
+[N, classes], `top_k_indices`, `top_k_classes` and `top_k_probabilities` [N, K]. hw2's eval preprocessing runs
 inside in TensorFlow ops, so a user needs only TensorFlow; it decodes as hw2_dataset.read_image
 does (EXIF orientation, PIL's draft scale for big JPEGs, PNG transparency over white), and
 resampling differs from PIL's by a few grey levels where a resize is needed. The graph computes in

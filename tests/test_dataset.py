@@ -24,6 +24,13 @@ def save(path: Path, size=(16, 12), color=(200, 30, 30), mode="RGB", **kwargs) -
     return path
 
 
+def _sideways() -> bytes:
+    """EXIF saying 'turn 90 degrees clockwise to view', as a phone held upright writes it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif.tobytes()
+
+
 def jpeg_bytes(size=(64, 48)) -> bytes:
     # Noise, so the entropy-coded data is long enough that cutting it truncates the scan.
     pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -48,7 +55,11 @@ def messy(tmp_path: Path) -> Path:
     save(root / "dogs" / "d.jpeg", color=(30, 200, 30), format="JPEG")
     save(root / "dogs" / "scan.TIF", format="TIFF")  # what scanners write
     save(root / "dogs" / "web.webp", format="WEBP", lossless=True)
-    (root / "dogs" / "IMG_0002.heic").write_bytes(b"\0" * 64)  # an iPhone's default
+    # An iPhone's default (pillow-heif reads it), stored sideways as a phone does, and a file that
+    # only looks like one.
+    save(root / "dogs" / "IMG_0002.HEIC", exif=_sideways(), quality=90)
+    (root / "dogs" / "IMG_0003.heic").write_bytes(b"\0\0\0 ftypheic" + b"\0" * 64)
+    save(root / "dogs" / "web.avif", quality=90)  # Pillow reads AVIF itself since 11.3
     save(root / "dogs" / "tiny.png", size=(4, 20))
     (root / "dogs" / "readme.txt").write_text("hello")
     return root
@@ -60,20 +71,24 @@ def test_scan_finds_usable_images_and_explains_bad_ones(messy: Path):
     scan = ds.scan_dataset(str(messy), workers=2)
     assert scan.data_dir == str(messy.resolve())
     assert scan.class_names == ["cats", "dogs"]
-    assert scan.items == [("cats/a.JPG", 0), ("cats/b.Png", 0), ("cats/nested/deeper/c.bmp", 0), ("dogs/d.jpeg", 1),
-                          ("dogs/scan.TIF", 1), ("dogs/web.webp", 1)]
+    assert scan.items == [("cats/a.JPG", 0), ("cats/b.Png", 0), ("cats/nested/deeper/c.bmp", 0), ("dogs/IMG_0002.HEIC", 1),
+                          ("dogs/d.jpeg", 1), ("dogs/scan.TIF", 1), ("dogs/web.avif", 1), ("dogs/web.webp", 1)]
     bad = dict(scan.bad)
     assert set(bad) == {"cats/empty.jpg", "cats/notes.jpg", "cats/truncated.jpg", "dogs/tiny.png", "dogs/readme.txt",
-                        "dogs/IMG_0002.heic"}
+                        "dogs/IMG_0003.heic"}
     assert bad["cats/empty.jpg"] == "empty file"
     assert bad["cats/notes.jpg"] == "not an image"
     assert bad["cats/truncated.jpg"].startswith("corrupt: ")
     assert bad["dogs/tiny.png"] == "too small (4x20)"
     assert bad["dogs/readme.txt"] == "unsupported format (.txt)"
-    assert bad["dogs/IMG_0002.heic"] == "unsupported format (.heic): convert HEIC to JPEG first"
+    assert bad["dogs/IMG_0003.heic"] == "not an image"
     for rel in ("dogs/scan.TIF", "dogs/web.webp"):  # both lossless: read back exactly
         image = ds.read_image(str(messy / rel))
         assert image.shape == (12, 16, 3) and (image == [200, 30, 30]).all(), rel
+    # Lossy: within a few levels. The HEIC turned upright: 16 high, 12 wide.
+    for rel, shape in (("dogs/IMG_0002.HEIC", (16, 12, 3)), ("dogs/web.avif", (12, 16, 3))):
+        image = ds.read_image(str(messy / rel))
+        assert image.shape == shape and np.abs(image.astype(int) - [200, 30, 30]).max() <= 3, rel
 
 
 def test_a_long_scan_says_what_it_is_doing_first(messy: Path, monkeypatch, caplog):
@@ -97,8 +112,42 @@ def test_a_long_scan_says_what_it_is_doing_first(messy: Path, monkeypatch, caplo
 def test_scan_without_checking_only_looks_at_extensions(messy: Path):
     scan = ds.scan_dataset(str(messy), check_images=False)
     assert ("cats/truncated.jpg", 0) in scan.items
-    assert scan.bad == [("dogs/IMG_0002.heic", "unsupported format (.heic): convert HEIC to JPEG first"),
-                        ("dogs/readme.txt", "unsupported format (.txt)")]
+    assert scan.bad == [("dogs/readme.txt", "unsupported format (.txt)")]
+
+
+def test_a_heic_photo_decodes_its_thumbnail_where_that_is_big_enough(tmp_path: Path, monkeypatch):
+    """An iPhone's HEIC carries a 320x240 thumbnail that decodes ~40x faster than the photo."""
+    from pillow_heif import as_plugin
+    decoded, load = [], as_plugin._LibHeifImageFile.load
+
+    def spy(self):  # the size of each image's one decode (later calls find it loaded)
+        first = not self._LibHeifImageFile__loaded
+        out = load(self)
+        decoded.extend([self.size] if first else [])
+        return out
+    monkeypatch.setattr(as_plugin._LibHeifImageFile, "load", spy)
+    y, x = np.mgrid[0:120, 0:160]
+    pixels = np.stack([x * 255 // 159, y * 255 // 119, np.full_like(x, 90)], -1).astype(np.uint8)
+    path = tmp_path / "IMG_0001.HEIC"
+    Image.fromarray(pixels).save(path, quality=95, thumbnails=[64])
+    assert ds.inspect_image(str(path)) == ds.ImageInfo(160, 120, "HEIF", "RGB", None)
+    small = ds.read_image(str(path), short_side=24)  # from the 64x48 thumbnail
+    big = ds.read_image(str(path), short_side=60)  # more than the thumbnail has: from the photo
+    assert decoded == [(64, 48), (64, 48), (160, 120)]
+    assert small.shape == (24, 32, 3) and big.shape == (60, 80, 3)
+    # The same picture either way, within the two compressions' few levels.
+    reference = np.asarray(Image.fromarray(pixels).resize((32, 24), Image.Resampling.BILINEAR), np.int32)
+    assert np.abs(small.astype(np.int32) - reference).mean() < 4
+
+
+def test_without_pillow_heif_a_heic_photo_is_skipped_with_what_to_do(messy: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if it were not installed: ImportError
+    extensions = ds._readable_extensions()
+    assert ".heic" not in extensions and ".jpg" in extensions
+    monkeypatch.setattr(ds, "IMAGE_EXTENSIONS", extensions)
+    monkeypatch.setattr(ds, "CONVERT_FIRST", {".heic": "HEIC", ".heif": "HEIF"})
+    bad = dict(ds.scan_dataset(str(messy), check_images=False).bad)
+    assert bad["dogs/IMG_0002.HEIC"] == "unsupported format (.HEIC): convert HEIC to JPEG first"
 
 
 def test_scan_of_a_missing_folder_is_a_user_error(tmp_path: Path):
@@ -454,7 +503,7 @@ def test_cli_writes_a_split(messy: Path, tmp_path: Path, capsys):
     printed = capsys.readouterr().out
     assert "cats" in printed and "6 bad files" in printed
     doc = ds.load_split(str(out))
-    assert len(doc["train"]) + len(doc["val"]) == 6
+    assert len(doc["train"]) + len(doc["val"]) == 8
 
 
 def test_cli_user_errors_print_one_line_and_return_2(tmp_path: Path, capsys):

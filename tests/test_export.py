@@ -271,7 +271,7 @@ def test_predict_a_folder_with_an_unreadable_file(exported, tmp_path, capsys):
     images = make_folder(tmp_path / "images", per_class=2)
     (tmp_path / "images" / "dark" / "broken.png").write_bytes(b"not an image at all")
     (tmp_path / "images" / "notes.txt").write_text("skipped: not an image extension")
-    (tmp_path / "images" / "dark" / "IMG_0001.HEIC").write_bytes(b"\0\0\0 ftypheic" + b"\0" * 64)  # an iPhone's
+    (tmp_path / "images" / "dark" / "fake.heic").write_bytes(b"\0\0\0 ftypheic" + b"\0" * 64)  # HEIC's header only
     # A scan (TIFF: TensorFlow cannot decode it, so hw2_predict hands the model PIL's pixels as
     # PNG) and a WebP, both of a light image.
     from PIL import Image
@@ -279,22 +279,23 @@ def test_predict_a_folder_with_an_unreadable_file(exported, tmp_path, capsys):
     light = Image.open(source).convert("RGB")
     light.save(tmp_path / "images" / "light" / "scan.tiff")
     light.save(tmp_path / "images" / "light" / "web.webp", lossless=True)
+    light.save(tmp_path / "images" / "light" / "IMG_0001.HEIC", quality=95)  # an iPhone's, read by pillow-heif
     out = str(tmp_path / "predictions.csv")
     assert hw2_predict.main(["--model", model_dir, "--images", images, "--out", out, "--batch_size", "3"]) == 0
     captured = capsys.readouterr()
     assert "broken.png: not a decodable image: Unknown image file format" in captured.err
-    assert "IMG_0001.HEIC: unsupported format (.HEIC): convert HEIC to JPEG first" in captured.err
-    assert "predicted 6 images, 2 unreadable" in captured.out
+    assert "fake.heic: not an image" in captured.err
+    assert "predicted 7 images, 2 unreadable" in captured.out
     rows = list(csv.DictReader(open(out)))
     assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"]
-    assert len(rows) == 8
+    assert len(rows) == 9
     by_name = {os.path.basename(r["path"]): r for r in rows}
-    for name in ("scan.tiff", "web.webp"):  # the same pixels as their source, the same answer
+    for name in ("scan.tiff", "web.webp", "IMG_0001.HEIC"):  # the same pixels as their source (HEIC: lossy)
         row = by_name[name]
         assert not row["error"] and row["class_1"] == by_name[source.name]["class_1"], row
         assert float(row["prob_1"]) == pytest.approx(float(by_name[source.name]["prob_1"]), abs=0.02)
     bad = sorted((r for r in rows if r["error"]), key=lambda r: r["path"])
-    assert [os.path.basename(r["path"]) for r in bad] == ["IMG_0001.HEIC", "broken.png"]
+    assert [os.path.basename(r["path"]) for r in bad] == ["broken.png", "fake.heic"]
     assert all(r["class_1"] == "" for r in bad)
     for r in rows:
         if not r["error"]:
