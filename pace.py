@@ -9,7 +9,8 @@ and how long until the next validation and the end.
                budget; 827-860 at s = 0.1)
     histograms the TensorBoard histograms due every summary_every_steps steps are written only
                once the training since the last ones is HISTOGRAM_SHARE's (1 - s) / s times what
-               they took (at most ~2% of the time; not with deterministic = true)
+               they took, the first ones once it is that times the first step's time (at most ~2%
+               of the time; not with deterministic = true)
     budget     time_budget minutes for the whole run, its earlier starts and each start's start-up
                (image checks, RAM decoding, autotune; not Python's imports) included: training stops
                when the next step and a final validation would no longer fit
@@ -62,11 +63,14 @@ class Pace:
         self.validation_seconds, self.validations = 0.0, 0
         self.histogram_seconds, self.last_histograms = 0.0, now
         self.histograms_by_time = not cfg["deterministic"]
+        self.first_step_seconds = 0.0
 
     # ---------------------------------------------------------------- what happened
 
     def step_done(self, step: int) -> None:
         now = self.clock()
+        if step == self.start_step + 1:
+            self.first_step_seconds = now - self.last_step_end
         if step - self.start_step > WARMUP_STEPS:
             self.timed_steps += 1
             self.timed_seconds += now - self.last_step_end
@@ -89,7 +93,11 @@ class Pace:
         """Whether the histograms due by the step count may be written now (see HISTOGRAM_SHARE)."""
         if not self.histograms_by_time:
             return True
-        wait = self.histogram_seconds * (1.0 - HISTOGRAM_SHARE) / HISTOGRAM_SHARE
+        # Before the first ones, their cost is a guess: the first step's, which like the first
+        # histograms traces a forward and backward pass (~4 s at the photo defaults, where a step
+        # takes 0.1). Written at the first summary step, they had cost a 1-minute run 7% of it.
+        cost = self.histogram_seconds or self.first_step_seconds
+        wait = cost * (1.0 - HISTOGRAM_SHARE) / HISTOGRAM_SHARE
         return self.clock() - self.last_histograms >= wait
 
     def spent(self) -> float:

@@ -59,16 +59,19 @@ def test_validation_when_checkpoint_minutes_have_passed_but_not_when_determinist
 def test_histograms_wait_until_they_would_take_two_percent_of_the_time_but_not_when_deterministic():
     clock = Clock()
     p = pace.Pace(cfg(), steps_per_epoch=1000, max_steps=10_000, start_step=0, clock=clock)
+    clock.t += 0.9  # the first step traces: 1 s
     run_steps(p, clock, 1, 10, 0.1)
-    assert p.histograms_due()  # none written yet
+    assert not p.histograms_due()  # none written yet: their first costs about what the first step did
+    run_steps(p, clock, 11, 490, 0.1)  # 49 s after the first step
+    assert p.histograms_due()
     clock.t += 1.0
     p.histograms_written(1.0)
-    run_steps(p, clock, 11, 400, 0.1)  # 39 s of training
+    run_steps(p, clock, 491, 880, 0.1)  # 39 s of training
     assert not p.histograms_due()
     assert p.step_seconds() == pytest.approx(0.1)  # their second is no step's time
-    run_steps(p, clock, 401, 480, 0.1)  # 47 s
+    run_steps(p, clock, 881, 960, 0.1)  # 47 s
     assert not p.histograms_due()
-    run_steps(p, clock, 481, 510, 0.1)  # 50 s: 1 s is 2% of 51
+    run_steps(p, clock, 961, 990, 0.1)  # 50 s: 1 s is 2% of 51
     assert p.histograms_due()
     det = pace.Pace(cfg(deterministic="true"), 1000, 10_000, 0, clock=clock)
     det.histograms_written(1.0)
