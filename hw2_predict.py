@@ -90,18 +90,22 @@ def load_model(args):
         module = tf.saved_model.load(args.model)
         names = [n.decode() for n in module.class_names.numpy()]
         k = int(module.top_k.numpy())
+        short_side = int(module.short_side.numpy()) if hasattr(module, "short_side") else None  # older exports: full size
     else:
         module = serving.build_serving_module(run_dir.find(args.checkpoint_dir),
                                               run_dir.pick_checkpoint(args.checkpoint_dir, prefer_best=True),
                                               raw=args.raw, tta=args.tta or "auto")
         names, k = module.info["class_names"], module.info["top_k"]
+        short_side = int(module.short_side.numpy())
     # The closure keeps the module alive: its serve() holds only weak references to its variables.
-    return (lambda paths, batch_size: predict_files(module, paths, batch_size)), names, k
+    return (lambda paths, batch_size: predict_files(module, paths, batch_size, short_side)), names, k
 
 
-def predict_files(module, paths: list[str], batch_size: int) -> list[tuple[np.ndarray | None, str]]:
+def predict_files(module, paths: list[str], batch_size: int,
+                  short_side: int | None = None) -> list[tuple[np.ndarray | None, str]]:
     """(probabilities or None, error) per path. A batch that fails to decode is retried one by one.
-    Files are read one batch at a time: a folder of 10,000 phone photos is ~40 GB of JPEG bytes."""
+    Files are read one batch at a time: a folder of 10,000 phone photos is ~40 GB of JPEG bytes.
+    short_side: the module's (see _read)."""
     import tensorflow as tf
     results: list[tuple[np.ndarray | None, str]] = [(None, "")] * len(paths)
 
@@ -111,7 +115,7 @@ def predict_files(module, paths: list[str], batch_size: int) -> list[tuple[np.nd
     for start in range(0, len(paths), batch_size):
         blobs = {}
         for i in range(start, min(start + batch_size, len(paths))):
-            blob, error = _read(paths[i])
+            blob, error = _read(paths[i], short_side)
             if blob is None:
                 results[i] = (None, error)
             else:
@@ -130,8 +134,10 @@ def predict_files(module, paths: list[str], batch_size: int) -> list[tuple[np.nd
     return results
 
 
-def _read(path: str) -> tuple[bytes | None, str]:
-    """(the bytes the model decodes for path, "") or (None, why not)."""
+def _read(path: str, short_side: int | None = None) -> tuple[bytes | None, str]:
+    """(the bytes the model decodes for path, "") or (None, why not). A TIFF, HEIC or AVIF is
+    decoded here, by PIL, at `short_side` where given, as training decodes it: the model then
+    resizes nothing, and a HEIC's thumbnail can stand in for its photo (read_image)."""
     ext = os.path.splitext(path)[1]
     if ext.lower() in CONVERT_FIRST:
         return None, unsupported(ext)
@@ -141,7 +147,7 @@ def _read(path: str) -> tuple[bytes | None, str]:
         if not blob:
             return None, "empty file"
         # PIL reads a scan or an iPhone photo as training did.
-        return (_as_png(path) if blob.startswith(_TIFF) or blob[4:8] == _ISO_BOX else blob), ""
+        return (_as_png(path, short_side) if blob.startswith(_TIFF) or blob[4:8] == _ISO_BOX else blob), ""
     except OSError as e:
         return None, f"cannot read: {e.strerror}"
     except ValueError as e:  # read_image's message starts with the path
@@ -157,15 +163,16 @@ def _op_words(message: str) -> str:
     return (words[0] if words else lines[0])[:120]
 
 
-def _as_png(path: str) -> bytes:
-    """The image at path, decoded by PIL (upright, RGB) and re-encoded losslessly as PNG."""
+def _as_png(path: str, short_side: int | None = None) -> bytes:
+    """The image at path, decoded by PIL (upright, RGB; resized to short_side where given) and
+    re-encoded losslessly as PNG."""
     import io
 
     from PIL import Image
 
     from hw2_dataset import read_image
     out = io.BytesIO()
-    Image.fromarray(read_image(path)).save(out, "PNG", compress_level=1)
+    Image.fromarray(read_image(path, short_side=short_side)).save(out, "PNG", compress_level=1)
     return out.getvalue()
 
 

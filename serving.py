@@ -164,6 +164,7 @@ def build_serving_module(run: str, checkpoint: str, raw: bool = False, top_k: in
     each image's and its mirror's."""
     import tensorflow as tf
 
+    import augmentation
     import evaluation
     evaluation.check_tta(tta)
     saved = serving_model(run, checkpoint, raw)
@@ -171,7 +172,7 @@ def build_serving_module(run: str, checkpoint: str, raw: bool = False, top_k: in
     tta = evaluation.resolve_tta(tta, cfg)
     k = top_k or min(cfg.top_k, len(class_names))
     run_dir.check_top_k(k, len(class_names))
-    size, channels = cfg.image_size, cfg.channels
+    size, channels, short_side = cfg.image_size, cfg.channels, augmentation.base_short_side(cfg)
 
     class Serving(tf.Module):
         def __init__(self):
@@ -181,6 +182,9 @@ def build_serving_module(run: str, checkpoint: str, raw: bool = False, top_k: in
             self.class_names = tf.Variable([run_dir.valid_utf8(n) for n in class_names], trainable=False,
                                            dtype=tf.string, name="class_names")
             self.image_size = tf.Variable(size, trainable=False, name="image_size")
+            # What serve() resizes the short side to first: a caller that decodes a TIFF or HEIC
+            # itself (hw2_predict) hands over that size, which serve() then leaves as it is.
+            self.short_side = tf.Variable(short_side, trainable=False, name="short_side")
             self.top_k = tf.Variable(k, trainable=False, name="top_k")
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
@@ -241,7 +245,7 @@ def write_tflite(module, path: str, info: dict) -> None:
     import augmentation
     import evaluation
     cfg, tta = info["config"], info["tta"]
-    size, channels = cfg.image_size, cfg.channels
+    size, channels, short_side = cfg.image_size, cfg.channels, augmentation.base_short_side(cfg)
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, channels], tf.float32, name="images")])
     def classify(images):

@@ -266,6 +266,32 @@ def test_predict_reads_the_files_one_batch_at_a_time(exported, tmp_path):
     assert results[-1][1] == "cannot read: No such file or directory"
 
 
+def test_predict_reads_a_scan_and_an_iphone_photo_as_hw2_does(exported, tmp_path, capsys):
+    """TensorFlow decodes neither TIFF nor HEIC: hw2_predict decodes them with PIL at the export's
+    short side, as training does, so the export resizes nothing and answers as hw2_eval does."""
+    import tensorflow as tf
+    from PIL import Image
+    tmp, run_dir, model_dir = exported
+    y, x = np.mgrid[0:90, 0:70]
+    noise = np.random.default_rng(3).normal(0, 30, (90, 70, 1))
+    pixels = np.clip(np.stack([x * 3, y * 2, 200 - x - y], -1) + noise, 0, 255).astype(np.uint8)
+    folder = tmp_path / "images" / "any"
+    folder.mkdir(parents=True)
+    Image.fromarray(pixels).save(folder / "scan.tiff")
+    Image.fromarray(255 - pixels).save(folder / "IMG_0001.HEIC", quality=90)
+    out = str(tmp_path / "predictions.csv")
+    assert hw2_predict.main(["--model", model_dir, "--images", str(tmp_path / "images"), "--out", out,
+                             "--top_k", "2"]) == 0
+    assert "predicted 2 images" in capsys.readouterr().out
+    rows = {os.path.basename(r["path"]): r for r in csv.DictReader(open(out))}
+    files, expected = hw2_probabilities(run_dir, str(tmp_path / "images"))
+    names = [n.decode() for n in tf.saved_model.load(model_dir).class_names.numpy()]
+    for path, probs in zip(files, expected):
+        row = rows[os.path.basename(path)]
+        got = {row["class_1"]: float(row["prob_1"]), row["class_2"]: float(row["prob_2"])}
+        np.testing.assert_allclose([got[n] for n in names], probs, atol=2e-6, err_msg=path)
+
+
 def test_predict_a_folder_with_an_unreadable_file(exported, tmp_path, capsys):
     tmp, run_dir, model_dir = exported
     images = make_folder(tmp_path / "images", per_class=2)
