@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # 5: the gather form without a padded copy of its input, its filter gradient in bands of images.
 # 6: the gather form's forward in bands of images. 7: its backward in bands a quarter the size.
 # 8: the split batch norm's statistics as wide reductions (bn_forms._moments).
-CACHE_VERSION = 8
+# 9: Winograd F(4x4, 5x5) on 8x8 tiles for 5x5 kernels (it was F(2x2, 5x5) on 6x6).
+CACHE_VERSION = 9
 TIMED_CALLS = 3    # per form, after one untimed call; the fastest counts
 # ...and more rounds, up to MAX_ROUNDS, until the timing has taken MIN_TIMING_S: three calls of a
 # 2-ms layer on a shared machine picked the slower of two forms (the 64 px stem under the AVX2 cap:

@@ -8,8 +8,8 @@ matmuls and gathers of our own, each fastest on some layer shapes.
               many rows, twice as long; (kw + 1) / kw the multiplies (the stem's 3x3 on RGB at
               batch 128: the patch gather 16-20 ms against 41-58, the layer 73-112 against 87-135).
     matmul    1x1 kernels: the (subsampled) input is the patch matrix, no gather.
-    winograd  F(4x4, 3x3) and F(2x2, 5x5) (Lavin & Gray 2016) for 3x3 and 5x5 stride-1 float32
-              layers: 36 tile products per 4x4 (2x2) outputs instead of 144 (100) multiplies, in
+    winograd  F(4x4, 3x3) and F(4x4, 5x5) (Lavin & Gray 2016) for 3x3 and 5x5 stride-1 float32
+              layers: 36 (64) tile products per 4x4 outputs instead of 144 (400) multiplies, in
               four matmuls and two gathers.
     winograd_s2  3x3 stride-2 float32 layers: the input's four stride phases read as the channels
               of a half-size image (space to depth, folded into the tile gather), on which the
@@ -584,70 +584,83 @@ def _matmul_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf
 
 
 # ---------------------------------------------------------------------------------------------
-# winograd: F(4x4, 3x3) and F(2x2, 5x5)
+# winograd: F(4x4, 3x3) and F(4x4, 5x5)
 # ---------------------------------------------------------------------------------------------
 
 # Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016): for an a x a input tile
-# d (a = m + r - 1) and an r x r kernel g, the m x m outputs are A^T [(G g G^T) * (B^T d B)] A.
-# Both sizes here evaluate at the points 0, +-1, +-2 and infinity, so a = 6 and B is the same.
-_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
-_POINTS = np.array([0, 1, -1, 2, -2], np.float64)
-_A = 6  # input tile side
+# d (a = m + r - 1) and an r x r kernel g, the m x m outputs are A^T [(G g G^T) * (B^T d B)] A,
+# Toom-Cook at a - 1 points and infinity. 3x3 (and winograd_s2's 2x2) kernels take 6x6 tiles
+# (F(4x4, 3x3): points 0, +-1, +-2); 5x5 kernels 8x8 (F(4x4, 5x5): and +-1/2), where F(2x2, 5x5)'s
+# 6x6 tiles had copied each input pixel 9 times: the cifar10_tutorial's 5x5 64->64 at 12x12,
+# forward and both gradients, batch 128, 22.8 ms against 40.1 (native 27.5); under
+# ONEDNN_MAX_CPU_ISA=AVX2 38.7 against 61.2 (native 63.1). Error against tf.nn.conv2d ~1e-5 of
+# the largest value either way. (8x8 tiles for 3x3, F(6x6, 3x3), timed level with 6x6: not used.)
+_POINTS = np.array([0, 1, -1, 2, -2, 0.5, -0.5], np.float64)
+
+
+def tile_side(r: int) -> int:
+    """The input tile side a of the Winograd form for an r x r kernel."""
+    return 8 if r == 5 else 6
 
 
 def _winograd_matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(B^T [6,6], G [6,r], A^T [m,6]) of F(m, r) at _POINTS (m + r = 7).
+    """(B^T [a,a], G [a,r], A^T [m,a]) of F(m, r), a = m + r - 1, at the first a - 1 _POINTS.
 
-    A^T evaluates the outputs' polynomial at the points (rows p^i, and infinity's column picks the
-    top coefficient); G is the kernel's Lagrange-scaled Vandermonde (Lavin's F(4,3) G for r = 3).
+    B^T's row for a point p holds the coefficients of the product of (x - q) over the other
+    points (infinity's row: over all of them); A^T evaluates the outputs' polynomial at the points
+    (rows p^i, and infinity's column picks the top coefficient); G is the kernel's Lagrange-scaled
+    Vandermonde (Lavin's F(4,3) B^T and G for r = 3).
     """
     a = m + r - 1
-    scale = np.array([np.prod([p - q for q in _POINTS if q != p]) for p in _POINTS])
-    g = np.vstack([_POINTS[:, None] ** np.arange(r) / scale[:, None], np.eye(r)[-1:]])
-    at = np.hstack([_POINTS[None, :] ** np.arange(m)[:, None], np.eye(m)[:, -1:]])
-    assert _BT.shape == (a, a)
-    return _BT, g, at
+    points = _POINTS[: a - 1]
+    roots = np.polynomial.polynomial.polyfromroots
+    bt = np.array([np.append(roots(np.delete(points, j)), 0.0) for j in range(a - 1)] + [roots(points)])
+    scale = np.array([np.prod([p - q for q in points if q != p]) for p in points])
+    g = np.vstack([points[:, None] ** np.arange(r) / scale[:, None], np.eye(r)[-1:]])
+    at = np.hstack([points[None, :] ** np.arange(m)[:, None], np.eye(m)[:, -1:]])
+    return bt, g, at
 
 
 class _WinogradPlan(NamedTuple):
     """Static row indices of one image; the batch offsets are added at run time."""
+    a: int                # input tile side
     m: int                # outputs per tile side
     r: int                # kernel side
     ho: int
     wo: int
     tiles: int            # tiles per image
-    tile_in: np.ndarray   # [36, tiles]: input pixel (r*W + c) of each tile tap, -1 for padding
+    tile_in: np.ndarray   # [a*a, tiles]: input pixel (r*W + c) of each tile tap, -1 for padding
     x_back: np.ndarray | None  # [H*W, k, 2]: (tap, tile) of the taps reading each pixel, -1: none
     y_out: np.ndarray     # [Ho*Wo, 2]: (output tap, tile) of each output pixel
     y_back: np.ndarray    # [m*m, tiles]: output pixel of each output tap of each tile, -1 outside
 
 
 def _winograd_plan(h: int, wd: int, r: int, same: bool) -> _WinogradPlan:
-    m = _A - r + 1
+    a_ = tile_side(r)
+    m = a_ - r + 1
     ho, wo = (h, wd) if same else (h - r + 1, wd - r + 1)
     pad = (r - 1) // 2 if same else 0
     th, tw = -(-ho // m), -(-wo // m)
-    ty, tx, a, b = np.meshgrid(np.arange(th), np.arange(tw), np.arange(_A), np.arange(_A), indexing="ij")
+    ty, tx, a, b = np.meshgrid(np.arange(th), np.arange(tw), np.arange(a_), np.arange(a_), indexing="ij")
     y, x = ty * m + a - pad, tx * m + b - pad
     inside = (y >= 0) & (y < h) & (x >= 0) & (x < wd)
-    tile_in = np.where(inside, y * wd + x, -1).transpose(2, 3, 0, 1).reshape(_A * _A, th * tw)
+    tile_in = np.where(inside, y * wd + x, -1).transpose(2, 3, 0, 1).reshape(a_ * a_, th * tw)
     # Pixel (y, x) is tap a = (y+pad) mod m (+ m, + 2m, ...) of row tile (y+pad) // m (- 1, - 2, ...):
-    # ceil(6 / m) candidates per axis (2 for F(4,3), 3 for F(2,5)).
+    # ceil(a / m) candidates per axis (2 for F(4,3) and F(4,5), 2 for winograd_s2's F(5,2)).
     y, x = np.meshgrid(np.arange(h) + pad, np.arange(wd) + pad, indexing="ij")
     back = []
-    for ky in range(-(-_A // m)):
-        for kx in range(-(-_A // m)):
+    for ky in range(-(-a_ // m)):
+        for kx in range(-(-a_ // m)):
             ty, a, tx, b = y // m - ky, y % m + m * ky, x // m - kx, x % m + m * kx
-            ok = (ty >= 0) & (ty < th) & (a < _A) & (tx >= 0) & (tx < tw) & (b < _A)
-            back.append(np.stack([np.where(ok, a * _A + b, -1), np.where(ok, ty * tw + tx, -1)], -1))
+            ok = (ty >= 0) & (ty < th) & (a < a_) & (tx >= 0) & (tx < tw) & (b < a_)
+            back.append(np.stack([np.where(ok, a * a_ + b, -1), np.where(ok, ty * tw + tx, -1)], -1))
     x_back = np.stack(back, 2).reshape(h * wd, len(back), 2)
     oy, ox = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
     y_out = np.stack([(oy % m) * m + ox % m, (oy // m) * tw + ox // m], -1).reshape(ho * wo, 2)
     ty, tx, i, j = np.meshgrid(np.arange(th), np.arange(tw), np.arange(m), np.arange(m), indexing="ij")
     oy, ox = ty * m + i, tx * m + j
     y_back = np.where((oy < ho) & (ox < wo), oy * wo + ox, -1).transpose(2, 3, 0, 1).reshape(m * m, th * tw)
-    return _WinogradPlan(m, r, ho, wo, th * tw, tile_in, x_back, y_out, y_back)
+    return _WinogradPlan(a_, m, r, ho, wo, th * tw, tile_in, x_back, y_out, y_back)
 
 
 def _rows(src: tf.Tensor, channels: int) -> tf.Tensor:
@@ -687,7 +700,7 @@ def _s2_plan(h: int, wd: int, same: bool) -> tuple[_WinogradPlan, int, int]:
     i, j, a, b = np.meshgrid(np.arange(zh), np.arange(zw), np.arange(2), np.arange(2), indexing="ij")
     y, x = 2 * i + a - pt, 2 * j + b - pl
     zx = np.where((y >= 0) & (y < h) & (x >= 0) & (x < wd), y * wd + x, -1).reshape(zh * zw, 4)
-    tile_in = np.where(plan.tile_in[..., None] >= 0, zx[plan.tile_in], -1).reshape(_A * _A, -1)
+    tile_in = np.where(plan.tile_in[..., None] >= 0, zx[plan.tile_in], -1).reshape(plan.a * plan.a, -1)
     # The input gradient is the gather form's (x_back unused): the Winograd one gathers every
     # pixel's 4 overlapping tile taps at once, a buffer 4x the input (1.3 GB for the seed network's
     # conv2 at batch 128: peak RSS 6.2 GiB against the gather form's 3.8), and was no faster.
@@ -706,8 +719,8 @@ def _winograd_s2_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
 
 class _Winograd(NamedTuple):
     """One layer's Winograd convolution: its plan, sizes and transforms, the 2-D transforms as
-    matmuls over the tap axis of tap-major data: kron(B^T, B^T) [36, 36], kron(G, G) [36, r*r],
-    kron(A^T, A^T) [m*m, 36]."""
+    matmuls over the tap axis of tap-major data: kron(B^T, B^T) [a*a, a*a], kron(G, G) [a*a, r*r],
+    kron(A^T, A^T) [m*m, a*a]."""
     plan: _WinogradPlan
     h: int
     wd: int
@@ -719,22 +732,23 @@ class _Winograd(NamedTuple):
     at: tf.Tensor
 
     def tiles(self, x: tf.Tensor) -> tf.Tensor:
-        """The input's tiles after B^T, tap-major [36, N*tiles, phases*Cin]: the 36 tap GEMMs have
-        the whole band as M."""
+        """The input's tiles after B^T, tap-major [a*a, N*tiles, phases*Cin]: the a*a tap GEMMs
+        have the whole band as M."""
+        taps = self.plan.a * self.plan.a
         d = tf.gather(_rows(x, self.cin), _tap_major(self.plan.tile_in, tf.shape(x)[0], self.h * self.wd))
-        return tf.reshape(tf.matmul(self.bt, tf.reshape(d, [_A * _A, -1])), [_A * _A, -1, self.cz])
+        return tf.reshape(tf.matmul(self.bt, tf.reshape(d, [taps, -1])), [taps, -1, self.cz])
 
     def forward(self, x: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
         plan, m = self.plan, self.plan.m
-        prod = tf.matmul(self.tiles(x), u)  # [36, N*tiles, Cout]
-        yt = tf.matmul(self.at, tf.reshape(prod, [_A * _A, -1]))  # [m*m, N*tiles*Cout]
+        prod = tf.matmul(self.tiles(x), u)  # [a*a, N*tiles, Cout]
+        yt = tf.matmul(self.at, tf.reshape(prod, [plan.a * plan.a, -1]))  # [m*m, N*tiles*Cout]
         y = tf.gather(tf.reshape(yt, [-1, self.cout]), _image_major(plan.y_out, tf.shape(x)[0], plan.tiles, m * m))
         return tf.reshape(y, [-1, plan.ho, plan.wo, self.cout])
 
     def backward(self, x: tf.Tensor, dy: tf.Tensor, u: tf.Tensor, want_dx: bool, after: list):
-        """(dL/du summed over this band's tiles [36, phases*Cin, Cout], this band's dL/dx or None),
+        """(dL/du summed over this band's tiles [a*a, phases*Cin, Cout], this band's dL/dx or None),
         begun once the ops in `after` (the previous band's) have run."""
-        plan, m, taps, n = self.plan, self.plan.m, _A * _A, tf.shape(dy)[0]
+        plan, m, taps, n = self.plan, self.plan.m, self.plan.a * self.plan.a, tf.shape(dy)[0]
         # The output gather's adjoint is a gather too (a permutation, zeros where tiles overhang).
         with tf.control_dependencies(after):  # one band alive at a time
             dyt = tf.gather(_rows(dy, self.cout), _tap_major(plan.y_back, n, plan.ho * plan.wo))
@@ -746,10 +760,10 @@ class _Winograd(NamedTuple):
         # allocator peak 2.83 GiB, 2.13-2.19 with it, 2.71-2.74 kept).
         with tf.control_dependencies([dprod]):
             v = self.tiles(x)
-        du = tf.matmul(v, dprod, transpose_a=True)  # [36, Cin, Cout], summed over the tiles
+        du = tf.matmul(v, dprod, transpose_a=True)  # [a*a, Cin, Cout], summed over the tiles
         if not want_dx:
             return du, None
-        dv = tf.matmul(dprod, u, transpose_b=True)  # [36, N*tiles, Cin]
+        dv = tf.matmul(dprod, u, transpose_b=True)  # [a*a, N*tiles, Cin]
         # B's adjoint with an extra zero row: its output ends in zero rows that the gather below
         # reads for missing taps (cheaper than padding its output).
         dd = tf.matmul(tf.pad(tf.transpose(self.bt), [[0, 1], [0, 0]]), tf.reshape(dv, [taps, -1]))
@@ -767,11 +781,12 @@ def _winograd_apply(x: tf.Tensor, w: tf.Tensor, plan: _WinogradPlan, phases: int
     r, cout, cz = w.shape[0], w.shape[-1], phases * cin
     bt, g, at = (tf.constant(np.kron(t, t), x.dtype) for t in _winograd_matrices(plan.m, r))
     op = _Winograd(plan, h, wd, cin, cz, cout, bt, g, at)
-    ranges = _image_ranges(x.shape[0], _A * _A * plan.tiles * max(cz, cout) * x.dtype.size)
+    taps = plan.a * plan.a
+    ranges = _image_ranges(x.shape[0], taps * plan.tiles * max(cz, cout) * x.dtype.size)
 
     @tf.custom_gradient
     def conv(x, w):
-        u = tf.reshape(tf.matmul(g, tf.reshape(w, [r * r, cz * cout])), [_A * _A, cz, cout])
+        u = tf.reshape(tf.matmul(g, tf.reshape(w, [r * r, cz * cout])), [taps, cz, cout])
         y = tf.concat([op.forward(x[a:b], u) for a, b in ranges], axis=0) if ranges else op.forward(x, u)
 
         @_in_backward_scope
@@ -783,7 +798,7 @@ def _winograd_apply(x: tf.Tensor, w: tf.Tensor, plan: _WinogradPlan, phases: int
                 du = part if du is None else du + part
                 dx += [] if dx_band is None else [dx_band]
                 after = [du] + dx[-1:]
-            dw = tf.reshape(tf.matmul(g, tf.reshape(du, [_A * _A, -1]), transpose_a=True), [r, r, cz, cout])
+            dw = tf.reshape(tf.matmul(g, tf.reshape(du, [taps, -1]), transpose_a=True), [r, r, cz, cout])
             if input_grad is not None:
                 with tf.control_dependencies([dw]):
                     return input_grad(dy), dw

@@ -88,8 +88,8 @@ def test_im2col_matches_native_values_and_gradients(k, stride, padding, hw, form
     assert_close(dw, dw_ref, 1e-4)
 
 
-# Winograd's 6x6 input tiles step by 4 (3x3 kernels) or 2 (5x5): sizes below, at and between
-# multiples of the step, where the last tile overhangs the image and the overlapping taps of 2 or 3
+# Winograd's 6x6 (3x3 kernels) and 8x8 (5x5) input tiles step by 4: sizes below, at and between
+# multiples of the step, where the last tile overhangs the image and the overlapping taps of 2
 # tiles sum in the input gradient. Stride 2 (winograd_s2) steps by 5 pixels of the half-size phase
 # image, 10 of the input; odd sizes leave a phase one pixel short, VALID leaves the last row unread.
 WINOGRAD_EDGES, WINOGRAD_EDGE_IDS = with_forms(
@@ -162,7 +162,7 @@ def test_winograd_in_bands_of_images_matches_native(k, stride, form, monkeypatch
     assert_close(dw, dw_ref, 1e-4)
     graph = grads.get_concrete_function(x, w).graph
     makers = [op for op in graph.get_operations() if op.type == "MatMul" and op.inputs[0].op.type == "Const"
-              and op.inputs[0].shape.as_list() == [36, 36]]
+              and op.inputs[0].shape.as_list() == [conv_forms.tile_side(k) ** 2] * 2]
     assert len(makers) == 6  # each image's tiles, in the forward pass and again in the backward
 
 
