@@ -636,31 +636,31 @@ class _WinogradPlan(NamedTuple):
 
 
 def _winograd_plan(h: int, wd: int, r: int, same: bool) -> _WinogradPlan:
-    a_ = tile_side(r)
-    m = a_ - r + 1
+    side = tile_side(r)
+    m = side - r + 1
     ho, wo = (h, wd) if same else (h - r + 1, wd - r + 1)
     pad = (r - 1) // 2 if same else 0
     th, tw = -(-ho // m), -(-wo // m)
-    ty, tx, a, b = np.meshgrid(np.arange(th), np.arange(tw), np.arange(a_), np.arange(a_), indexing="ij")
+    ty, tx, a, b = np.meshgrid(np.arange(th), np.arange(tw), np.arange(side), np.arange(side), indexing="ij")
     y, x = ty * m + a - pad, tx * m + b - pad
     inside = (y >= 0) & (y < h) & (x >= 0) & (x < wd)
-    tile_in = np.where(inside, y * wd + x, -1).transpose(2, 3, 0, 1).reshape(a_ * a_, th * tw)
+    tile_in = np.where(inside, y * wd + x, -1).transpose(2, 3, 0, 1).reshape(side * side, th * tw)
     # Pixel (y, x) is tap a = (y+pad) mod m (+ m, + 2m, ...) of row tile (y+pad) // m (- 1, - 2, ...):
     # ceil(a / m) candidates per axis (2 for F(4,3) and F(4,5), 2 for winograd_s2's F(5,2)).
     y, x = np.meshgrid(np.arange(h) + pad, np.arange(wd) + pad, indexing="ij")
     back = []
-    for ky in range(-(-a_ // m)):
-        for kx in range(-(-a_ // m)):
+    for ky in range(-(-side // m)):
+        for kx in range(-(-side // m)):
             ty, a, tx, b = y // m - ky, y % m + m * ky, x // m - kx, x % m + m * kx
-            ok = (ty >= 0) & (ty < th) & (a < a_) & (tx >= 0) & (tx < tw) & (b < a_)
-            back.append(np.stack([np.where(ok, a * a_ + b, -1), np.where(ok, ty * tw + tx, -1)], -1))
+            ok = (ty >= 0) & (ty < th) & (a < side) & (tx >= 0) & (tx < tw) & (b < side)
+            back.append(np.stack([np.where(ok, a * side + b, -1), np.where(ok, ty * tw + tx, -1)], -1))
     x_back = np.stack(back, 2).reshape(h * wd, len(back), 2)
     oy, ox = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
     y_out = np.stack([(oy % m) * m + ox % m, (oy // m) * tw + ox // m], -1).reshape(ho * wo, 2)
     ty, tx, i, j = np.meshgrid(np.arange(th), np.arange(tw), np.arange(m), np.arange(m), indexing="ij")
     oy, ox = ty * m + i, tx * m + j
     y_back = np.where((oy < ho) & (ox < wo), oy * wo + ox, -1).transpose(2, 3, 0, 1).reshape(m * m, th * tw)
-    return _WinogradPlan(a_, m, r, ho, wo, th * tw, tile_in, x_back, y_out, y_back)
+    return _WinogradPlan(side, m, r, ho, wo, th * tw, tile_in, x_back, y_out, y_back)
 
 
 def _rows(src: tf.Tensor, channels: int) -> tf.Tensor:
