@@ -99,6 +99,20 @@ WINOGRAD_EDGES, WINOGRAD_EDGE_IDS = with_forms(
     + [(3, 2, "VALID", hw) for hw in [(3, 3), (4, 5), (12, 23)]])
 
 
+@pytest.mark.parametrize("m,r", [(4, 3), (4, 5), (5, 2)])
+def test_winograd_transforms_compute_a_correlation_exactly(m, r):
+    """The Toom-Cook matrices of F(m, r) (winograd: F(4,3), F(4,5); winograd_s2: F(5,2)), in float64
+    and in one dimension: A^T [(G g) * (B^T d)] is the m outputs of g slid over the tile d."""
+    bt, g, at = conv_forms._winograd_matrices(m, r)
+    a = m + r - 1
+    assert bt.shape == (a, a) and g.shape == (a, r) and at.shape == (m, a) and a == conv_forms.tile_side(r)
+    rng = np.random.default_rng(m * 10 + r)
+    for _ in range(5):
+        d, k = rng.standard_normal(a), rng.standard_normal(r)
+        want = [d[i:i + r] @ k for i in range(m)]
+        np.testing.assert_allclose(at @ ((g @ k) * (bt @ d)), want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("k,stride,padding,hw,form", WINOGRAD_EDGES, ids=WINOGRAD_EDGE_IDS)
 def test_im2col_matches_native_at_winograd_tile_edges(k, stride, padding, hw, form):
     x, w = random_inputs(3, *hw, 3, k, 4, seed=hw[0] * 7 + hw[1])
