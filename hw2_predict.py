@@ -90,7 +90,8 @@ def load_model(args):
         module = tf.saved_model.load(args.model)
         names = [n.decode() for n in module.class_names.numpy()]
         k = int(module.top_k.numpy())
-        short_side = int(module.short_side.numpy()) if hasattr(module, "short_side") else None  # older exports: full size
+        # Exports made before short_side was saved: TIFF and HEIC at full size, as then.
+        short_side = int(module.short_side.numpy()) if hasattr(module, "short_side") else None
     else:
         module = serving.build_serving_module(run_dir.find(args.checkpoint_dir),
                                               run_dir.pick_checkpoint(args.checkpoint_dir, prefer_best=True),

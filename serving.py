@@ -2,10 +2,10 @@
 
 The module's `serve(images)` takes a batch of encoded image files (tf.string: JPEG, PNG, BMP, GIF
 or WebP bytes; not TIFF, HEIC or AVIF, which TensorFlow cannot decode) and returns `probabilities`
-[N, classes], `top_k_indices`, `top_k_classes` and `top_k_probabilities` [N, K]. hw2's eval preprocessing runs
-inside in TensorFlow ops, so a user needs only TensorFlow; it decodes as hw2_dataset.read_image
-does (EXIF orientation, PIL's draft scale for big JPEGs, PNG transparency over white), and
-resampling differs from PIL's by a few grey levels where a resize is needed. The graph computes in
+[N, classes], `top_k_indices`, `top_k_classes` and `top_k_probabilities` [N, K]. hw2's eval
+preprocessing runs inside in TensorFlow ops, so a user needs only TensorFlow; it decodes as
+hw2_dataset.read_image does (EXIF orientation, PIL's draft scale for big JPEGs, PNG transparency
+over white), and resampling differs from PIL's by a few grey levels where a resize is needed. The graph computes in
 fp32 through tf.nn.conv2d, whatever precision trained the weights.
 """
 from __future__ import annotations
@@ -245,7 +245,7 @@ def write_tflite(module, path: str, info: dict) -> None:
     import augmentation
     import evaluation
     cfg, tta = info["config"], info["tta"]
-    size, channels, short_side = cfg.image_size, cfg.channels, augmentation.base_short_side(cfg)
+    size, channels = cfg.image_size, cfg.channels
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, channels], tf.float32, name="images")])
     def classify(images):
