@@ -276,8 +276,9 @@ def exit_now(code: int) -> None:
     TensorFlow's teardown (every tensor, traced function and thread pool of the run freed one by
     one, in C++ after Python's last line) took 1.1-1.6 s after a 4-step tiny run, and presumably
     the 27-44 s that some 10-minute photo runs took after their last line (bench/README.md): time
-    a --time_budget user waits past the budget with every file already saved. Only for a command's own end: never from a library
-    function or a test's in-process call, and not for several workers (their shutdown meets).
+    a --time_budget user waits past the budget with every file already saved. Only for a
+    command's own end: never from a library function or a test's in-process call, and not for
+    several workers (their shutdown meets).
     """
     atexit._run_exitfuncs()  # what a normal exit runs first; os._exit would skip them
     for stream in (sys.stdout, sys.stderr):
