@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 # 6: the gather form's forward in bands of images. 7: its backward in bands a quarter the size.
 # 8: the split batch norm's statistics as wide reductions (bn_forms._moments).
 # 9: Winograd F(4x4, 5x5) on 8x8 tiles for 5x5 kernels (it was F(2x2, 5x5) on 6x6).
-CACHE_VERSION = 9
+# 10: a strided layer's input gradient by col2im (conv_forms.col2im_input_grad) on CPUs.
+CACHE_VERSION = 10
 TIMED_CALLS = 3    # per form, after one untimed call; the fastest counts
 # ...and more rounds, up to MAX_ROUNDS, until the timing has taken MIN_TIMING_S: three calls of a
 # 2-ms layer on a shared machine picked the slower of two forms (the 64 px stem under the AVX2 cap:

@@ -17,6 +17,10 @@ matmuls and gathers of our own, each fastest on some layer shapes.
               36 tile products of 4*Cin per 25 outputs where the direct form does 25 * 9 of Cin
               (1.56x fewer multiplies; on the seed network's conv2 under an AVX2 cap, 9% faster).
 
+A strided layer's input gradient (the gather and winograd_s2 forms) is col2im on a CPU: one
+wide matmul for every tap's product, added into the input pixels by an XLA-compiled overlap-add
+(`col2im_input_grad`); elsewhere, and for small layers, one matmul per stride phase.
+
 `conv2d(x, w, sh, sw, same, form)` runs one form with its hand-written gradient (training);
 `conv2d_bias_act` is the inference form with the bias (a folded batch norm) and ReLU fused where
 the form allows. `default_form` is the fixed choice per shape (tests, --deterministic); the
@@ -368,7 +372,7 @@ def _gather_conv(x: tf.Tensor, w: tf.Tensor, sh: int, sw: int, same: bool) -> tf
                 dw -= tf.matmul(wrong, tf.reshape(dy_border, [-1, cout]), transpose_a=True)
             dw = tf.reshape(dw, [kh, kw, cin, cout])
             with tf.control_dependencies([dw]):  # one band of either gradient alive at a time
-                return gather_input_grad(dy, w, h, wd, sh, sw, plan.pt, plan.pl), dw
+                return input_grad(dy, w, h, wd, sh, sw, plan.pt, plan.pl), dw
 
         return y, grad
 
@@ -452,6 +456,82 @@ def gather_input_grad(
     images = (tf.range(n) * (h * wd))[:, None]
     index = [tf.reshape(tf.constant(p, tf.int32)[None, :] + images, [-1]) for p in pixels]
     return tf.reshape(_stitch(index, pieces), [-1, h, wd, cin])
+
+
+# The input gradient of a strided layer by col2im: every tap's product dy @ w^T in one matmul
+# [M, Cout] x [Cout, kh*kw*Cin], each product then added into the input pixel it came from by an
+# XLA-compiled overlap-add (TensorFlow has no cheap one: segment sums and scatters over the tap
+# matrix cost more than the matmul saved). The stride-phase form above runs one matmul per phase
+# with N = Cin output columns, slow on narrow N, plus gathers of dy and a stitch. conv2 of the seed
+# network (3x3/2, 64->128), dL/dx alone, ms (Intel Xeon model 207, AVX-512, no AMX; best of 6-8;
+# oneDNN's Conv2DBackpropInput in brackets): 100 px batch 64 95-113 against 139-177 (64-79);
+# 64 px batch 16 7.9-9.9 against 11.9-13.8 (6.6-7.4); 32 px batch 128 16-23 against 26-38 (13-18).
+# Its forward and both gradients, gather form, phases -> col2im (native): 100 px batch 128 499 ->
+# 402 (339), 64 px batch 16 25.7 -> 21.2 (17.2); under ONEDNN_MAX_CPU_ISA=AVX2 856 -> 676 (796),
+# 42.6 -> 33.6 (32.8); in bfloat16 608 -> 571 (533). Stride-1 layers keep the single phase: there
+# col2im was level at best (3x3 64->64 on 25x25: 40.5 against 31.3 ms).
+# Below COL2IM_MIN_BYTES of tap matrix at the batch the phase form stays: the overlap-add's XLA
+# compile (0.1-0.6 s, once per run and shape) would cost more than it saves.
+COL2IM_MIN_BYTES = 4 * 2**20
+_OVERLAP_ADDS: dict = {}
+
+
+def overlap_add(value, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int, h: int, wd: int, pt: int,
+                pl: int) -> tf.Tensor:
+    """The sum, at each input pixel [N, h, wd, C], of value(i, j) [N, ho, wo, C] (tap (i, j) of every
+    output, called in row-major tap order) at the pixel that tap reads: output o's tap i is pixel
+    o*s + i - pt. Whole-tensor pads, adds and one interleave of the stride phases, for XLA to
+    compile into a few loops; pixels no tap reads (the end of a VALID input) get zeros."""
+    hq, wq = ho + (kh - 1) // sh, wo + (kw - 1) // sw  # a stride phase's extent, every tap inside
+    phases: dict = {}
+    for i in range(kh):
+        for j in range(kw):
+            moved = tf.pad(value(i, j), [[0, 0], [i // sh, hq - ho - i // sh], [j // sw, wq - wo - j // sw], [0, 0]])
+            phase = (i % sh, j % sw)
+            phases[phase] = moved if phase not in phases else phases[phase] + moved
+    zero = tf.zeros_like(next(iter(phases.values())))
+    # [N, hq, sh, wq, sw, C] -> the padded input's pixels in order
+    grid = tf.stack([tf.stack([phases.get((a, b), zero) for b in range(sw)], axis=3) for a in range(sh)], axis=2)
+    dxp = tf.reshape(grid, [-1, hq * sh, wq * sw, grid.shape[-1]])
+    dx = dxp[:, pt:pt + h, pl:pl + wd]
+    if dx.shape[1] < h or dx.shape[2] < wd:
+        dx = tf.pad(dx, [[0, 0], [0, h - dx.shape[1]], [0, wd - dx.shape[2]], [0, 0]])
+    return dx
+
+
+def _overlap_add_fn(kh: int, kw: int, sh: int, sw: int, ho: int, wo: int, h: int, wd: int, pt: int, pl: int):
+    """One XLA-compiled taps [N, ho, wo, kh*kw*Cin] -> dL/dx per layer geometry (not per trace)."""
+    key = (kh, kw, sh, sw, ho, wo, h, wd, pt, pl)
+    if key not in _OVERLAP_ADDS:
+        @tf.function(jit_compile=True)
+        def add(taps):
+            # Summed in float32 whatever the compute dtype: up to kh*kw terms per pixel.
+            t = tf.reshape(tf.cast(taps, tf.float32), [-1, ho, wo, kh, kw, taps.shape[-1] // (kh * kw)])
+            dx = overlap_add(lambda i, j: t[:, :, :, i, j], kh, kw, sh, sw, ho, wo, h, wd, pt, pl)
+            return tf.cast(dx, taps.dtype)
+
+        _OVERLAP_ADDS[key] = add
+    return _OVERLAP_ADDS[key]
+
+
+def col2im_input_grad(
+    dy: tf.Tensor, w: tf.Tensor, h: int, wd: int, sh: int, sw: int, pt: int, pl: int
+) -> tf.Tensor:
+    """dL/dx as one matmul of dy by every tap's kernel, then the XLA overlap-add."""
+    kh, kw, cin, cout = w.shape
+    ho, wo = dy.shape[1], dy.shape[2]
+    w_t = tf.transpose(tf.reshape(w, [kh * kw * cin, cout]))
+    taps = tf.reshape(tf.matmul(tf.reshape(dy, [-1, cout]), w_t), [-1, ho, wo, kh * kw * cin])
+    return _overlap_add_fn(kh, kw, sh, sw, ho, wo, h, wd, pt, pl)(taps)
+
+
+def input_grad(dy: tf.Tensor, w: tf.Tensor, h: int, wd: int, sh: int, sw: int, pt: int, pl: int) -> tf.Tensor:
+    """dL/dx of the gather-based forms: col2im for a strided layer on a CPU, the stride phases else."""
+    kh, kw, cin, _ = w.shape
+    taps_bytes = (dy.shape[0] or 128) * dy.shape[1] * dy.shape[2] * kh * kw * cin * dy.dtype.size
+    if (sh, sw) != (1, 1) and taps_bytes >= COL2IM_MIN_BYTES and not tf.config.list_physical_devices("GPU"):
+        return col2im_input_grad(dy, w, h, wd, sh, sw, pt, pl)
+    return gather_input_grad(dy, w, h, wd, sh, sw, pt, pl)
 
 
 def _stitch(index: list[tf.Tensor], pieces: list[tf.Tensor]) -> tf.Tensor:
@@ -714,7 +794,7 @@ def _winograd_s2_conv(x: tf.Tensor, w: tf.Tensor, same: bool) -> tf.Tensor:
     wz = tf.reshape(tf.transpose(tf.reshape(wz, [2, 2, 2, 2, cin, -1]), [0, 2, 1, 3, 4, 5]), [2, 2, 4 * cin, -1])
     plan, pt, pl = _s2_plan(h, wd, same)
     return _winograd_apply(x, wz, plan, phases=4,
-                           input_grad=lambda dy: gather_input_grad(dy, w, h, wd, 2, 2, pt, pl))
+                           input_grad=lambda dy: input_grad(dy, w, h, wd, 2, 2, pt, pl))
 
 
 class _Winograd(NamedTuple):

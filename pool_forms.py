@@ -26,6 +26,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import conv_forms
+
 FORMS = ("native", "taps")
 
 
@@ -90,32 +92,23 @@ def _axis(size: int, k: int, s: int, same: bool) -> tuple[int, int, int]:
 
 
 def _taps_gradient(x, y, dy, kh, kw, sh, sw, same):
-    _, h, w, c = x.shape
+    _, h, w, _ = x.shape
     ho, pt, hq = _axis(h, kh, sh, same)
     wo, pl, wq = _axis(w, kw, sw, same)
     # The input on the phase grid (hq*sh x wq*sw): -inf padding never equals a window's maximum.
     # The grid can also end before a VALID input does: those pixels are in no window.
     xp = tf.pad(x, [[0, 0], [pt, max(hq * sh - h - pt, 0)], [pl, max(wq * sw - w - pl, 0)], [0, 0]],
                 constant_values=-np.inf)[:, :hq * sh, :wq * sw]
-    taken, phases = None, {}
-    for i in range(kh):
-        for j in range(kw):
-            tap = xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw]
-            hit = tf.equal(tap, y)
-            if taken is None:
-                taken = hit
-            else:  # MaxPoolGrad's pixel: the first maximum in row-major order
-                hit = tf.logical_and(hit, tf.logical_not(taken))
-                taken = tf.logical_or(taken, hit)
-            moved = tf.pad(tf.where(hit, dy, tf.zeros_like(dy)),
-                           [[0, 0], [i // sh, hq - ho - i // sh], [j // sw, wq - wo - j // sw], [0, 0]])
-            phase = (i % sh, j % sw)
-            phases[phase] = moved if phase not in phases else phases[phase] + moved
-    zero = tf.zeros_like(next(iter(phases.values())))
-    # [N, hq, sh, wq, sw, C] -> the padded input's pixels in order
-    grid = tf.stack([tf.stack([phases.get((a, b), zero) for b in range(sw)], axis=3) for a in range(sh)], axis=2)
-    dxp = tf.reshape(grid, [-1, hq * sh, wq * sw, c])
-    dx = dxp[:, pt:pt + h, pl:pl + w]
-    if dx.shape[1] < h or dx.shape[2] < w:
-        dx = tf.pad(dx, [[0, 0], [0, h - dx.shape[1]], [0, w - dx.shape[2]], [0, 0]])
-    return dx
+    taken = None
+
+    def moved(i, j):  # overlap_add asks for the taps in row-major order
+        nonlocal taken
+        hit = tf.equal(xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw], y)
+        if taken is None:
+            taken = hit
+        else:  # MaxPoolGrad's pixel: the first maximum in row-major order
+            hit = tf.logical_and(hit, tf.logical_not(taken))
+            taken = tf.logical_or(taken, hit)
+        return tf.where(hit, dy, tf.zeros_like(dy))
+
+    return conv_forms.overlap_add(moved, kh, kw, sh, sw, ho, wo, h, w, pt, pl)

@@ -185,6 +185,67 @@ def test_gather_input_gradient_interleaves_its_stride_phases_with_the_parallel_s
     assert_close(dx, conv_and_grads(x, w, 2, "SAME", "native", upstream)[1], 1e-4)
 
 
+COL2IM, COL2IM_IDS = with_forms(
+    [(k, s, p, hw) for k in (1, 2, 3, 5) for s in (2, 3) for p in ("SAME", "VALID") for hw in [(7, 9), (10, 10)]
+     if k > 1 or s == 2], cin=5)
+
+
+@pytest.mark.parametrize("k,stride,padding,hw,form", COL2IM, ids=COL2IM_IDS)
+def test_col2im_input_gradient_matches_native(k, stride, padding, hw, form, monkeypatch):
+    # A strided layer's dL/dx on a CPU: one matmul for every tap's product, then the XLA overlap-add
+    # (taps of different outputs meet on one pixel; VALID leaves pixels no tap reads). Small maps
+    # keep the stride phases unless the threshold is lowered, as here.
+    monkeypatch.setattr(conv_forms, "COL2IM_MIN_BYTES", 0)
+    x, w = random_inputs(3, *hw, 5, k, 4, seed=k + 10 * stride)
+    y_ref, dx_ref, dw_ref, upstream = conv_and_grads(x, w, stride, padding, "native")
+    y, dx, dw, _ = conv_and_grads(x, w, stride, padding, "im2col", upstream, form=form)
+    assert_close(y, y_ref, 1e-4)
+    assert_close(dx, dx_ref, 1e-4)
+    assert_close(dw, dw_ref, 1e-4)
+
+
+@pytest.mark.parametrize("form", ["gather", "winograd_s2"])
+def test_col2im_takes_a_strided_layers_input_gradient_above_its_threshold(form, monkeypatch):
+    x, w = random_inputs(2, 11, 10, 5, 3, 4, seed=5)
+
+    def ops(threshold):
+        monkeypatch.setattr(conv_forms, "COL2IM_MIN_BYTES", threshold)
+        grads = tf.function(lambda x, w: conv_and_grads(x, w, 2, "SAME", "im2col", form=form))
+        ops = grads.get_concrete_function(x, w).graph.get_operations()
+        xla = [op for op in ops if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")]
+        return {op.type for op in ops}, len(xla)
+
+    types, xla_calls = ops(0)
+    assert "ParallelDynamicStitch" not in types and xla_calls == 1
+    types, xla_calls = ops(2**40)
+    assert "ParallelDynamicStitch" in types and xla_calls == 0
+
+
+@pytest.mark.skipif(bf16_kernels_missing(), reason="bf16 crashes under this ONEDNN_MAX_CPU_ISA cap")
+def test_col2im_in_bfloat16_matches_float32_native_loosely(monkeypatch):
+    monkeypatch.setattr(conv_forms, "COL2IM_MIN_BYTES", 0)
+    x, w = random_inputs(2, 9, 10, 5, 3, 4, seed=29, dtype=tf.bfloat16)
+    _, dx, _, upstream = conv_and_grads(x, w, 2, "SAME", "im2col", form="gather")
+    assert dx.dtype == tf.bfloat16
+    dx_ref = conv_and_grads(tf.cast(x, tf.float32), w, 2, "SAME", "native", tf.cast(upstream, tf.float32))[1]
+    assert_close(dx, dx_ref, 3e-2)
+
+
+def test_col2im_with_a_batch_unknown_when_traced_matches_native(monkeypatch):
+    monkeypatch.setattr(conv_forms, "COL2IM_MIN_BYTES", 0)
+    x, w = random_inputs(3, 9, 8, 5, 3, 4, seed=23)
+    upstream = tf.random.stateless_normal([3, 5, 4, 4], [1, 3])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 9, 8, 5])])
+    def grads(x):
+        return conv_and_grads(x, w, 2, "SAME", "im2col", upstream[:tf.shape(x)[0]], form="gather")[1:3]
+
+    for n in (3, 1):
+        _, dx_ref, dw_ref, _ = conv_and_grads(x[:n], w, 2, "SAME", "native", upstream[:n])
+        for got, ref in zip(grads(x[:n]), (dx_ref, dw_ref)):
+            assert_close(got, ref, 1e-4)
+
+
 def test_native_strided_1x1_gradient_is_the_sum_it_stands_for():
     # TensorFlow 2.21's oneDNN filter gradient of a 1x1 stride-2 convolution corrupted the heap
     # (glibc aborted the process within ~60 of these calls on an Intel Xeon with AVX-512) and was
