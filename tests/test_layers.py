@@ -221,6 +221,22 @@ def test_col2im_takes_a_strided_layers_input_gradient_above_its_threshold(form, 
     assert "ParallelDynamicStitch" in types and xla_calls == 0
 
 
+@pytest.mark.parametrize("k,stride,padding,form", [(3, 2, "SAME", "gather"), (3, 2, "VALID", "winograd_s2"),
+                                                  (2, 3, "SAME", "gather")])
+def test_col2im_in_bands_of_images_matches_native(k, stride, padding, form, monkeypatch):
+    # One band of tap matrix alive at a time (BAND_BYTES): here one image per band, one XLA call each.
+    monkeypatch.setattr(conv_forms, "COL2IM_MIN_BYTES", 0)
+    monkeypatch.setattr(conv_forms, "BAND_BYTES", 1)
+    x, w = random_inputs(3, 11, 10, 5, k, 4, seed=31)
+    grads = tf.function(lambda x, w: conv_and_grads(x, w, stride, padding, "im2col", form=form))
+    ops = grads.get_concrete_function(x, w).graph.get_operations()
+    assert sum("_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile") for op in ops) == 3
+    y, dx, dw, upstream = grads(x, w)
+    _, dx_ref, dw_ref, _ = conv_and_grads(x, w, stride, padding, "native", upstream)
+    assert_close(dx, dx_ref, 1e-4)
+    assert_close(dw, dw_ref, 1e-4)
+
+
 @pytest.mark.skipif(bf16_kernels_missing(), reason="bf16 crashes under this ONEDNN_MAX_CPU_ISA cap")
 def test_col2im_in_bfloat16_matches_float32_native_loosely(monkeypatch):
     monkeypatch.setattr(conv_forms, "COL2IM_MIN_BYTES", 0)
