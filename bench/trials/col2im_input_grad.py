@@ -9,7 +9,8 @@ ONEDNN_MAX_CPU_ISA=AVX2), and the gathers and the stitch add more. A col2im form
 one [M, 128] x [128, 9*64] matmul (N = 576, at the roof with or without the cap), then adds each
 tap's product into its input pixel. This times that form with the overlap-add three ways against
 the gather form and oneDNN's own Conv2DBackpropInput, each checked against the latter. The
-overlap-add is what lost: TensorFlow has no cheap op for it (see bench/README.md).
+overlap-add is what lost: TensorFlow has no cheap op for it (see bench/README.md). Compiled by XLA
+it is cheap, and that is what conv_forms.col2im_input_grad does now (bench/col2im_layer.py times it).
 
 --stem times instead the stem's filter gradient (3x3, 3->64 on 100x100): oneDNN's, the gather
 form's, and the matmul over the stem's patch matrix alone in three shapes (K = 27 is a long, thin
