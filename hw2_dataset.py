@@ -468,7 +468,10 @@ def open_image(path: str) -> Image.Image:
 
 
 def read_image(path: str, short_side: int | None = None) -> np.ndarray:
-    """Decode any supported image to uint8 RGB [H, W, 3], upright, optionally resized so min(H, W) == short_side."""
+    """Decode any supported image to uint8 RGB [H, W, 3], upright, optionally resized so min(H, W) == short_side.
+
+    Runs keep what this returns on disk (decode_cache.py): a change to the pixels it gives for a
+    file must bump decode_cache.VERSION."""
     path = os.fsdecode(path)  # tf.numpy_function hands strings over as bytes
     if short_side is not None:
         short_side = int(short_side)

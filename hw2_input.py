@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 import tensorflow as tf
 
+import decode_cache
 import utils
 from augmentation import base_short_side, eval_preprocess, train_preprocess
 from hw2_dataset import read_image
@@ -40,6 +41,11 @@ def _read_or_skip(path: bytes, short_side: int) -> tuple[np.ndarray, bool]:
 
 def _decode(files: tf.data.Dataset, cfg: Mapping[str, Any]) -> tf.data.Dataset:
     """(path, label) -> (uint8 image [H,W,3], int32 label), unreadable files dropped."""
+    return _decode_all(files, cfg).filter(_is_ok).map(_drop_ok)
+
+
+def _decode_all(files: tf.data.Dataset, cfg: Mapping[str, Any]) -> tf.data.Dataset:
+    """(path, label) -> (uint8 image [H,W,3], int32 label, ok), in order; unreadable: ok False."""
     short_side = base_short_side(cfg)
 
     def read(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -51,7 +57,7 @@ def _decode(files: tf.data.Dataset, cfg: Mapping[str, Any]) -> tf.data.Dataset:
         ok.set_shape([])
         return image, label, ok
 
-    return files.map(_plain(read), num_parallel_calls=tf.data.AUTOTUNE).filter(_is_ok).map(_drop_ok)
+    return files.map(_plain(read), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _paths(data_dir: str, items: list[tuple[str, int]]) -> list[bytes]:
@@ -83,23 +89,38 @@ def decode_dataset(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str
 
 def _preload(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any]):
     """Decode every image once (in parallel) into one flat uint8 buffer with offsets and shapes,
-    so the train pipeline can fetch any image by index in pure TensorFlow, without the GIL."""
+    so the train pipeline can fetch any image by index in pure TensorFlow, without the GIL.
+    Images decoded by an earlier run come from the decoded-image cache (decode_cache.py)."""
     import time
     t = time.time()
-    flat, offsets, shapes, labels = [], [0], [], []
-    decoded = decode_dataset(data_dir, items, cfg).as_numpy_iterator()
-    for image, label in utils.progress(decoded, len(items), "images", "decoding the training images into RAM"):
-        flat.append(image.ravel())
-        offsets.append(offsets[-1] + image.size)
-        shapes.append(image.shape)
-        labels.append(label)
-    if not labels:
+    short_side = base_short_side(cfg)
+    cached = decode_cache.load(data_dir, short_side) if cfg["decode_cache"] else {}
+    stamps = [decode_cache.file_stamp(os.path.join(data_dir, path)) for path, _ in items]
+    images = {i: cached[path][1] for i, (path, _) in enumerate(items)
+              if stamps[i] is not None and path in cached and cached[path][0] == stamps[i]}
+    missing = [i for i in range(len(items)) if i not in images]
+    if missing:
+        decoded = _decode_all(_file_list(data_dir, [items[i] for i in missing]), cfg).as_numpy_iterator()
+        for i, (image, _, ok) in zip(missing, utils.progress(decoded, len(missing), "images",
+                                                            "decoding the training images into RAM")):
+            if ok:
+                images[i] = image
+                if stamps[i] is not None:
+                    cached[items[i][0]] = (stamps[i], image)
+        if cfg["decode_cache"] and len(images) > len(items) - len(missing):
+            decode_cache.save(data_dir, short_side, decode_cache.still_current(data_dir, cached))
+    if not images:
         raise UserError(f"none of the {len(items)} training images in {data_dir} could be read")
-    if len(items) > 256:
-        log.info("decoded %d training images into RAM (%.0f MiB) in %.1fs", len(labels),
-                 offsets[-1] / 2**20, time.time() - t)
-    return (tf.constant(np.concatenate(flat)), tf.constant(offsets, tf.int64),
-            tf.constant(np.array(shapes, np.int32)), np.array(labels, np.int32))
+    order = sorted(images)
+    sizes = [images[i].size for i in order]
+    if len(items) > 256 or len(missing) < len(items):
+        log.info("training images in RAM: %d (%.0f MiB) in %.1fs; %d from the decoded-image cache %s",
+                 len(order), sum(sizes) / 2**20, time.time() - t, len(items) - len(missing),
+                 decode_cache.folder() if len(missing) < len(items) else "(none)")
+    return (tf.constant(np.concatenate([images[i].ravel() for i in order])),
+            tf.constant(np.cumsum([0] + sizes), tf.int64),
+            tf.constant(np.array([images[i].shape for i in order], np.int32)),
+            np.array([items[i][1] for i in order], np.int32))
 
 
 def _shuffled_order(n: int, seed: int):

@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import pytest
@@ -18,6 +19,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Fixed convolution forms (conv_forms.default_form): a test's result must not depend on timings,
 # and every test-started training run (subprocesses too) would otherwise time forms on its own.
 os.environ["HW2_CONV_AUTOTUNE"] = "0"
+# The decoded-image cache (decode_cache.py) and any other user cache of the tests' runs, and of the
+# training subprocesses they start, go to a folder of this session, not the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="hw2-tests-cache-")
 
 
 @dataclass

@@ -103,6 +103,42 @@ def test_unreadable_file_is_skipped_with_a_warning(tmp_path, caplog, cache_mb):
     assert len(warnings) == 1  # once per file, not once per epoch or per pipeline
 
 
+def test_a_second_run_reads_the_decoded_images_back_and_decodes_only_changed_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    items = folder(data, 4)
+    reads = []
+    real_read = hw2_input.read_image
+    monkeypatch.setattr(hw2_input, "read_image", lambda path, **kw: reads.append(path) or real_read(path, **kw))
+
+    def preload(items, cfg=CFG):
+        reads.clear()
+        flat, offsets, shapes, labels = hw2_input._preload(str(data), items, cfg)
+        images = [flat.numpy()[offsets[k]:offsets[k + 1]].reshape(shapes[k]) for k in range(len(labels))]
+        return images, labels.tolist(), sorted(os.path.relpath(p, data) for p in reads)
+
+    first, labels, decoded = preload(items)
+    assert len(decoded) == 8 and labels == [label for _, label in items]
+    again, labels_again, decoded = preload(items)
+    assert decoded == [] and labels_again == labels
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    # A fold's subset reads back too; a rewritten file, and only it, decodes again.
+    assert preload(items[::2])[2] == []
+    changed = data / items[1][0]
+    new_pixels = random_image(30, 22, seed=5)
+    hw2_dataset.Image.fromarray(new_pixels).save(changed, format="PNG" if changed.suffix == ".png" else "JPEG")
+    os.utime(changed, ns=(1, 1))
+    images, _, decoded = preload(items)
+    assert decoded == [items[1][0]]
+    assert np.array_equal(images[1], real_read(str(changed), short_side=hw2_input.base_short_side(CFG)))
+    # Off by the config, or the cache file damaged: everything decodes, nothing fails.
+    assert len(preload(items, config(decode_cache=False))[2]) == 8
+    for f in os.listdir(tmp_path / "cache" / "hw2" / "decoded"):
+        (tmp_path / "cache" / "hw2" / "decoded" / f).write_bytes(b"not an npz")
+    images, _, decoded = preload(items)
+    assert len(decoded) == 8 and all(np.array_equal(a, b) for a, b in zip(images, preload(items)[0]))
+
+
 def test_decode_dataset_gives_uint8_at_base_short_side(tmp_path):
     items = folder(tmp_path, 2)[:3]
     side = augmentation.base_short_side(CFG)
