@@ -113,7 +113,7 @@ def _preload(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any]
         raise UserError(f"none of the {len(items)} training images in {data_dir} could be read")
     order = sorted(images)
     sizes = [images[i].size for i in order]
-    if len(items) > 256 or len(missing) < len(items):
+    if len(items) > 256:
         log.info("training images in RAM: %d (%.0f MiB) in %.1fs; %d from the decoded-image cache %s",
                  len(order), sum(sizes) / 2**20, time.time() - t, len(items) - len(missing),
                  decode_cache.folder() if len(missing) < len(items) else "(none)")
