@@ -95,7 +95,7 @@ KEYS: dict[str, Key] = {
     "deterministic": _k(bool, False, "bit-identical runs for a seed (slower)"),
     "on_bad_image": _k(str, "skip", "a file the scan cannot use: skip (listed) or fail", ("skip", "fail")),
     "cache_images_mb": _k(int, 1024, "decoded images stay in RAM when they fit in this many MiB", check=">=0"),
-    "decode_cache": _k(bool, True, "keep decoded training images on disk between runs (~/.cache/hw2/decoded)"),
+    "decode_cache": _k(bool, True, "keep decoded images on disk between runs (~/.cache/hw2/decoded)"),
     "class_balance": _k(str, "none", "unequal classes: none, weights (loss) or sampler (tf.data)",
                         ("none", "weights", "sampler")),
     # ---- training

@@ -1,8 +1,9 @@
-"""Decoded training images kept on disk between runs, so a folder decodes once, not once a run.
+"""Decoded images kept on disk between runs, so a folder decodes once, not once a run.
 
 Decoding is most of a run's start on a real folder: 2,000 phone JPEGs took ~23 s on 2 cores, and
 a time budget counts it. Every later run on the same folder at the same decode size (a rerun, a
-resume, each variant and fold of hw2_experiment) reads the images back instead.
+resume, each variant and fold of hw2_experiment, hw2_eval's runs) reads the images back instead:
+hw2_input's training preload and its evaluation sets that fit in RAM (cache_images_mb).
 
 One file per (folder, decode short side) in the user's cache folder (XDG_CACHE_HOME or ~/.cache,
 `hw2/decoded/`): every image decoded so far, each with its file's size and modification time. An

@@ -87,10 +87,11 @@ def decode_dataset(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str
     return _decode(_file_list(data_dir, items), cfg)
 
 
-def _preload(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any]):
+def _preload(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any], what: str = "training"):
     """Decode every image once (in parallel) into one flat uint8 buffer with offsets and shapes,
     so the train pipeline can fetch any image by index in pure TensorFlow, without the GIL.
-    Images decoded by an earlier run come from the decoded-image cache (decode_cache.py)."""
+    Images decoded by an earlier run come from the decoded-image cache (decode_cache.py).
+    Unreadable files are left out; none readable stops a training run, and is an empty set else."""
     import time
     t = time.time()
     short_side = base_short_side(cfg)
@@ -102,24 +103,24 @@ def _preload(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any]
     if missing:
         decoded = _decode_all(_file_list(data_dir, [items[i] for i in missing]), cfg).as_numpy_iterator()
         for i, (image, _, ok) in zip(missing, utils.progress(decoded, len(missing), "images",
-                                                            "decoding the training images into RAM")):
+                                                            f"decoding the {what} images into RAM")):
             if ok:
                 images[i] = image
                 if stamps[i] is not None:
                     cached[items[i][0]] = (stamps[i], image)
         if cfg["decode_cache"] and len(images) > len(items) - len(missing):
             decode_cache.save(data_dir, short_side, decode_cache.still_current(data_dir, cached))
-    if not images:
+    if not images and what == "training":
         raise UserError(f"none of the {len(items)} training images in {data_dir} could be read")
     order = sorted(images)
     sizes = [images[i].size for i in order]
     if len(items) > 256:
-        log.info("training images in RAM: %d (%.0f MiB) in %.1fs; %d from the decoded-image cache %s",
+        log.info("%s images in RAM: %d (%.0f MiB) in %.1fs; %d from the decoded-image cache %s", what,
                  len(order), sum(sizes) / 2**20, time.time() - t, len(items) - len(missing),
                  decode_cache.folder() if len(missing) < len(items) else "(none)")
-    return (tf.constant(np.concatenate([images[i].ravel() for i in order])),
+    return (tf.constant(np.concatenate([images[i].ravel() for i in order] + [np.zeros(0, np.uint8)])),
             tf.constant(np.cumsum([0] + sizes), tf.int64),
-            tf.constant(np.array([images[i].shape for i in order], np.int32)),
+            tf.constant(np.array([images[i].shape for i in order], np.int32).reshape(-1, 3)),
             np.array([items[i][1] for i in order], np.int32))
 
 
@@ -269,15 +270,23 @@ def eval_dataset(
     positions in `items`): each result names its file, although unreadable files are skipped."""
     # sample_items draws by length alone: (position, item) pairs give the same sample, positions kept.
     chosen = sample_items(list(enumerate(items)), num_examples, int(cfg["seed"]))
-    if with_index:
-        # The position goes through the decoder in the label's place; the label is looked up after.
-        labels = tf.constant(np.array([label for _, label in items], np.int32))
-        ds = decode_dataset(data_dir, [(path, i) for i, (path, _) in chosen], cfg)
-        ds = ds.map(_plain(lambda image, i: (image, tf.gather(labels, i), i)))
+    # With `with_index` the position goes through the decoder in the label's place; the label is
+    # looked up after.
+    wanted = [(path, i) for i, (path, _) in chosen] if with_index else [item for _, item in chosen]
+    if not wanted:
+        raise UserError(f"no images to read in {data_dir}")
+    if _fits_in_cache(len(chosen), cfg) and cfg["decode_cache"]:
+        flat, offsets, shapes, label_array = _preload(data_dir, wanted, cfg, "evaluation")
+        kept = tf.constant(label_array)
+        ds = tf.data.Dataset.range(len(label_array)).map(
+            _plain(lambda k: (tf.reshape(flat[offsets[k]:offsets[k + 1]], shapes[k]), kept[k])))
     else:
-        ds = decode_dataset(data_dir, [item for _, item in chosen], cfg)
-    if _fits_in_cache(len(chosen), cfg):
-        ds = ds.cache()
+        ds = decode_dataset(data_dir, wanted, cfg)
+        if _fits_in_cache(len(chosen), cfg):
+            ds = ds.cache()
+    if with_index:
+        labels = tf.constant(np.array([label for _, label in items], np.int32))
+        ds = ds.map(_plain(lambda image, i: (image, tf.gather(labels, i), i)))
     ds = ds.map(_plain(lambda image, *rest: (eval_preprocess(image, cfg), *rest)),
                 num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()

@@ -122,8 +122,11 @@ def test_a_second_run_reads_the_decoded_images_back_and_decodes_only_changed_fil
     again, labels_again, decoded = preload(items)
     assert decoded == [] and labels_again == labels
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    # A fold's subset reads back too; a rewritten file, and only it, decodes again.
+    # A fold's subset reads back too, and so does evaluation; a rewritten file, and only it, decodes again.
     assert preload(items[::2])[2] == []
+    reads.clear()
+    positions = [i.numpy() for *_, i in hw2_input.eval_dataset(str(data), items[1:], CFG, 3, with_index=True)]
+    assert reads == [] and np.concatenate(positions).tolist() == list(range(7))
     changed = data / items[1][0]
     new_pixels = random_image(30, 22, seed=5)
     hw2_dataset.Image.fromarray(new_pixels).save(changed, format="PNG" if changed.suffix == ".png" else "JPEG")
