@@ -362,8 +362,7 @@ def _timed_call(spec: conv_forms.ConvSpec, form: str, batch: int, training: bool
 
 
 def cache_path() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "hw2", "conv_forms.json")
+    return os.path.join(utils.user_cache_dir(), "conv_forms.json")
 
 
 def machine_key() -> str:

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+import utils
+
 log = logging.getLogger(__name__)
 
 VERSION = 1  # of the decoding (hw2_dataset.read_image) and of this file's layout
@@ -29,8 +31,7 @@ MAX_TOTAL_BYTES = 4 * 2**30
 
 
 def folder() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "hw2", "decoded")
+    return os.path.join(utils.user_cache_dir(), "decoded")
 
 
 def cache_file(data_dir: str, short_side: int) -> str:
@@ -90,7 +91,7 @@ def prune(keep: str) -> None:
     """Remove cache files unused for MAX_AGE_DAYS, then the oldest beyond MAX_TOTAL_BYTES."""
     try:
         files = [os.path.join(folder(), n) for n in os.listdir(folder()) if n.endswith((".npz", ".tmp"))]
-        stats = sorted(((os.stat(f).st_mtime, os.stat(f).st_size, f) for f in files), reverse=True)
+        stats = sorted(((st.st_mtime, st.st_size, f) for f, st in ((f, os.stat(f)) for f in files)), reverse=True)
     except OSError:
         return
     total, now = 0, time.time()

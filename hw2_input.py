@@ -124,6 +124,11 @@ def _preload(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any]
             np.array([items[i][1] for i in order], np.int32))
 
 
+def _ram_image(flat: tf.Tensor, offsets: tf.Tensor, shapes: tf.Tensor, k) -> tf.Tensor:
+    """Image k of a _preload buffer."""
+    return tf.reshape(flat[offsets[k]:offsets[k + 1]], shapes[k])
+
+
 def _shuffled_order(n: int, seed: int):
     """Example i -> file index: every epoch of n examples is a fresh permutation (index_shuffle)."""
     def pick(i: tf.Tensor) -> tf.Tensor:
@@ -190,7 +195,7 @@ def train_dataset(
         labels = tf.constant(label_array)
 
         def fetch(k):
-            image = tf.reshape(flat[offsets[k]:offsets[k + 1]], shapes[k])
+            image = _ram_image(flat, offsets, shapes, k)
             return image, labels[k], tf.constant(True)
     else:
         paths = tf.constant(_paths(data_dir, items))
@@ -279,7 +284,7 @@ def eval_dataset(
         flat, offsets, shapes, label_array = _preload(data_dir, wanted, cfg, "evaluation")
         kept = tf.constant(label_array)
         ds = tf.data.Dataset.range(len(label_array)).map(
-            _plain(lambda k: (tf.reshape(flat[offsets[k]:offsets[k + 1]], shapes[k]), kept[k])))
+            _plain(lambda k: (_ram_image(flat, offsets, shapes, k), kept[k])))
     else:
         ds = decode_dataset(data_dir, wanted, cfg)
         if _fits_in_cache(len(chosen), cfg):

@@ -358,6 +358,12 @@ def timings_may_choose(cfg) -> bool:
     return not cfg["deterministic"] and os.environ.get("HW2_CONV_AUTOTUNE", "1") != "0"
 
 
+def user_cache_dir() -> str:
+    """hw2's folder in the user's cache ($XDG_CACHE_HOME or ~/.cache): autotune timings, decoded images."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "hw2")
+
+
 def cpu_line() -> str:
     """CPU model and the instruction-set flags that decide our speed (printed by every bench)."""
     model, flags = "unknown CPU", set()
