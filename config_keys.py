@@ -109,6 +109,8 @@ KEYS: dict[str, Key] = {
                       "schedules.SCHEDULES"),
     "lr_step_epochs": _k(float, 7.0, "step/exponential: epochs per lr_gamma", check=">0"),
     "lr_gamma": _k(float, 0.1, "step/exponential: LR factor per lr_step_epochs", check="(0,1]"),
+    "sam_rho": _k(float, 0.0, "sharpness-aware minimization: each step's gradient is taken rho away along "
+                  "the normalized gradient (0 = off; one more forward and backward a step)", check=">=0"),
     "label_smoothing": _k(float, 0.1, "share of the target spread over all classes", check="[0,1)"),
     "lr_scaling": _k(str, "none", "several replicas: LR x replicas (linear), x sqrt, or none",
                      ("none", "linear", "sqrt")),

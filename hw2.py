@@ -299,12 +299,40 @@ class StatisticsWarmUp:
             v.assign(o + (v.value - o) * scale)
 
 
+def sharpness_aware(model: keras.Model, grads: list, rho: float, images, labels, mixed, global_batch_size: int,
+                    label_smoothing: float, class_weights, optimizer) -> list:
+    """Sharpness-aware minimization (Foret et al. 2021): the weights step by rho along the
+    normalized gradient, to about the highest loss within rho of them, and the gradient taken
+    there replaces the plain one: a step toward minima whose neighbourhood is low too, which
+    generalize better where a network can memorize its training images. The weights and the
+    batch-norm moving statistics are back as they were before the caller applies the update.
+    One replica only: the perturbation is this replica's own (training.py refuses several)."""
+    variables = model.trainable_variables
+    norm = tf.linalg.global_norm([tf.cast(g, tf.float32) for g in grads])
+    scale = rho / (norm + 1e-12)
+    steps = [tf.cast(g, v.dtype) * tf.cast(scale, v.dtype) for g, v in zip(grads, variables)]
+    stats = [v for v in model.non_trainable_variables if v.path.endswith(("moving_mean", "moving_variance"))]
+    kept = [tf.identity(v.value) for v in variables + stats]  # exact: w + e - e drifts by round-off
+    for v, e in zip(variables, steps):
+        v.assign_add(e)
+    with tf.GradientTape() as tape:
+        logits = inference(model, images, training=True)
+        total, _ = loss(logits, labels, model, global_batch_size, label_smoothing, class_weights, mixed)
+        scaled = optimizer.scale_loss(total)
+    sharp = tape.gradient(scaled, variables)
+    for v, k in zip(variables + stats, kept):  # the statistics count each batch once
+        v.assign(k)
+    return sharp
+
+
 def make_train_step(model: keras.Model, optimizer, ema: EMA, strategy: tf.distribute.Strategy,
                     global_batch_size: int, label_smoothing: float = 0.0, class_weights=None,
-                    mix: tuple = ("none", 0.0, 0)) -> Callable:
+                    mix: tuple = ("none", 0.0, 0), sam_rho: float = 0.0) -> Callable:
     """The train step: next batch from a distributed iterator -> forward, loss, gradients, update,
     moving average; returns the global (loss, cross-entropy, top-1 correct).
-    `mix` = (mode, alpha, seed): mixing.mix_batch on each replica's batch, drawn from (seed, step)."""
+    `mix` = (mode, alpha, seed): mixing.mix_batch on each replica's batch, drawn from (seed, step).
+    `sam_rho` > 0: the update uses the gradient at the batch's sharpest nearby point
+    (`sharpness_aware`), one more forward and backward pass a step."""
     mode, alpha, seed = mix
     warm_up = StatisticsWarmUp(model)
 
@@ -319,6 +347,9 @@ def make_train_step(model: keras.Model, optimizer, ema: EMA, strategy: tf.distri
             total, ce = loss(logits, labels, model, global_batch_size, label_smoothing, class_weights, mixed)
             scaled = optimizer.scale_loss(total)  # total itself unless fp16 loss scaling is on
         grads = tape.gradient(scaled, model.trainable_variables)
+        if sam_rho > 0:
+            grads = sharpness_aware(model, grads, sam_rho, images, labels, mixed, global_batch_size,
+                                    label_smoothing, class_weights, optimizer)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         # Mixed: counted against each example's own label, the larger part of its mix (lam >= 0.5).
         return total, ce, count_correct(logits, labels, 1)

@@ -107,8 +107,16 @@ class Plan:
     lr_scale: float
 
 
+def check_replicas(cfg: Mapping, replicas: int) -> None:
+    """What one replica alone supports, refused before anything is built."""
+    if cfg["sam_rho"] > 0 and replicas > 1:
+        raise UserError(f"sam_rho needs one replica (this run has {replicas}): each would step its weights "
+                        "by its own gradient; train on one device or set --sam_rho 0")
+
+
 def make_plan(cfg: Mapping, split: Mapping, strategy) -> Plan:
     replicas = strategy.num_replicas_in_sync
+    check_replicas(cfg, replicas)
     global_batch = cfg["batch_size"] * replicas  # batch_size is per replica
     steps_per_epoch = max(1, len(split["train"]) // global_batch)
     # max_epochs counts epochs of the global batch: the same data on any replica count.
@@ -504,7 +512,7 @@ class Session:
         self.train_step = hw2.make_train_step(self.state.model, self.state.optimizer, self.state.ema, strategy,
                                               plan.global_batch, cfg["label_smoothing"],
                                               _class_weights(cfg, split, plan),
-                                              (cfg["mix"], cfg["mix_alpha"], cfg["seed"]))
+                                              (cfg["mix"], cfg["mix_alpha"], cfg["seed"]), cfg["sam_rho"])
         self.iterator = _train_iterator(cfg, split, plan, strategy, self.start)
         self.policy = schedules.PlateauPolicy(cfg["lr_patience"], cfg["stop_patience"], cfg["min_delta"])
         self.policy.load({f: self.state.get(f) for f in self.policy.FIELDS})
