@@ -30,24 +30,33 @@ def gradient_at(model, images, labels):
     return tape.gradient(total, model.trainable_variables)
 
 
+def by_hand(model, images, labels):
+    """The plain gradient, and the one at w + RHO g / |g| taken by moving the weights and back."""
+    weights = [v.numpy() for v in model.trainable_variables]
+    g = gradient_at(model, images, labels)
+    norm = float(tf.linalg.global_norm(g))
+    for v, w, gi in zip(model.trainable_variables, weights, g):
+        v.assign(w + RHO * gi.numpy() / norm)
+    sharp = [t.numpy() for t in gradient_at(model, images, labels)]
+    for v, w in zip(model.trainable_variables, weights):
+        v.assign(w)
+    return weights, g, sharp
+
+
+def stat_variables(model):
+    return [v for v in model.non_trainable_variables if v.path.endswith(("moving_mean", "moving_variance"))]
+
+
 def stats_of(model):
-    return [v.numpy() for v in model.non_trainable_variables if v.path.endswith(("moving_mean", "moving_variance"))]
+    return [v.numpy() for v in stat_variables(model)]
 
 
 def test_the_gradient_is_taken_rho_along_the_normalized_gradient_and_everything_comes_back():
     cfg, state, images, labels = setup()
     model = state.model
-    weights = [v.numpy() for v in model.trainable_variables]
-    g = gradient_at(model, images, labels)
-    norm = float(tf.linalg.global_norm(g))
     stats = stats_of(model)
-    for v, w, gi in zip(model.trainable_variables, weights, g):
-        v.assign(w + RHO * gi.numpy() / norm)
-    expected = [t.numpy() for t in gradient_at(model, images, labels)]
-    for v, w in zip(model.trainable_variables, weights):
-        v.assign(w)
-    for v, s in zip([v for v in model.non_trainable_variables
-                     if v.path.endswith(("moving_mean", "moving_variance"))], stats):
+    weights, g, expected = by_hand(model, images, labels)
+    for v, s in zip(stat_variables(model), stats):  # the hand passes moved them
         v.assign(s)
 
     sharp = tf.function(lambda: hw2.sharpness_aware(model, g, RHO, images, labels, None, BATCH, 0.0, None,
@@ -65,14 +74,7 @@ def test_the_gradient_is_taken_rho_along_the_normalized_gradient_and_everything_
 def test_the_train_step_applies_the_sharp_gradient():
     cfg, state, images, labels = setup()
     model = state.model
-    weights = [v.numpy() for v in model.trainable_variables]
-    g = gradient_at(model, images, labels)
-    norm = float(tf.linalg.global_norm(g))
-    for v, w, gi in zip(model.trainable_variables, weights, g):
-        v.assign(w + RHO * gi.numpy() / norm)
-    sharp = [t.numpy() for t in gradient_at(model, images, labels)]
-    for v, w in zip(model.trainable_variables, weights):
-        v.assign(w)
+    weights, _, sharp = by_hand(model, images, labels)
     step = hw2.make_train_step(model, state.optimizer, state.ema, tf.distribute.get_strategy(), BATCH,
                                sam_rho=RHO)
     step(iter(tf.data.Dataset.from_tensors((images, labels)).repeat()))
