@@ -386,6 +386,11 @@ class Meter:
         self.correct += correct
         self.steps += 1
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent between steps (a validation, its save) out of img/s: the rate is the
+        training's, and the time to the next validation and the end (pace.py) counts those apart."""
+        self.t += seconds
+
     def means(self) -> tuple[float, float, float]:
         """Mean loss (cross-entropy + L2), mean cross-entropy, top-1."""
         n = max(self.steps, 1)
@@ -597,11 +602,12 @@ class Session:
         return restored
 
     def validate_and_save(self, step: int, lr: float) -> str:
-        t = self.clock()
+        t, wall = self.clock(), time.time()
         self.state.set(train_seconds=self.pace.spent())
         action = _validate_and_save(self.state, self.ckpts, self.policy, self.validate, self.cfg, self.plan, step,
                                     lr, self.since_val, self.hooks, self.log)
         self.pace.validated(self.clock() - t)
+        self.window.exclude(time.time() - wall)
         self.last_validated = step
         return action
 

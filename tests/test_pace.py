@@ -281,3 +281,22 @@ def test_a_budget_spent_before_the_first_step_is_one_error_line(tmp_path):
     with pytest.raises(utils.UserError, match="the time budget of 0.5 min is spent before the first step: "
                                               "starting took 40 s "):
         training.train(config, split, run, clock=clock, started=clock.t - 40)
+
+
+def test_img_s_is_the_trainings_own_with_the_validations_left_out(monkeypatch):
+    """The log's img/s window spans validations (one per epoch at the defaults); their time is
+    left out, so the rate is what the steps ran at: 4 steps of 8 images in 4 s of training, with
+    a 5 s validation between them, is 8 img/s, not 32 / 9."""
+    import training
+    clock = Clock()
+    monkeypatch.setattr(training.time, "time", clock)
+    meter = training.Meter(8)
+    for _ in range(2):
+        clock.t += 1.0
+        meter.add(1.0, 1.0, 4.0)
+    clock.t += 5.0
+    meter.exclude(5.0)
+    for _ in range(2):
+        clock.t += 1.0
+        meter.add(1.0, 1.0, 4.0)
+    assert meter.images_per_sec() == pytest.approx(8.0)
