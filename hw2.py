@@ -165,6 +165,11 @@ def count_correct(logits: tf.Tensor, labels: tf.Tensor, k: int) -> tf.Tensor:
     return tf.reduce_sum(tf.cast(hit, tf.float32))
 
 
+def batch_norm_statistics(model: keras.Model) -> list:
+    """The batch-norm layers' moving means and variances (ours and Keras')."""
+    return [v for v in model.non_trainable_variables if v.path.endswith(("moving_mean", "moving_variance"))]
+
+
 class EMA:
     """Exponential moving average of the trainable weights and of the batch-norm statistics,
     swapped in for validation.
@@ -179,7 +184,7 @@ class EMA:
         self.decay = decay
         self._vars = list(model.trainable_variables)
         self.shadow = [tf.Variable(v.value, trainable=False, name="ema") for v in self._vars]
-        self._stats = [v for v in model.non_trainable_variables if v.path.endswith(("moving_mean", "moving_variance"))]
+        self._stats = batch_norm_statistics(model)
         self.stats_shadow = [tf.Variable(v.value, trainable=False, name="ema_stats") for v in self._stats]
         # One graph: ~90 eager assigns each way took ~65 ms a validation.
         self._swap = tf.function(self._swap_all, autograph=False)
@@ -311,7 +316,7 @@ def sharpness_aware(model: keras.Model, grads: list, rho: float, images, labels,
     norm = tf.linalg.global_norm([tf.cast(g, tf.float32) for g in grads])
     scale = rho / (norm + 1e-12)
     steps = [tf.cast(g, v.dtype) * tf.cast(scale, v.dtype) for g, v in zip(grads, variables)]
-    stats = [v for v in model.non_trainable_variables if v.path.endswith(("moving_mean", "moving_variance"))]
+    stats = batch_norm_statistics(model)
     kept = [tf.identity(v.value) for v in variables + stats]  # exact: w + e - e drifts by round-off
     for v, e in zip(variables, steps):
         v.assign_add(e)
