@@ -9,7 +9,8 @@ One file per (folder, decode short side) in the user's cache folder (XDG_CACHE_H
 `hw2/decoded/`): every image decoded so far, each with its file's size and modification time. An
 image whose file changed since is decoded again; one that failed to decode is not kept (it is tried,
 and reported, again). A cache that cannot be read or written is ignored with a log line: it only
-ever saves time. Files not used for MAX_AGE_DAYS, or beyond MAX_TOTAL_BYTES (oldest first), go.
+ever saves time. Files not used for MAX_AGE_DAYS, or beyond MAX_TOTAL_BYTES (oldest first), go;
+so do decode_store's files of folders too big for RAM, which live beside these.
 """
 from __future__ import annotations
 
@@ -84,20 +85,20 @@ def save(data_dir: str, short_side: int, entries: dict[str, tuple[tuple[int, int
     except (OSError, ValueError) as e:
         log.warning("could not write the decoded-image cache %s (%s): the next run decodes again", path, e)
         return
-    prune(keep=path)
+    prune(path)
 
 
-def prune(keep: str) -> None:
+def prune(*keep: str) -> None:
     """Remove cache files unused for MAX_AGE_DAYS, then the oldest beyond MAX_TOTAL_BYTES."""
     try:
-        files = [os.path.join(folder(), n) for n in os.listdir(folder()) if n.endswith((".npz", ".tmp"))]
+        files = [os.path.join(folder(), n) for n in os.listdir(folder()) if n.endswith((".npz", ".tmp", ".images"))]
         stats = sorted(((st.st_mtime, st.st_size, f) for f, st in ((f, os.stat(f)) for f in files)), reverse=True)
     except OSError:
         return
     total, now = 0, time.time()
     for mtime, size, f in stats:  # newest first
         stale = now - mtime > MAX_AGE_DAYS * 86400 or (f.endswith(".tmp") and now - mtime > 3600)
-        if f != keep and (stale or total + size > MAX_TOTAL_BYTES):
+        if f not in keep and (stale or total + size > MAX_TOTAL_BYTES):
             try:
                 os.remove(f)
                 continue

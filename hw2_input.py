@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import decode_cache
+import decode_store
 import utils
 from augmentation import base_short_side, eval_preprocess, train_preprocess
 from hw2_dataset import read_image
@@ -39,20 +40,26 @@ def _read_or_skip(path: bytes, short_side: int) -> tuple[np.ndarray, bool]:
         return np.zeros((0, 0, 3), np.uint8), np.bool_(False)
 
 
-def _decode(files: tf.data.Dataset, cfg: Mapping[str, Any]) -> tf.data.Dataset:
+def _streamed_reader(data_dir: str, cfg: Mapping[str, Any]):
+    """What reads an image of a set too big for RAM: the on-disk store of decoded images
+    (decode_store.py: each image decoded once, then read back), or a decode every time."""
+    if cfg["decode_cache"]:
+        return decode_store.open_store(data_dir, base_short_side(cfg), _read_or_skip).get
+    return _read_or_skip
+
+
+def _decode(files: tf.data.Dataset, cfg: Mapping[str, Any], reader=_read_or_skip) -> tf.data.Dataset:
     """(path, label) -> (uint8 image [H,W,3], int32 label), unreadable files dropped."""
-    return _decode_all(files, cfg).filter(_is_ok).map(_drop_ok)
+    return _decode_all(files, cfg, reader).filter(_is_ok).map(_drop_ok)
 
 
-def _decode_all(files: tf.data.Dataset, cfg: Mapping[str, Any]) -> tf.data.Dataset:
+def _decode_all(files: tf.data.Dataset, cfg: Mapping[str, Any], reader=_read_or_skip) -> tf.data.Dataset:
     """(path, label) -> (uint8 image [H,W,3], int32 label, ok), in order; unreadable: ok False."""
     short_side = base_short_side(cfg)
 
     def read(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         # PIL releases the GIL while decoding, so parallel calls really do run on several cores.
-        image, ok = tf.numpy_function(
-            _read_or_skip, [path, short_side], [tf.uint8, tf.bool], stateful=False
-        )
+        image, ok = tf.numpy_function(reader, [path, short_side], [tf.uint8, tf.bool], stateful=False)
         image.set_shape([None, None, 3])
         ok.set_shape([])
         return image, label, ok
@@ -81,10 +88,11 @@ def _fits_in_cache(num_images: int, cfg: Mapping[str, Any]) -> bool:
     return estimate < float(cfg["cache_images_mb"]) * 2**20
 
 
-def decode_dataset(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any]) -> tf.data.Dataset:
+def decode_dataset(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any],
+                   reader=_read_or_skip) -> tf.data.Dataset:
     """(uint8 image [H,W,3] with short side base_short_side(cfg), int32 label), in `items` order;
     unreadable files are skipped with a logged warning."""
-    return _decode(_file_list(data_dir, items), cfg)
+    return _decode(_file_list(data_dir, items), cfg, reader)
 
 
 def _preload(data_dir: str, items: list[tuple[str, int]], cfg: Mapping[str, Any], what: str = "training"):
@@ -202,11 +210,11 @@ def train_dataset(
         label_array = np.array([label for _, label in items], np.int32)
         all_labels = tf.constant(label_array)
         short_side = base_short_side(cfg)
+        reader = _streamed_reader(data_dir, cfg)
 
         def fetch(k):
             # PIL releases the GIL while decoding, so parallel calls really do run on several cores.
-            image, ok = tf.numpy_function(_read_or_skip, [paths[k], short_side], [tf.uint8, tf.bool],
-                                          stateful=False)
+            image, ok = tf.numpy_function(reader, [paths[k], short_side], [tf.uint8, tf.bool], stateful=False)
             image.set_shape([None, None, 3])
             ok.set_shape([])
             return image, all_labels[k], ok
@@ -285,10 +293,10 @@ def eval_dataset(
         kept = tf.constant(label_array)
         ds = tf.data.Dataset.range(len(label_array)).map(
             _plain(lambda k: (_ram_image(flat, offsets, shapes, k), kept[k])))
+    elif _fits_in_cache(len(chosen), cfg):
+        ds = decode_dataset(data_dir, wanted, cfg).cache()
     else:
-        ds = decode_dataset(data_dir, wanted, cfg)
-        if _fits_in_cache(len(chosen), cfg):
-            ds = ds.cache()
+        ds = decode_dataset(data_dir, wanted, cfg, _streamed_reader(data_dir, cfg))
     if with_index:
         labels = tf.constant(np.array([label for _, label in items], np.int32))
         ds = ds.map(_plain(lambda image, i: (image, tf.gather(labels, i), i)))

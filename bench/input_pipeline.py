@@ -1,10 +1,12 @@
 """Images per second of the training input pipeline (decode + augment) on this machine's CPU.
 
-    python bench/input_pipeline.py [--images 300] [--image_size 100] [--batch_size 32]
+    python bench/input_pipeline.py [--images 300] [--image_size 100] [--batch_size 32] [--px 200,500]
 
-Writes random JPEGs of 200-500 px into a temporary folder, then times the first epoch (decoding
-from disk: for the cached pipeline that is the preload when the dataset is built) and a second
-one (cached: augmentation only; streamed: decoding again).
+Writes random JPEGs of --px (200-500 px; `--px 3024,4032` for phone photos) into a temporary
+folder, then times the first epoch (decoding from disk: for the cached pipeline that is the preload
+when the dataset is built) and a second one: cached (in RAM): augmentation only; streamed (too big
+for RAM, decode_cache off): decoding again; stored (too big for RAM, decode_store.py): the first
+epoch decodes and stores each image, the second reads them back from the file.
 """
 
 import argparse
@@ -25,14 +27,14 @@ import tensorflow as tf  # noqa: E402
 import hw2_input  # noqa: E402
 
 
-def write_jpegs(root: str, n: int) -> list[tuple[str, int]]:
-    """n random-size (200-500 px) photo-like JPEGs in 4 class folders (also used by train_throughput.py)."""
+def write_jpegs(root: str, n: int, px: tuple[int, int] = (200, 500)) -> list[tuple[str, int]]:
+    """n random-size (px[0]-px[1] a side) photo-like JPEGs in 4 class folders (also used by train_throughput.py)."""
     rng = np.random.default_rng(0)
     items = []
     for i in range(n):
         label = i % 4
         os.makedirs(os.path.join(root, f"c{label}"), exist_ok=True)
-        h, w = rng.integers(200, 501, size=2)
+        h, w = rng.integers(px[0], px[1] + 1, size=2)
         # Smooth noise compresses and decodes like a photo; white noise would be unrealistically slow.
         small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
         image = Image.fromarray(small).resize((int(w), int(h)), Image.Resampling.BILINEAR)
@@ -54,17 +56,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--image_size", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--px", default="200,500", help="the JPEGs' sides, min,max")
     args = parser.parse_args()
 
     print(f"CPU: {utils.cpu_line()}, TensorFlow {tf.__version__}")
     with tempfile.TemporaryDirectory() as root:
-        items = write_jpegs(root, args.images)
+        os.environ["XDG_CACHE_HOME"] = os.path.join(root, "cache")  # the stored row starts empty
+        data = os.path.join(root, "data")
+        items = write_jpegs(data, args.images, tuple(int(v) for v in args.px.split(",")))
         batches_per_epoch = args.images // args.batch_size
         n = batches_per_epoch * args.batch_size
-        for name, extra in [("cached", {}), ("streamed", {"cache_images_mb": "0"})]:
+        rows = [("cached", {}), ("streamed", {"cache_images_mb": "0", "decode_cache": "false"}),
+                ("stored", {"cache_images_mb": "0"})]
+        for name, extra in rows:
             cfg = utils.load_config("default", {"image_size": str(args.image_size), **extra})
             start = time.perf_counter()
-            it = iter(hw2_input.train_dataset(root, items, cfg, args.batch_size))  # cached: decodes all here
+            it = iter(hw2_input.train_dataset(data, items, cfg, args.batch_size))  # cached: decodes all here
             built = time.perf_counter() - start
             first = built + time_epoch(it, batches_per_epoch)
             second = time_epoch(it, batches_per_epoch)

@@ -247,7 +247,7 @@ def torch_eager(cfg, batch: int, precision: str = "fp32"):
 def input_pipeline(cfg, root: str, items, batch: int):
     """hw2_input.train_dataset streaming from disk (decode + augment every image, no cache)."""
     import hw2_input
-    dataset = hw2_input.train_dataset(root, items, utils.Config({**cfg, "cache_images_mb": 0}), batch)
+    dataset = hw2_input.train_dataset(root, items, utils.Config({**cfg, "cache_images_mb": 0, "decode_cache": False}), batch)
 
     def run(steps: int) -> float:
         # A fresh iterator each time: a live one would fill its prefetch buffer while the other

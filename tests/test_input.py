@@ -142,6 +142,76 @@ def test_a_second_run_reads_the_decoded_images_back_and_decodes_only_changed_fil
     assert len(decoded) == 8 and all(np.array_equal(a, b) for a, b in zip(images, preload(items)[0]))
 
 
+def test_a_folder_too_big_for_ram_decodes_each_image_once_then_reads_it_from_disk(tmp_path, monkeypatch):
+    """Beyond cache_images_mb, decode_store keeps each decoded image in a file: the stream is the
+    one a decode every pass gives, bit for bit, each file decodes once per run and not at all in the
+    next run, a changed file decodes again, and a second process reads without writing."""
+    import decode_store
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(decode_store, "_stores", {})
+    data = str(tmp_path / "data")
+    items = folder(data, 4)
+    reads = []
+    real_read = hw2_input.read_image
+    monkeypatch.setattr(hw2_input, "read_image", lambda path, **kw: reads.append(os.path.relpath(path, data))
+                        or real_read(path, **kw))
+    streamed, stored = config(cache_images_mb=0, decode_cache=False), config(cache_images_mb=0)
+
+    def train(cfg):  # 12 examples of 8 files: epoch 2 asks for 4 of them again
+        reads.clear()
+        return batches(hw2_input.train_dataset(data, items, cfg, batch_size=4), n=3), sorted(reads)
+
+    def evaluate(cfg):
+        reads.clear()
+        return batches(hw2_input.eval_dataset(data, items, cfg, batch_size=3)), sorted(reads)
+
+    want, decoded = train(streamed)
+    assert len(decoded) > 8  # the reference decodes files again in its second epoch
+    got, decoded = train(stored)
+    assert decoded == sorted(path for path, _ in items)  # each once, although 12 were drawn
+    for (x1, y1), (x2, y2) in zip(want, got):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    want_eval = evaluate(streamed)[0]
+    assert evaluate(stored)[1] == []  # this run stored them all while training
+
+    decode_store.close_all()  # the next run: the index on disk is all it has
+    got, decoded = train(stored)
+    assert decoded == [] and all(np.array_equal(a[0], b[0]) for a, b in zip(want, got))
+    got_eval, decoded = evaluate(stored)
+    assert decoded == [] and all(np.array_equal(a[0], b[0]) for a, b in zip(want_eval, got_eval))
+
+    changed = os.path.join(data, items[1][0])
+    hw2_dataset.Image.fromarray(random_image(30, 22, seed=5)).save(changed, format="PNG" if changed.endswith(".png") else "JPEG")
+    os.utime(changed, ns=(1, 1))
+    decode_store.close_all()
+    assert evaluate(stored)[1] == [items[1][0]]
+    assert evaluate(stored)[1] == []
+
+    # A second process (here: a second store on the same file) finds the lock taken: it reads what is
+    # stored and decodes the rest without storing.
+    writer = decode_store.open_store(data, hw2_input.base_short_side(stored), hw2_input._read_or_skip)
+    reader = decode_store.Store(data, writer.short_side, hw2_input._read_or_skip)
+    assert writer.writable and not reader.writable
+    new = os.path.join(data, "c0", "new.png")
+    hw2_dataset.Image.fromarray(random_image(20, 20, seed=6)).save(new)
+    for path in (os.path.join(data, items[0][0]), new, new):
+        image, ok = reader.get(os.fsencode(path), writer.short_side)
+        assert ok and np.array_equal(image, real_read(path, short_side=writer.short_side))
+    assert reads.count("c0/new.png") == 2 and "c0/new.png" not in reader.index
+    reader.close()
+
+    # A data file cut short (the disk, another run's pruning) loses the images past its end, no more.
+    decode_store.close_all()
+    os.truncate(writer.data_path, os.path.getsize(writer.data_path) // 2)
+    decoded = evaluate(stored)[1]
+    assert 0 < len(decoded) < len(items)
+    decode_store.close_all()
+    with open(writer.index_path, "wb") as f:
+        f.write(b"not an npz")
+    assert len(evaluate(stored)[1]) == len(items)
+
+
 def test_decode_dataset_gives_uint8_at_base_short_side(tmp_path):
     items = folder(tmp_path, 2)[:3]
     side = augmentation.base_short_side(CFG)

@@ -298,10 +298,11 @@ def test_validation_takes_exactly_one_pass_of_its_persistent_iterator_each_time(
 
 
 def test_validation_counts_its_passes_again_when_val_files_vanish_mid_run(tmp_path):
-    """Too big to cache (cache_images_mb 0), the val set is read again each pass; two files gone
+    """Too big to cache (cache_images_mb 0) and decoded every pass (decode_cache off; decode_store
+    would serve the vanished files from disk, as RAM does), the val set is read again; two files gone
     mid-run leave 8 images in 2 batches of 4, not 3: once a validation sees the count move, the
     next counts its batches again and every later one sees the 8 once."""
-    validator, data, items = _validator(tmp_path, cache_images_mb="0")
+    validator, data, items = _validator(tmp_path, cache_images_mb="0", decode_cache="false")
     assert validator(1)["n"] == 10 and validator(2)["n"] == 10
     for path, _ in items[:2]:
         os.remove(os.path.join(data, path))

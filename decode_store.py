@@ -1,0 +1,224 @@
+"""Decoded images of a folder too big for RAM, kept in one file on disk and read back by offset.
+
+Images beyond cache_images_mb used to be decoded again on every epoch and every validation. A phone
+JPEG takes ~20-26 ms of one core to decode even at libjpeg's 1/8 scale, where training at 64 px
+takes ~14 core-ms an image: streamed, such a folder trained at a third of its speed. Now each image
+is decoded the first time a pass asks for it, appended to a file in the user's cache folder
+(decode_cache.folder()), and read back from there after that (os.pread releases the GIL; the OS's
+page cache keeps what fits in RAM). The file outlives the run like decode_cache's: a rerun, a resume,
+each variant and fold of hw2_experiment read the images back.
+
+`<key>.images` holds the raw uint8 pixels, `<key>.index.npz` each stored image's file stamp, offset
+and shape. One writer per file (an advisory lock): a second process reads what is indexed and
+decodes the rest without storing it. An image whose file changed since is decoded again. The index
+is written every INDEX_EVERY_S and at exit, so a killed run loses at most the images stored since.
+Nothing here can fail a run: any OS error turns storing off with one log line.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+import decode_cache
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so no writer: images decode as they did before
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+INDEX_EVERY_S = 60.0
+FREE_DISK_RESERVE = 2 * 2**30  # stop storing before the disk gets this full
+
+Reader = Callable[[bytes, int], tuple[np.ndarray, np.bool_]]
+
+_stores: dict[tuple[str, int], "Store"] = {}
+_stores_lock = threading.Lock()
+
+
+def open_store(data_dir: str, short_side: int, reader: Reader) -> "Store":
+    """This process's store for (folder, decode short side): one per file, shared by every dataset
+    built on the folder (a second one in the same process could not take the file's lock)."""
+    key = (os.path.abspath(data_dir), int(short_side))
+    with _stores_lock:
+        if key not in _stores:
+            _stores[key] = Store(data_dir, int(short_side), reader)
+        return _stores[key]
+
+
+def close_all() -> None:
+    """Write every open store's index and let its file go (the next open_store opens it afresh)."""
+    with _stores_lock:
+        stores = list(_stores.values())
+        _stores.clear()
+    for store in stores:
+        store.close()
+
+
+class Store:
+    """get(path, short_side) -> (uint8 image [H, W, 3], ok): `reader`'s result, from disk when stored."""
+
+    def __init__(self, data_dir: str, short_side: int, reader: Reader):
+        self.data_dir, self.short_side, self.reader = os.path.abspath(data_dir), short_side, reader
+        base = decode_cache.cache_file(data_dir, short_side).removesuffix(".npz")
+        self.data_path, self.index_path = base + ".images", base + ".index.npz"
+        self.lock = threading.Lock()
+        self.fd, self.writable = -1, False
+        self.index: dict[str, tuple[tuple[int, int], int, tuple[int, ...]]] = {}  # rel path -> stamp, offset, shape
+        self.slots: dict[bytes, tuple[int, tuple[int, ...]] | None] = {}  # checked this run; None: decode
+        self.dirty, self.saved_at, self.end = False, time.monotonic(), 0
+        try:
+            os.makedirs(decode_cache.folder(), exist_ok=True)
+            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.writable = _try_lock(self.fd)
+            self.index = _load_index(self.index_path, os.fstat(self.fd).st_size)
+            # Pixels appended after the last index write (a killed run) are unreachable: cut them.
+            self.end = max((offset + int(np.prod(shape)) for _, offset, shape in self.index.values()), default=0)
+            if self.writable:
+                os.ftruncate(self.fd, self.end)
+                os.utime(self.data_path)  # recently used: the last to be pruned
+                decode_cache.prune(self.data_path, self.index_path)
+                atexit.register(self.save_index)
+        except OSError as e:
+            self._stop_storing(e)
+        log.info("decoded images beyond cache_images_mb %s %s (%d there already)",
+                 "are kept in" if self.writable else "are read from (another run writes)",
+                 self.data_path, len(self.index))
+
+    def get(self, path: bytes, short_side) -> tuple[np.ndarray, np.bool_]:
+        """Called from tf.data's threads with the same arguments as `reader`."""
+        with self.lock:
+            slot = self.slots[path] if path in self.slots else self._check(path)
+        if slot is not None:
+            offset, shape = slot
+            size = int(np.prod(shape))
+            try:
+                data = os.pread(self.fd, size, offset)
+                if len(data) == size:
+                    return np.frombuffer(data, np.uint8).reshape(shape), np.bool_(True)
+            except OSError:
+                pass  # the file went (pruned by another run): decode it instead
+        stamp = decode_cache.file_stamp(os.fsdecode(path))
+        image, ok = self.reader(path, short_side)
+        if ok and stamp is not None and self.writable:
+            self._append(path, stamp, np.ascontiguousarray(image))
+        return image, ok
+
+    def _check(self, path: bytes):
+        """The stored slot of `path` if its file is unchanged since it was stored, else None."""
+        rel = os.path.relpath(os.fsdecode(path), self.data_dir)
+        entry = self.index.get(rel)
+        slot = None
+        if entry is not None:
+            if decode_cache.file_stamp(os.fsdecode(path)) == entry[0]:
+                slot = entry[1], entry[2]
+            else:
+                del self.index[rel]  # changed: decoded again and stored anew
+                self.dirty = True
+        self.slots[path] = slot
+        return slot
+
+    def _append(self, path: bytes, stamp: tuple[int, int], image: np.ndarray) -> None:
+        with self.lock:
+            if not self.writable or not self._room(image.nbytes):
+                return
+            offset = self.end
+            self.end += image.nbytes
+        try:
+            os.pwrite(self.fd, image.tobytes(), offset)
+        except OSError as e:
+            self._stop_storing(e)
+            return
+        with self.lock:
+            # Published only once its pixels are written: another thread may read it at once.
+            self.slots[path] = offset, image.shape
+            self.index[os.path.relpath(os.fsdecode(path), self.data_dir)] = stamp, offset, image.shape
+            self.dirty = True
+            due = time.monotonic() - self.saved_at > INDEX_EVERY_S
+        if due:
+            self.save_index()
+
+    def _room(self, nbytes: int) -> bool:
+        """Whether one more image fits under decode_cache's size limit and the disk's reserve
+        (checked every 64 MiB, not every image)."""
+        if self.end + nbytes > decode_cache.MAX_TOTAL_BYTES:
+            self._stop_storing(f"it reached decode_cache.MAX_TOTAL_BYTES ({decode_cache.MAX_TOTAL_BYTES / 2**30:g} GiB)")
+            return False
+        if (self.end + nbytes) >> 26 != self.end >> 26 or self.end == 0:
+            try:
+                free = shutil.disk_usage(decode_cache.folder()).free
+            except OSError:
+                free = 0
+            if free - nbytes < FREE_DISK_RESERVE:
+                self._stop_storing(f"under {FREE_DISK_RESERVE / 2**30:g} GiB free on its disk")
+                return False
+        return True
+
+    def _stop_storing(self, why) -> None:
+        if self.writable or self.fd < 0:
+            log.warning("no longer storing decoded images in %s (%s): the rest are decoded on every pass",
+                        self.data_path, why)
+        self.writable = False
+
+    def close(self) -> None:
+        """Write the index and release the file, between passes: a dataset still holding `get`
+        decodes every image from then on."""
+        self.save_index()
+        with self.lock:
+            fd, self.fd, self.writable, self.slots, self.index = self.fd, -1, False, {}, {}
+        if fd >= 0:
+            os.close(fd)
+
+    def save_index(self) -> None:
+        """Write the index (temp file + rename), if anything was stored or dropped since the last write."""
+        with self.lock:
+            if not self.dirty:
+                return
+            entries, self.dirty, self.saved_at = dict(self.index), False, time.monotonic()
+        names = sorted(entries)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=decode_cache.folder(), suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, paths=np.array(names, dtype=str),
+                         stamps=np.array([entries[n][0] for n in names], np.int64).reshape(-1, 2),
+                         offsets=np.array([entries[n][1] for n in names], np.int64),
+                         shapes=np.array([entries[n][2] for n in names], np.int32).reshape(-1, 3))
+            os.replace(tmp, self.index_path)
+        except (OSError, ValueError) as e:
+            log.warning("could not write %s (%s): the next run decodes those images again", self.index_path, e)
+
+
+def _try_lock(fd: int) -> bool:
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _load_index(path: str, data_size: int) -> dict:
+    """{rel path: (stamp, offset, shape)} of the entries whose pixels lie inside the data file."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names, stamps, offsets, shapes = z["paths"], z["stamps"], z["offsets"], z["shapes"]
+        entries = {}
+        for name, stamp, offset, shape in zip(names, stamps, offsets, shapes):
+            if int(offset) + int(np.prod(shape)) <= data_size:
+                entries[str(name)] = (int(stamp[0]), int(stamp[1])), int(offset), tuple(int(s) for s in shape)
+        return entries
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        log.warning("ignoring the decoded-image index %s (%s): decoding again", path, e)
+        return {}
