@@ -155,7 +155,7 @@ class Store:
             return False
         if (self.end + nbytes) >> 26 != self.end >> 26 or self.end == 0:
             try:
-                free = shutil.disk_usage(decode_cache.folder()).free
+                free = shutil.disk_usage(os.path.dirname(self.data_path)).free
             except OSError:
                 free = 0
             if free - nbytes < FREE_DISK_RESERVE:
@@ -186,7 +186,7 @@ class Store:
             entries, self.dirty, self.saved_at = dict(self.index), False, time.monotonic()
         names = sorted(entries)
         try:
-            fd, tmp = tempfile.mkstemp(dir=decode_cache.folder(), suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.index_path), suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, paths=np.array(names, dtype=str),
                          stamps=np.array([entries[n][0] for n in names], np.int64).reshape(-1, 2),

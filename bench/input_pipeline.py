@@ -24,6 +24,7 @@ import utils  # noqa: E402  (before TensorFlow: quiets its start-up logging)
 
 import tensorflow as tf  # noqa: E402
 
+import decode_store  # noqa: E402
 import hw2_input  # noqa: E402
 
 
@@ -77,6 +78,7 @@ def main() -> None:
             second = time_epoch(it, batches_per_epoch)
             print(f"{name:>8}: epoch 1 {n / first:7.0f} images/s, epoch 2 {n / second:7.0f} images/s")
             del it  # stops its prefetch threads before the folder they read from is deleted
+        decode_store.close_all()  # its index, before the temporary folder goes
 
 
 if __name__ == "__main__":
