@@ -9,9 +9,11 @@ page cache keeps what fits in RAM). The file outlives the run like decode_cache'
 each variant and fold of hw2_experiment read the images back.
 
 `<key>.images` holds the raw uint8 pixels, `<key>.index.npz` each stored image's file stamp, offset
-and shape. One writer per file (an advisory lock): a second process reads what is indexed and
-decodes the rest without storing it. An image whose file changed since is decoded again. The index
-is written every INDEX_EVERY_S and at exit, so a killed run loses at most the images stored since.
+and shape. One writer per file (an advisory lock): a second process (`hw2_eval.py` beside a
+training run) reads what is indexed, takes up the writer's newer index at most every INDEX_EVERY_S,
+and decodes the rest without storing it. An image whose file changed since is decoded again. The
+index is written every INDEX_EVERY_S and at exit, so a killed run loses at most the images stored
+since.
 Nothing here can fail a run: any OS error turns storing off with one log line.
 """
 from __future__ import annotations
@@ -37,6 +39,11 @@ except ImportError:  # Windows: no advisory locks, so no writer: images decode a
 log = logging.getLogger(__name__)
 
 INDEX_EVERY_S = 60.0
+# The data file starts with MAGIC and a random identity that its index repeats: an index never
+# points into another file (one written after this one was pruned and made again), which would give
+# another image's pixels without an error.
+MAGIC = b"hw2dec01"
+HEADER_SIZE = 16
 FREE_DISK_RESERVE = 2 * 2**30  # stop storing before the disk gets this full
 
 Reader = Callable[[bytes, int], tuple[np.ndarray, np.bool_]]
@@ -72,17 +79,26 @@ class Store:
         base = decode_cache.cache_file(data_dir, short_side).removesuffix(".npz")
         self.data_path, self.index_path = base + ".images", base + ".index.npz"
         self.lock = threading.Lock()
-        self.fd, self.writable = -1, False
+        self.fd, self.writable, self.owner = -1, False, False  # owner: holds the lock, writes the index
         self.index: dict[str, tuple[tuple[int, int], int, tuple[int, ...]]] = {}  # rel path -> stamp, offset, shape
         self.slots: dict[bytes, tuple[int, tuple[int, ...]] | None] = {}  # checked this run; None: decode
-        self.dirty, self.saved_at, self.end = False, time.monotonic(), 0
+        self.dirty, self.saved_at, self.end, self.file_id = False, time.monotonic(), HEADER_SIZE, b""
+        self.loaded_at = time.monotonic()
         try:
             os.makedirs(decode_cache.folder(), exist_ok=True)
             self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
-            self.writable = _try_lock(self.fd)
-            self.index = _load_index(self.index_path, os.fstat(self.fd).st_size)
+            self.writable = self.owner = _try_lock(self.fd)
+            header = os.pread(self.fd, HEADER_SIZE, 0)
+            if header[:len(MAGIC)] == MAGIC and len(header) == HEADER_SIZE:
+                self.file_id = header[len(MAGIC):]
+                self.index = _load_index(self.index_path, os.fstat(self.fd).st_size, self.file_id)
+            elif self.writable:  # new, or not ours: start it afresh under a new identity
+                self.file_id = os.urandom(HEADER_SIZE - len(MAGIC))
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, MAGIC + self.file_id, 0)
             # Pixels appended after the last index write (a killed run) are unreachable: cut them.
-            self.end = max((offset + int(np.prod(shape)) for _, offset, shape in self.index.values()), default=0)
+            self.end = max((offset + int(np.prod(shape)) for _, offset, shape in self.index.values()),
+                           default=HEADER_SIZE)
             if self.writable:
                 os.ftruncate(self.fd, self.end)
                 os.utime(self.data_path)  # recently used: the last to be pruned
@@ -90,6 +106,7 @@ class Store:
                 atexit.register(self.save_index)
         except OSError as e:
             self._stop_storing(e)
+            self.owner = False
         log.info("decoded images beyond cache_images_mb %s %s (%d there already)",
                  "are kept in" if self.writable else "are read from (another run writes)",
                  self.data_path, len(self.index))
@@ -98,6 +115,8 @@ class Store:
         """Called from tf.data's threads with the same arguments as `reader`."""
         with self.lock:
             slot = self.slots[path] if path in self.slots else self._check(path)
+            if slot is None and not self.owner:
+                slot = self._refresh(path)
         if slot is not None:
             offset, shape = slot
             size = int(np.prod(shape))
@@ -126,6 +145,18 @@ class Store:
                 self.dirty = True
         self.slots[path] = slot
         return slot
+
+    def _refresh(self, path: bytes):
+        """A reader takes up what the writer has stored since (its index, at most every INDEX_EVERY_S)."""
+        if self.fd < 0 or not self.file_id or time.monotonic() - self.loaded_at < INDEX_EVERY_S:
+            return None
+        self.loaded_at = time.monotonic()
+        try:
+            self.index = _load_index(self.index_path, os.fstat(self.fd).st_size, self.file_id)
+        except OSError:
+            return None
+        self.slots = {p: slot for p, slot in self.slots.items() if slot is not None}
+        return self._check(path)
 
     def _append(self, path: bytes, stamp: tuple[int, int], image: np.ndarray) -> None:
         with self.lock:
@@ -181,14 +212,14 @@ class Store:
     def save_index(self) -> None:
         """Write the index (temp file + rename), if anything was stored or dropped since the last write."""
         with self.lock:
-            if not self.dirty:
+            if not self.dirty or not self.owner:
                 return
             entries, self.dirty, self.saved_at = dict(self.index), False, time.monotonic()
         names = sorted(entries)
         try:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.index_path), suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, paths=np.array(names, dtype=str),
+                np.savez(f, file_id=np.frombuffer(self.file_id, np.uint8), paths=np.array(names, dtype=str),
                          stamps=np.array([entries[n][0] for n in names], np.int64).reshape(-1, 2),
                          offsets=np.array([entries[n][1] for n in names], np.int64),
                          shapes=np.array([entries[n][2] for n in names], np.int32).reshape(-1, 3))
@@ -207,12 +238,14 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
-def _load_index(path: str, data_size: int) -> dict:
+def _load_index(path: str, data_size: int, file_id: bytes) -> dict:
     """{rel path: (stamp, offset, shape)} of the entries whose pixels lie inside the data file."""
     if not os.path.exists(path):
         return {}
     try:
         with np.load(path, allow_pickle=False) as z:
+            if z["file_id"].tobytes() != file_id:
+                return {}
             names, stamps, offsets, shapes = z["paths"], z["stamps"], z["offsets"], z["shapes"]
         entries = {}
         for name, stamp, offset, shape in zip(names, stamps, offsets, shapes):

@@ -199,7 +199,27 @@ def test_a_folder_too_big_for_ram_decodes_each_image_once_then_reads_it_from_dis
         image, ok = reader.get(os.fsencode(path), writer.short_side)
         assert ok and np.array_equal(image, real_read(path, short_side=writer.short_side))
     assert reads.count("c0/new.png") == 2 and "c0/new.png" not in reader.index
+    # Once the writer has stored it and written its index, the reader takes it from there.
+    writer.get(os.fsencode(new), writer.short_side)
+    writer.save_index()
+    monkeypatch.setattr(decode_store, "INDEX_EVERY_S", 0.0)
+    reads.clear()
+    image, ok = reader.get(os.fsencode(new), writer.short_side)
+    assert reads == [] and np.array_equal(image, real_read(new, short_side=writer.short_side))
     reader.close()
+    os.remove(new)
+
+    # An index never points into another data file, even one of the same size: the folder's file
+    # pruned and made again by a later run, while an old run still writes the old index.
+    decode_store.close_all()
+    with open(writer.index_path, "rb") as f:
+        old_index = f.read()
+    os.remove(writer.data_path)
+    assert len(evaluate(stored)[1]) == len(items)
+    decode_store.close_all()
+    with open(writer.index_path, "wb") as f:
+        f.write(old_index)
+    assert len(evaluate(stored)[1]) == len(items)
 
     # A data file cut short (the disk, another run's pruning) loses the images past its end, no more.
     decode_store.close_all()
