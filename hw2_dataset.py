@@ -30,6 +30,8 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+import check_cache
+import decode_cache
 import utils
 from utils import UserError
 
@@ -145,12 +147,31 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
 
     items, info = candidates, {}
     if check_images:
-        paths = [os.path.join(data_dir, rel) for rel, _ in candidates]
-        infos = _map(lambda p: inspect_image(p, min_size), paths, workers, f"checking the images in {data_dir}")
+        infos = _check_all(data_dir, [rel for rel, _ in candidates], min_size, workers)
         info = {rel: i for (rel, _), i in zip(candidates, infos)}
         items = [item for item, i in zip(candidates, infos) if i.problem is None]
         bad += [(rel, i.problem) for (rel, _), i in zip(candidates, infos) if i.problem is not None]
     return Scan(data_dir, class_names, sorted(items), sorted(bad), sorted(skipped), info)
+
+
+def _check_all(data_dir: str, rels: list[str], min_size: int, workers: int) -> list[ImageInfo]:
+    """inspect_image of each file; one unchanged since an earlier scan keeps that scan's verdict
+    (check_cache.py)."""
+    paths = [os.path.join(data_dir, rel) for rel in rels]
+    stamps = [decode_cache.file_stamp(p) for p in paths]
+    known = check_cache.load(data_dir, min_size)
+    infos = [ImageInfo(*known[rel][1]) if stamp is not None and rel in known and known[rel][0] == stamp else None
+             for rel, stamp in zip(rels, stamps)]
+    todo = [i for i, found in enumerate(infos) if found is None]
+    checked = _map(lambda i: inspect_image(paths[i], min_size), todo, workers, f"checking the images in {data_dir}")
+    for i, found in zip(todo, checked):
+        infos[i] = found
+        if stamps[i] is not None and check_cache.keeps(found.problem):
+            known[rels[i]] = stamps[i], tuple(found)
+    if todo:
+        current = set(rels)
+        check_cache.save(data_dir, min_size, {rel: e for rel, e in known.items() if rel in current})
+    return infos
 
 
 def unsupported(ext: str) -> str:

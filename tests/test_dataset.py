@@ -91,6 +91,24 @@ def test_scan_finds_usable_images_and_explains_bad_ones(messy: Path):
         assert image.shape == shape and np.abs(image.astype(int) - [200, 30, 30]).max() <= 3, rel
 
 
+def test_a_second_scan_checks_only_the_files_that_changed(messy: Path, monkeypatch):
+    """check_cache: verdicts kept per file stamp, good and bad alike, except 'unreadable' (it can
+    change while the file does not); a changed file is checked again."""
+    checked, real = [], ds.inspect_image
+    monkeypatch.setattr(ds, "inspect_image", lambda path, *a: checked.append(os.path.relpath(path, messy)) or real(path, *a))
+    first = ds.scan_dataset(str(messy), workers=2)
+    assert len(checked) == len(first.items) + 5  # and the bad image files (not the .txt)
+    checked.clear()
+    again = ds.scan_dataset(str(messy), workers=2)
+    assert checked == [] and (again.items, again.bad, again.info) == (first.items, first.bad, first.info)
+    save(messy / "cats" / "a.JPG", size=(40, 30), format="JPEG")
+    (messy / "dogs" / "d.jpeg").write_bytes(jpeg_bytes()[:600])  # a good file goes bad
+    third = ds.scan_dataset(str(messy), workers=2)
+    assert sorted(checked) == ["cats/a.JPG", "dogs/d.jpeg"]
+    assert third.info["cats/a.JPG"].width == 40 and dict(third.bad)["dogs/d.jpeg"].startswith("corrupt: ")
+    assert ds.check_cache.keeps("corrupt: x") and not ds.check_cache.keeps("unreadable: Permission denied")
+
+
 def test_a_long_scan_says_what_it_is_doing_first(messy: Path, monkeypatch, caplog):
     import logging
 
