@@ -107,9 +107,10 @@ class Store:
         except OSError as e:
             self._stop_storing(e)
             self.owner = False
-        log.info("decoded images beyond cache_images_mb %s %s (%d there already)",
-                 "are kept in" if self.writable else "are read from (another run writes)",
-                 self.data_path, len(self.index))
+        if self.fd >= 0:
+            log.info("decoded images beyond cache_images_mb %s %s (%d there already)",
+                     "are kept in" if self.writable else "are read from (another run writes)",
+                     self.data_path, len(self.index))
 
     def get(self, path: bytes, short_side) -> tuple[np.ndarray, np.bool_]:
         """Called from tf.data's threads with the same arguments as `reader`."""
@@ -196,7 +197,7 @@ class Store:
 
     def _stop_storing(self, why) -> None:
         if self.writable or self.fd < 0:
-            log.warning("no longer storing decoded images in %s (%s): the rest are decoded on every pass",
+            log.warning("not storing more decoded images in %s (%s): the rest are decoded on every pass",
                         self.data_path, why)
         self.writable = False
 
