@@ -185,7 +185,7 @@ class Store:
         if self.end + nbytes > decode_cache.MAX_TOTAL_BYTES:
             self._stop_storing(f"it reached decode_cache.MAX_TOTAL_BYTES ({decode_cache.MAX_TOTAL_BYTES / 2**30:g} GiB)")
             return False
-        if (self.end + nbytes) >> 26 != self.end >> 26 or self.end == 0:
+        if (self.end + nbytes) >> 26 != self.end >> 26 or self.end == HEADER_SIZE:
             try:
                 free = shutil.disk_usage(os.path.dirname(self.data_path)).free
             except OSError:
