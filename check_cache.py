@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 
 import numpy as np
 
@@ -56,15 +55,11 @@ def save(data_dir: str, min_size: int, entries: dict[str, Entry]) -> None:
     path = cache_file(data_dir, min_size)
     names = sorted(entries)
     try:
-        os.makedirs(decode_cache.folder(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=decode_cache.folder(), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, paths=np.array(names, dtype=str),
-                     stamps=np.array([entries[n][0] for n in names], np.int64).reshape(-1, 2),
-                     sizes=np.array([entries[n][1][:2] for n in names], np.int64).reshape(-1, 2),
-                     formats=np.array([entries[n][1][2] for n in names], dtype=str),
-                     modes=np.array([entries[n][1][3] for n in names], dtype=str),
-                     problems=np.array([entries[n][1][4] or "" for n in names], dtype=str))
-        os.replace(tmp, path)
+        decode_cache.write_npz(path, paths=np.array(names, dtype=str),
+                               stamps=np.array([entries[n][0] for n in names], np.int64).reshape(-1, 2),
+                               sizes=np.array([entries[n][1][:2] for n in names], np.int64).reshape(-1, 2),
+                               formats=np.array([entries[n][1][2] for n in names], dtype=str),
+                               modes=np.array([entries[n][1][3] for n in names], dtype=str),
+                               problems=np.array([entries[n][1][4] or "" for n in names], dtype=str))
     except (OSError, ValueError) as e:
         log.warning("could not write the image-check cache %s (%s): the next run checks again", path, e)

@@ -73,19 +73,25 @@ def save(data_dir: str, short_side: int, entries: dict[str, tuple[tuple[int, int
     names = sorted(entries)
     images = [entries[n][1] for n in names]
     try:
-        os.makedirs(folder(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder(), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, flat=np.concatenate([im.ravel() for im in images]) if images else np.zeros(0, np.uint8),
-                     offsets=np.cumsum([0] + [im.size for im in images], dtype=np.int64),
-                     shapes=np.array([im.shape for im in images], np.int32).reshape(-1, 3),
-                     paths=np.array(names, dtype=str), stamps=np.array([entries[n][0] for n in names],
-                                                                      np.int64).reshape(-1, 2))
-        os.replace(tmp, path)
+        write_npz(path, flat=np.concatenate([im.ravel() for im in images]) if images else np.zeros(0, np.uint8),
+                  offsets=np.cumsum([0] + [im.size for im in images], dtype=np.int64),
+                  shapes=np.array([im.shape for im in images], np.int32).reshape(-1, 3),
+                  paths=np.array(names, dtype=str),
+                  stamps=np.array([entries[n][0] for n in names], np.int64).reshape(-1, 2))
     except (OSError, ValueError) as e:
         log.warning("could not write the decoded-image cache %s (%s): the next run decodes again", path, e)
         return
     prune(path)
+
+
+def write_npz(path: str, **arrays: np.ndarray) -> None:
+    """np.savez to a temp file beside `path`, then renamed over it: a reader never sees half a file
+    (a temp file left by a crash goes with the next prune). Raises OSError or ValueError."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
 
 
 def prune(*keep: str) -> None:

@@ -22,7 +22,6 @@ import atexit
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from typing import Callable
@@ -218,13 +217,11 @@ class Store:
             entries, self.dirty, self.saved_at = dict(self.index), False, time.monotonic()
         names = sorted(entries)
         try:
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.index_path), suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, file_id=np.frombuffer(self.file_id, np.uint8), paths=np.array(names, dtype=str),
-                         stamps=np.array([entries[n][0] for n in names], np.int64).reshape(-1, 2),
-                         offsets=np.array([entries[n][1] for n in names], np.int64),
-                         shapes=np.array([entries[n][2] for n in names], np.int32).reshape(-1, 3))
-            os.replace(tmp, self.index_path)
+            decode_cache.write_npz(self.index_path, file_id=np.frombuffer(self.file_id, np.uint8),
+                                   paths=np.array(names, dtype=str),
+                                   stamps=np.array([entries[n][0] for n in names], np.int64).reshape(-1, 2),
+                                   offsets=np.array([entries[n][1] for n in names], np.int64),
+                                   shapes=np.array([entries[n][2] for n in names], np.int32).reshape(-1, 3))
         except (OSError, ValueError) as e:
             log.warning("could not write %s (%s): the next run decodes those images again", self.index_path, e)
 
