@@ -13,7 +13,8 @@ and shape. One writer per file (an advisory lock): a second process (`hw2_eval.p
 training run) reads what is indexed, takes up the writer's newer index at most every INDEX_EVERY_S,
 and decodes the rest without storing it. An image whose file changed since is decoded again. The
 index is written every INDEX_EVERY_S and at exit, so a killed run loses at most the images stored
-since.
+since. A changed or deleted file's old pixels stay in the data file until such pixels outweigh the
+live ones (a folder cleaned up or replaced); the next run then starts a new file.
 Nothing here can fail a run: any OS error turns storing off with one log line.
 """
 from __future__ import annotations
@@ -44,6 +45,9 @@ INDEX_EVERY_S = 60.0
 MAGIC = b"hw2dec01"
 HEADER_SIZE = 16
 FREE_DISK_RESERVE = 2 * 2**30  # stop storing before the disk gets this full
+# Pixels of images whose files changed or went stay in the data file (appends only, so a reader's
+# offsets stay true) until they outweigh the live ones and this much.
+STALE_BYTES_KEPT = 256 * 2**20
 
 Reader = Callable[[bytes, int], tuple[np.ndarray, np.bool_]]
 
@@ -85,19 +89,16 @@ class Store:
         self.loaded_at = time.monotonic()
         try:
             os.makedirs(decode_cache.folder(), exist_ok=True)
-            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
-            self.writable = self.owner = _try_lock(self.fd)
-            header = os.pread(self.fd, HEADER_SIZE, 0)
-            if header[:len(MAGIC)] == MAGIC and len(header) == HEADER_SIZE:
-                self.file_id = header[len(MAGIC):]
-                self.index = _load_index(self.index_path, os.fstat(self.fd).st_size, self.file_id)
-            elif self.writable:  # new, or not ours: start it afresh under a new identity
-                self.file_id = os.urandom(HEADER_SIZE - len(MAGIC))
-                os.ftruncate(self.fd, 0)
-                os.pwrite(self.fd, MAGIC + self.file_id, 0)
+            self._open_file()
+            if self.writable and self._mostly_stale():
+                # Unlinked, not emptied: another process still reading it keeps its own inode,
+                # whose offsets its index gives, while this run starts a new file.
+                old_fd, self.index = self.fd, {}
+                os.unlink(self.data_path)
+                self._open_file()
+                os.close(old_fd)
             # Pixels appended after the last index write (a killed run) are unreachable: cut them.
-            self.end = max((offset + int(np.prod(shape)) for _, offset, shape in self.index.values()),
-                           default=HEADER_SIZE)
+            self.end = _end(self.index)
             if self.writable:
                 os.ftruncate(self.fd, self.end)
                 os.utime(self.data_path)  # recently used: the last to be pruned
@@ -110,6 +111,27 @@ class Store:
             log.info("decoded images beyond cache_images_mb %s %s (%d there already)",
                      "are kept in" if self.writable else "are read from (another run writes)",
                      self.data_path, len(self.index))
+
+    def _open_file(self) -> None:
+        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.writable = self.owner = _try_lock(self.fd)
+        header = os.pread(self.fd, HEADER_SIZE, 0)
+        if header[:len(MAGIC)] == MAGIC and len(header) == HEADER_SIZE:
+            self.file_id = header[len(MAGIC):]
+            self.index = _load_index(self.index_path, os.fstat(self.fd).st_size, self.file_id)
+        elif self.writable:  # new, or not ours: start it afresh under a new identity
+            self.file_id = os.urandom(HEADER_SIZE - len(MAGIC))
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, MAGIC + self.file_id, 0)
+
+    def _mostly_stale(self) -> bool:
+        """Forget the images whose files changed or went; True when their pixels fill most of the
+        data file (a folder cleaned up or replaced), which is then better started afresh than kept."""
+        live = decode_cache.still_current(self.data_dir, self.index)
+        used = _end(self.index) - HEADER_SIZE  # the pixels past it are cut below in any case
+        live_bytes = sum(int(np.prod(shape)) for _, _, shape in live.values())
+        self.dirty, self.index = len(live) < len(self.index), live
+        return used - live_bytes > max(live_bytes, STALE_BYTES_KEPT)
 
     def get(self, path: bytes, short_side) -> tuple[np.ndarray, np.bool_]:
         """Called from tf.data's threads with the same arguments as `reader`."""
@@ -224,6 +246,11 @@ class Store:
                                    shapes=np.array([entries[n][2] for n in names], np.int32).reshape(-1, 3))
         except (OSError, ValueError) as e:
             log.warning("could not write %s (%s): the next run decodes those images again", self.index_path, e)
+
+
+def _end(index: dict) -> int:
+    """Where the data file's last indexed image ends."""
+    return max((offset + int(np.prod(shape)) for _, offset, shape in index.values()), default=HEADER_SIZE)
 
 
 def _try_lock(fd: int) -> bool:

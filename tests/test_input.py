@@ -232,6 +232,52 @@ def test_a_folder_too_big_for_ram_decodes_each_image_once_then_reads_it_from_dis
     assert len(evaluate(stored)[1]) == len(items)
 
 
+def test_the_decoded_image_store_starts_afresh_once_changed_files_fill_most_of_it(tmp_path, monkeypatch):
+    """A few changed files leave their old pixels in the store; once the changed or deleted files'
+    pixels outweigh the live ones, the next run starts a new file, and a process still reading the
+    old one keeps getting the right pixels."""
+    import decode_store
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(decode_store, "_stores", {})
+    monkeypatch.setattr(decode_store, "STALE_BYTES_KEPT", 0)
+    data = str(tmp_path / "data")
+    items = folder(data, 4)
+    paths = [os.path.join(data, rel) for rel, _ in items]
+    short_side = hw2_input.base_short_side(CFG)
+
+    def store():
+        decode_store.close_all()
+        s = decode_store.open_store(data, short_side, hw2_input._read_or_skip)
+        for p in paths:
+            s.get(os.fsencode(p), short_side)
+        return s
+
+    def rewrite(k):
+        hw2_dataset.Image.fromarray(random_image(30, 22, seed=10 + k)).save(paths[k], format="PNG" if paths[k].endswith(".png") else "JPEG")
+        os.utime(paths[k], ns=(k + 1, k + 1))
+
+    first = store()
+    size, inode = os.path.getsize(first.data_path), os.stat(first.data_path).st_ino
+    rewrite(0)
+    os.remove(paths[1])
+    paths.pop(1)
+    second = store()  # 2 of 8 images stale: kept, the changed one appended
+    assert os.stat(second.data_path).st_ino == inode and len(second.index) == 7
+    assert os.path.getsize(second.data_path) > size
+
+    reader = decode_store.Store(data, short_side, hw2_input._read_or_skip)  # another process, still reading
+    for k in (1, 2, 3, 4):
+        rewrite(k)
+    third = store()  # 1 + 5 stale of 8 stored: a new file
+    for p in (paths[5], paths[6]):
+        assert np.array_equal(reader.get(os.fsencode(p), short_side)[0], hw2_input.read_image(p, short_side=short_side))
+    assert os.stat(third.data_path).st_ino != inode and len(third.index) == 7
+    assert os.path.getsize(third.data_path) == decode_store.HEADER_SIZE + sum(
+        int(np.prod(shape)) for _, _, shape in third.index.values())
+    reader.close()
+    decode_store.close_all()
+
+
 def test_decode_dataset_gives_uint8_at_base_short_side(tmp_path):
     items = folder(tmp_path, 2)[:3]
     side = augmentation.base_short_side(CFG)
