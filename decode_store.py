@@ -33,7 +33,7 @@ import decode_cache
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks, so no writer: images decode as they did before
+except ImportError:  # Windows: no advisory locks (nor os.pread): images decode as they did before
     fcntl = None
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class Store:
         self.slots: dict[bytes, tuple[int, tuple[int, ...]] | None] = {}  # checked this run; None: decode
         self.dirty, self.saved_at, self.end, self.file_id = False, time.monotonic(), HEADER_SIZE, b""
         self.loaded_at = time.monotonic()
+        if fcntl is None or not hasattr(os, "pread"):
+            return
         try:
             os.makedirs(decode_cache.folder(), exist_ok=True)
             self._open_file()

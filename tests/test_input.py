@@ -276,6 +276,11 @@ def test_the_decoded_image_store_starts_afresh_once_changed_files_fill_most_of_i
         int(np.prod(shape)) for _, _, shape in third.index.values())
     reader.close()
     decode_store.close_all()
+    # Windows has neither flock nor pread: no store, every image decoded as before.
+    monkeypatch.delattr(os, "pread")
+    plain = decode_store.Store(data, short_side, hw2_input._read_or_skip)
+    image, ok = plain.get(os.fsencode(paths[0]), short_side)
+    assert ok and plain.fd < 0 and np.array_equal(image, hw2_input.read_image(paths[0], short_side=short_side))
 
 
 def test_decode_dataset_gives_uint8_at_base_short_side(tmp_path):
