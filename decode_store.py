@@ -92,6 +92,9 @@ class Store:
         try:
             os.makedirs(decode_cache.folder(), exist_ok=True)
             self._open_file()
+            # Pixels appended after the last index write (a killed run) are unreachable: cut them.
+            # A stale image's pixels before that stay: another process may still read them.
+            self.end = _end(self.index)
             if self.writable and self._mostly_stale():
                 # Unlinked, not emptied: another process still reading it keeps its own inode,
                 # whose offsets its index gives, while this run starts a new file.
@@ -99,8 +102,7 @@ class Store:
                 os.unlink(self.data_path)
                 self._open_file()
                 os.close(old_fd)
-            # Pixels appended after the last index write (a killed run) are unreachable: cut them.
-            self.end = _end(self.index)
+                self.end = _end(self.index)
             if self.writable:
                 os.ftruncate(self.fd, self.end)
                 os.utime(self.data_path)  # recently used: the last to be pruned
@@ -130,10 +132,9 @@ class Store:
         """Forget the images whose files changed or went; True when their pixels fill most of the
         data file (a folder cleaned up or replaced), which is then better started afresh than kept."""
         live = decode_cache.still_current(self.data_dir, self.index)
-        used = _end(self.index) - HEADER_SIZE  # the pixels past it are cut below in any case
         live_bytes = sum(int(np.prod(shape)) for _, _, shape in live.values())
         self.dirty, self.index = len(live) < len(self.index), live
-        return used - live_bytes > max(live_bytes, STALE_BYTES_KEPT)
+        return self.end - HEADER_SIZE - live_bytes > max(live_bytes, STALE_BYTES_KEPT)
 
     def get(self, path: bytes, short_side) -> tuple[np.ndarray, np.bool_]:
         """Called from tf.data's threads with the same arguments as `reader`."""
