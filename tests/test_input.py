@@ -258,20 +258,28 @@ def test_the_decoded_image_store_starts_afresh_once_changed_files_fill_most_of_i
 
     first = store()
     size, inode = os.path.getsize(first.data_path), os.stat(first.data_path).st_ino
+    first.save_index()
+    early = decode_store.Store(data, short_side, hw2_input._read_or_skip)  # another process, reading
+    last = paths[-1]  # the last image stored
+    last_pixels, _ = early.get(os.fsencode(last), short_side)
     rewrite(0)
-    os.remove(paths[1])
-    paths.pop(1)
-    second = store()  # 2 of 8 images stale: kept, the changed one appended
-    assert os.stat(second.data_path).st_ino == inode and len(second.index) == 7
+    os.remove(last)
+    paths[-1] = os.path.join(data, "c0", "new.png")
+    hw2_dataset.Image.fromarray(random_image(40, 30, seed=9)).save(paths[-1])
+    second = store()  # 2 of 8 images stale: kept; the changed one and the new one appended
+    assert os.stat(second.data_path).st_ino == inode and len(second.index) == 8
     assert os.path.getsize(second.data_path) > size
+    # ...after the stale ones: what the other process read by offset is still there.
+    assert np.array_equal(early.get(os.fsencode(last), short_side)[0], last_pixels)
+    early.close()
 
     reader = decode_store.Store(data, short_side, hw2_input._read_or_skip)  # another process, still reading
     for k in (1, 2, 3, 4):
         rewrite(k)
-    third = store()  # 1 + 5 stale of 8 stored: a new file
+    third = store()  # 6 of the 10 stored stale: a new file
     for p in (paths[5], paths[6]):
         assert np.array_equal(reader.get(os.fsencode(p), short_side)[0], hw2_input.read_image(p, short_side=short_side))
-    assert os.stat(third.data_path).st_ino != inode and len(third.index) == 7
+    assert os.stat(third.data_path).st_ino != inode and len(third.index) == 8
     assert os.path.getsize(third.data_path) == decode_store.HEADER_SIZE + sum(
         int(np.prod(shape)) for _, _, shape in third.index.values())
     reader.close()
