@@ -257,8 +257,6 @@ def _end(index: dict) -> int:
 
 
 def _try_lock(fd: int) -> bool:
-    if fcntl is None:
-        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
