@@ -94,13 +94,13 @@ WINOGRAD_EDGES, WINOGRAD_EDGE_IDS = with_forms(
     + [(3, 2, "VALID", hw) for hw in [(3, 3), (4, 5), (12, 23)]])
 
 
-@pytest.mark.parametrize("m,r", [(4, 3), (4, 5), (5, 2)])
-def test_winograd_transforms_compute_a_correlation_exactly(m, r):
-    """The Toom-Cook matrices of F(m, r) (winograd: F(4,3), F(4,5); winograd_s2: F(5,2)), in float64
-    and in one dimension: A^T [(G g) * (B^T d)] is the m outputs of g slid over the tile d."""
+@pytest.mark.parametrize("m,r,dtype", [(4, 3, "float32"), (4, 5, "float32"), (5, 2, "float32"), (2, 3, "bfloat16")])
+def test_winograd_transforms_compute_a_correlation_exactly(m, r, dtype):
+    """The Toom-Cook matrices of F(m, r) (winograd: F(4,3), F(4,5), in 16-bit floats F(2,3); winograd_s2:
+    F(5,2)), in float64 and in one dimension: A^T [(G g) * (B^T d)] is the m outputs of g slid over the tile d."""
     bt, g, at = conv_forms._winograd_matrices(m, r)
     a = m + r - 1
-    assert bt.shape == (a, a) and g.shape == (a, r) and at.shape == (m, a) and a == conv_forms.tile_side(r)
+    assert bt.shape == (a, a) and g.shape == (a, r) and at.shape == (m, a) and a == conv_forms.tile_side(r, dtype)
     rng = np.random.default_rng(m * 10 + r)
     for _ in range(5):
         d, k = rng.standard_normal(a), rng.standard_normal(r)
@@ -437,6 +437,42 @@ def test_bfloat16_im2col_matches_float32_native_loosely(form):
     assert_close(y, y_ref, 3e-2)
     assert_close(dx, dx_ref, 3e-2)
     assert_close(dw, dw_ref, 3e-2)
+
+
+# F(2x2, 3x3)'s 4x4 tiles step by 2: odd and even sizes, one pixel, VALID.
+BF16_WINOGRAD_EDGES = [("SAME", hw) for hw in [(1, 1), (2, 3), (4, 4), (5, 6), (7, 10)]] + [
+    ("VALID", hw) for hw in [(3, 3), (6, 6), (7, 10)]]
+
+
+@pytest.mark.skipif(bf16_kernels_missing(), reason="bf16 crashes under this ONEDNN_MAX_CPU_ISA cap")
+@pytest.mark.parametrize("padding,hw", BF16_WINOGRAD_EDGES, ids=[f"{p}-{h}x{w}" for p, (h, w) in BF16_WINOGRAD_EDGES])
+def test_bfloat16_winograd_matches_float32_native_at_its_tile_edges(padding, hw):
+    x, w = random_inputs(3, *hw, 5, 3, 4, seed=hw[0] * 7 + hw[1], dtype=tf.bfloat16)
+    y, dx, dw, upstream = conv_and_grads(x, w, 1, padding, "im2col", form="winograd")
+    refs = conv_and_grads(tf.cast(x, tf.float32), w, 1, padding, "native", tf.cast(upstream, tf.float32))
+    for got, ref in zip((y, dx, dw), refs):
+        assert_close(got, ref, 3e-2)
+
+
+@pytest.mark.skipif(bf16_kernels_missing(), reason="bf16 crashes under this ONEDNN_MAX_CPU_ISA cap")
+def test_bfloat16_winograd_errs_under_one_percent():
+    """In bfloat16 the Winograd form runs F(2x2, 3x3): RMS error against float32 tf.nn.conv2d ~0.55%
+    here for the output and both gradients (the gather form's 0.17-0.23%), where F(4x4, 3x3)'s 6x6
+    tiles gave ~3%."""
+    x, w = random_inputs(4, 12, 12, 32, 3, 32, seed=41, dtype=tf.bfloat16)
+    w = w * 0.05
+    upstream = tf.cast(tf.random.stateless_normal([4, 12, 12, 32], [4, 1]), tf.bfloat16)
+    # Against the float32 kernel, as mixed precision keeps it: both forms round it to bfloat16.
+    refs = conv_and_grads(tf.cast(x, tf.float32), w, 1, "SAME", "native", tf.cast(upstream, tf.float32))[:3]
+
+    def rms_errors(form):
+        got = conv_and_grads(x, w, 1, "SAME", "im2col", upstream, form=form)[:3]
+        return [float(np.sqrt(np.mean((np.asarray(tf.cast(g, tf.float32)) - r.numpy()) ** 2) / np.mean(r.numpy() ** 2)))
+                for g, r in zip(got, refs)]
+
+    gather, winograd = rms_errors("gather"), rms_errors("winograd")
+    assert all(0 < e < 0.005 for e in gather), gather
+    assert all(0 < e < 0.01 for e in winograd), winograd
 
 
 @pytest.mark.parametrize(
