@@ -52,11 +52,10 @@ def test_one_class_is_not_a_classifier_and_adding_one_fixes_it(tmp_path, capsys)
 def test_images_added_since_the_run_began_are_named_on_resume(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=3)
     run = str(tmp_path / "r")
+    # (A resume with nothing added says nothing of the kind: test_rerun_resumes_and_continues.)
     assert train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "1")[0] == 0
-    rc, out = train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "2")
-    assert rc == 0 and "not in this run's split" not in out.err
     make_image_folder(tmp_path / "data", per_class=2, classes=("zebra",))
-    rc, out = train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "3")
+    rc, out = train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "2")
     assert rc == 0 and "2 image(s) and class(es) zebra not in this run's split (e.g. zebra/0.png)" in out.err
 
 
