@@ -444,10 +444,12 @@ BF16_WINOGRAD_EDGES = [("SAME", hw) for hw in [(1, 1), (2, 3), (4, 4), (5, 6), (
     ("VALID", hw) for hw in [(3, 3), (6, 6), (7, 10)]]
 
 
-@pytest.mark.skipif(bf16_kernels_missing(), reason="bf16 crashes under this ONEDNN_MAX_CPU_ISA cap")
+@pytest.mark.parametrize("dtype", [
+    pytest.param("bfloat16", marks=pytest.mark.skipif(bf16_kernels_missing(), reason="bf16 crashes under this cap")),
+    "float16"])
 @pytest.mark.parametrize("padding,hw", BF16_WINOGRAD_EDGES, ids=[f"{p}-{h}x{w}" for p, (h, w) in BF16_WINOGRAD_EDGES])
-def test_bfloat16_winograd_matches_float32_native_at_its_tile_edges(padding, hw):
-    x, w = random_inputs(3, *hw, 5, 3, 4, seed=hw[0] * 7 + hw[1], dtype=tf.bfloat16)
+def test_16_bit_winograd_matches_float32_native_at_its_tile_edges(padding, hw, dtype):
+    x, w = random_inputs(3, *hw, 5, 3, 4, seed=hw[0] * 7 + hw[1], dtype=dtype)
     y, dx, dw, upstream = conv_and_grads(x, w, 1, padding, "im2col", form="winograd")
     refs = conv_and_grads(tf.cast(x, tf.float32), w, 1, padding, "native", tf.cast(upstream, tf.float32))
     for got, ref in zip((y, dx, dw), refs):
