@@ -440,14 +440,14 @@ def test_bfloat16_im2col_matches_float32_native_loosely(form):
 
 
 # F(2x2, 3x3)'s 4x4 tiles step by 2: odd and even sizes, one pixel, VALID.
-BF16_WINOGRAD_EDGES = [("SAME", hw) for hw in [(1, 1), (2, 3), (4, 4), (5, 6), (7, 10)]] + [
+WINOGRAD_16_BIT_EDGES = [("SAME", hw) for hw in [(1, 1), (2, 3), (4, 4), (5, 6), (7, 10)]] + [
     ("VALID", hw) for hw in [(3, 3), (6, 6), (7, 10)]]
 
 
 @pytest.mark.parametrize("dtype", [
     pytest.param("bfloat16", marks=pytest.mark.skipif(bf16_kernels_missing(), reason="bf16 crashes under this cap")),
     "float16"])
-@pytest.mark.parametrize("padding,hw", BF16_WINOGRAD_EDGES, ids=[f"{p}-{h}x{w}" for p, (h, w) in BF16_WINOGRAD_EDGES])
+@pytest.mark.parametrize("padding,hw", WINOGRAD_16_BIT_EDGES, ids=[f"{p}-{h}x{w}" for p, (h, w) in WINOGRAD_16_BIT_EDGES])
 def test_16_bit_winograd_matches_float32_native_at_its_tile_edges(padding, hw, dtype):
     x, w = random_inputs(3, *hw, 5, 3, 4, seed=hw[0] * 7 + hw[1], dtype=dtype)
     y, dx, dw, upstream = conv_and_grads(x, w, 1, padding, "im2col", form="winograd")
