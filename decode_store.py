@@ -5,16 +5,18 @@ JPEG takes ~20-26 ms of one core to decode even at libjpeg's 1/8 scale, where tr
 takes ~14 core-ms an image: streamed, such a folder trained at a third of its speed. Now each image
 is decoded the first time a pass asks for it, appended to a file in the user's cache folder
 (decode_cache.folder()), and read back from there after that (os.pread releases the GIL; the OS's
-page cache keeps what fits in RAM). The file outlives the run like decode_cache's: a rerun, a resume,
-each variant and fold of hw2_experiment read the images back.
+page cache keeps what fits in RAM; Windows has no os.pread: a seek and a read under one lock). The
+file outlives the run like decode_cache's: a rerun, a resume, each variant and fold of
+hw2_experiment read the images back.
 
 `<key>.images` holds the raw uint8 pixels, `<key>.index.npz` each stored image's file stamp, offset
-and shape. One writer per file (an advisory lock): a second process (`hw2_eval.py` beside a
-training run) reads what is indexed, takes up the writer's newer index at most every INDEX_EVERY_S,
-and decodes the rest without storing it. An image whose file changed since is decoded again. The
-index is written every INDEX_EVERY_S and at exit, so a killed run loses at most the images stored
-since. A changed or deleted file's old pixels stay in the data file until such pixels outweigh the
-live ones (a folder cleaned up or replaced); the next run then starts a new file.
+and shape. One writer per file (file_lock): a second process (`hw2_eval.py` beside a training run)
+reads what is indexed, takes up the writer's newer index at most every INDEX_EVERY_S, and decodes
+the rest without storing it. An image whose file changed since is decoded again. The index is
+written every INDEX_EVERY_S and at exit, so a killed run loses at most the images stored since. A
+changed or deleted file's old pixels stay in the data file until such pixels outweigh the live ones
+(a folder cleaned up or replaced); the next run then starts a new file (on Windows, only once no
+other process has the old one open).
 Nothing here can fail a run: any OS error turns storing off with one log line.
 """
 from __future__ import annotations
@@ -30,11 +32,7 @@ from typing import Callable
 import numpy as np
 
 import decode_cache
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks (nor os.pread): images decode as they did before
-    fcntl = None
+import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +48,9 @@ FREE_DISK_RESERVE = 2 * 2**30  # stop storing before the disk gets this full
 STALE_BYTES_KEPT = 256 * 2**20
 
 Reader = Callable[[bytes, int], tuple[np.ndarray, np.bool_]]
+# Windows opens files as text unless told: its newline translation would garble the pixels.
+OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
+WINDOWS = os.name == "nt"  # deletes no file that a process has open, this one included
 
 _stores: dict[tuple[str, int], "Store"] = {}
 _stores_lock = threading.Lock()
@@ -87,8 +88,6 @@ class Store:
         self.slots: dict[bytes, tuple[int, tuple[int, ...]] | None] = {}  # checked this run; None: decode
         self.dirty, self.saved_at, self.end, self.file_id = False, time.monotonic(), HEADER_SIZE, b""
         self.loaded_at = time.monotonic()
-        if fcntl is None or not hasattr(os, "pread"):
-            return
         try:
             os.makedirs(decode_cache.folder(), exist_ok=True)
             self._open_file()
@@ -99,9 +98,13 @@ class Store:
                 # Unlinked, not emptied: another process still reading it keeps its own inode,
                 # whose offsets its index gives, while this run starts a new file.
                 old_fd, self.index = self.fd, {}
+                if WINDOWS:
+                    os.close(old_fd)
+                    old_fd = self.fd = -1
                 os.unlink(self.data_path)
                 self._open_file()
-                os.close(old_fd)
+                if old_fd >= 0:
+                    os.close(old_fd)
                 self.end = _end(self.index)
             if self.writable:
                 os.ftruncate(self.fd, self.end)
@@ -117,16 +120,17 @@ class Store:
                      self.data_path, len(self.index))
 
     def _open_file(self) -> None:
-        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.writable = self.owner = _try_lock(self.fd)
-        header = os.pread(self.fd, HEADER_SIZE, 0)
+        self.fd = os.open(self.data_path, OPEN_FLAGS, 0o644)
+        # No lock (a file system without them): read what is there, never write beside another writer.
+        self.writable = self.owner = file_lock.try_lock(self.fd) is True
+        header = _pread(self.fd, HEADER_SIZE, 0)
         if header[:len(MAGIC)] == MAGIC and len(header) == HEADER_SIZE:
             self.file_id = header[len(MAGIC):]
             self.index = _load_index(self.index_path, os.fstat(self.fd).st_size, self.file_id)
         elif self.writable:  # new, or not ours: start it afresh under a new identity
             self.file_id = os.urandom(HEADER_SIZE - len(MAGIC))
             os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, MAGIC + self.file_id, 0)
+            _pwrite(self.fd, MAGIC + self.file_id, 0)
 
     def _mostly_stale(self) -> bool:
         """Forget the images whose files changed or went; True when their pixels fill most of the
@@ -146,7 +150,7 @@ class Store:
             offset, shape = slot
             size = int(np.prod(shape))
             try:
-                data = os.pread(self.fd, size, offset)
+                data = _pread(self.fd, size, offset)
                 if len(data) == size:
                     return np.frombuffer(data, np.uint8).reshape(shape), np.bool_(True)
             except OSError:
@@ -190,7 +194,7 @@ class Store:
             offset = self.end
             self.end += image.nbytes
         try:
-            os.pwrite(self.fd, image.tobytes(), offset)
+            _pwrite(self.fd, image.tobytes(), offset)
         except OSError as e:
             self._stop_storing(e)
             return
@@ -256,12 +260,26 @@ def _end(index: dict) -> int:
     return max((offset + int(np.prod(shape)) for _, offset, shape in index.values()), default=HEADER_SIZE)
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
+_seek_lock = threading.Lock()
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    with _seek_lock:  # Windows: the file position is shared by every thread
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, size)
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    if hasattr(os, "pwrite"):
+        written = os.pwrite(fd, data, offset)
+    else:
+        with _seek_lock:
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = os.write(fd, data)
+    if written != len(data):
+        raise OSError(f"wrote {written} of {len(data)} bytes")
 
 
 def _load_index(path: str, data_size: int, file_id: bytes) -> dict:

@@ -26,6 +26,7 @@ import socket
 import tempfile
 from typing import Any, Sequence
 
+import file_lock
 import utils
 from utils import UserError
 
@@ -33,11 +34,6 @@ CONFIG, SPLIT, BAD_IMAGES = "config.json", "split.json", "bad_images.txt"
 RUN_RECORD, SUMMARY, CURVES = "run.json", "summary.csv", "curves.png"
 BEST, EVAL = "best", "eval"
 LOCK = ".lock"
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks, runs go unguarded
-    fcntl = None
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -202,16 +198,13 @@ def _lock(train_dir: str):
         f = open(os.path.join(train_dir, LOCK), "a+", encoding="utf-8")
     except OSError:
         return None  # an unwritable RUN: _create says so
-    if fcntl is None:
-        return f
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    locked = file_lock.try_lock(f.fileno())
+    if locked is False:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
         raise RunInUse(train_dir, holder) from None
-    except OSError:  # a file system without locks (some network mounts): unguarded, as before
+    if locked is None:  # a file system without locks (some network mounts): unguarded, as before
         return f
     f.seek(0)
     f.truncate()

@@ -70,3 +70,38 @@ def run_held_by_another_process(run):
         yield
     finally:
         holder.communicate("")
+
+
+class WindowsLocks:
+    """msvcrt.locking as Windows has it: a byte range locked through one handle is refused to
+    every other handle, of this process or another, until that handle is closed."""
+    LK_NBLCK = 2
+
+    def __init__(self):
+        self.held = {}  # (device, inode, offset) -> fd
+
+    def locking(self, fd: int, mode: int, nbytes: int) -> None:
+        assert mode == self.LK_NBLCK and nbytes == 1
+        st = os.fstat(fd)
+        key = st.st_dev, st.st_ino, os.lseek(fd, 0, os.SEEK_CUR)
+        holder = self.held.get(key)
+        if holder not in (None, fd):
+            try:
+                still_open = os.fstat(holder).st_ino == st.st_ino
+            except OSError:
+                still_open = False
+            if still_open:
+                raise PermissionError(13, "Permission denied")
+        self.held[key] = fd
+
+    def unlink(self, path: str, real=os.unlink) -> None:
+        """os.unlink as Windows has it, for the files locked here: no file that a handle has open."""
+        st = os.stat(path)
+        for (device, inode, _), fd in self.held.items():
+            try:
+                if (device, inode) == (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                    raise PermissionError(13, "The process cannot access the file", path)
+            except OSError as e:
+                if isinstance(e, PermissionError):
+                    raise
+        real(path)

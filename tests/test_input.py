@@ -11,7 +11,7 @@ import augmentation
 import hw2_dataset
 import hw2_input
 import utils
-from helpers import items_of, make_image_folder
+from helpers import WindowsLocks, items_of, make_image_folder
 from utils import UserError
 
 S = 16  # the [tiny] network input size: small keeps the whole file fast on 2 cores
@@ -284,11 +284,61 @@ def test_the_decoded_image_store_starts_afresh_once_changed_files_fill_most_of_i
         int(np.prod(shape)) for _, _, shape in third.index.values())
     reader.close()
     decode_store.close_all()
-    # Windows has neither flock nor pread: no store, every image decoded as before.
+
+
+def test_on_windows_the_decoded_image_store_works_without_pread_and_flock(tmp_path, monkeypatch):
+    """Windows has neither os.pread/os.pwrite nor flock: the store seeks and reads under a lock and
+    takes msvcrt's lock on a byte past its data (Windows locks are mandatory: a reader could not read
+    a locked byte), so a folder too big for RAM decodes once there too."""
+    import decode_store
+    import file_lock
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(decode_store, "_stores", {})
+    monkeypatch.setattr(decode_store, "STALE_BYTES_KEPT", 0)
+    monkeypatch.setattr(decode_store, "WINDOWS", True)
+    locks = WindowsLocks()
+    monkeypatch.setattr(file_lock, "fcntl", None)
+    monkeypatch.setattr(file_lock, "msvcrt", locks)
     monkeypatch.delattr(os, "pread")
-    plain = decode_store.Store(data, short_side, hw2_input._read_or_skip)
-    image, ok = plain.get(os.fsencode(paths[0]), short_side)
-    assert ok and plain.fd < 0 and np.array_equal(image, hw2_input.read_image(paths[0], short_side=short_side))
+    monkeypatch.delattr(os, "pwrite")
+    monkeypatch.setattr(os, "unlink", locks.unlink)
+    data = str(tmp_path / "data")
+    paths = [os.path.join(data, rel) for rel, _ in folder(data, 3)]
+    short_side = hw2_input.base_short_side(CFG)
+    decoded = []
+
+    def read(path, side):
+        decoded.append(path)
+        return hw2_input._read_or_skip(path, side)
+
+    def check(store, paths):
+        for p in paths:
+            image, ok = store.get(os.fsencode(p), short_side)
+            assert ok and np.array_equal(image, hw2_input.read_image(p, short_side=short_side))
+
+    writer = decode_store.Store(data, short_side, read)
+    check(writer, paths + paths)
+    assert writer.writable and len(decoded) == len(paths)  # each once
+    writer.save_index()
+    assert all(offset > os.path.getsize(writer.data_path) for _, _, offset in locks.held)
+    other = decode_store.Store(data, short_side, read)  # another handle: refused the lock, reads
+    decoded.clear()
+    check(other, paths)
+    assert not other.writable and decoded == []
+    other.close()
+    writer.close()
+    # Most files changed: the next run deletes the old file (closed first: Windows deletes no open
+    # file) and starts a new one.
+    for k, p in enumerate(paths[:4]):
+        hw2_dataset.Image.fromarray(random_image(30, 22, seed=20 + k)).save(p, format="PNG" if p.endswith(".png") else "JPEG")
+        os.utime(p, ns=(k + 1, k + 1))
+    decoded.clear()
+    again = decode_store.Store(data, short_side, read)
+    check(again, paths + paths)
+    assert again.writable and again.file_id != writer.file_id and len(decoded) == len(paths)
+    assert os.path.getsize(again.data_path) == decode_store.HEADER_SIZE + sum(
+        int(np.prod(shape)) for _, _, shape in again.index.values())
+    again.close()
 
 
 def test_decode_dataset_gives_uint8_at_base_short_side(tmp_path):

@@ -9,7 +9,7 @@ from PIL import Image
 
 import hw2_eval
 import hw2_train
-from helpers import HOLDER, SMALL_NET, make_image_folder, run_held_by_another_process
+from helpers import HOLDER, SMALL_NET, WindowsLocks, make_image_folder, run_held_by_another_process
 
 
 # Where the network is not what a test is about, the smallest one: a fraction of the tracing time.
@@ -94,6 +94,23 @@ def test_a_run_in_use_stops_a_second_training_even_with_fresh(tmp_path, capsys):
     assert rc == 0 and os.path.isfile(run / "config.json")
     with open(run / ".lock") as f:  # released when the training ended
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_on_windows_a_run_in_use_is_refused_with_its_holder(tmp_path, monkeypatch):
+    """Windows has no flock: RUN/.lock takes msvcrt's lock, on a byte past the holder's line, which a
+    second training must still read to say who holds the run."""
+    import file_lock
+    import run_dir
+    monkeypatch.setattr(file_lock, "fcntl", None)
+    monkeypatch.setattr(file_lock, "msvcrt", WindowsLocks())
+    run = str(tmp_path / "r")
+    with run_dir.prepare(run, fresh=False):
+        with pytest.raises(run_dir.RunInUse, match=rf"is in use by hw2 \(pid {os.getpid()} on "):
+            with run_dir.prepare(run, fresh=True):
+                pass
+        assert os.listdir(tmp_path) == ["r"]  # --fresh moved nothing
+    with run_dir.prepare(run, fresh=False):  # released when the first ended
+        pass
 
 
 def test_a_run_follows_its_data_to_a_new_folder_but_not_to_another_dataset(tmp_path, capsys):
