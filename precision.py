@@ -102,7 +102,15 @@ def choose(requested: str, flags: Iterable[str], gpu_cc: tuple[int, int] | None,
             return "bf16", f"auto: CPU has avx512_bf16 (no AMX), its bf16 GEMMs timed {speedup:.2f}x fp32"
         return "fp32", (f"auto: CPU has avx512_bf16 but no AMX, and its bf16 GEMMs timed only {speedup:.2f}x "
                         f"fp32 (bf16 needs {BF16_GEMM_MIN}x)")
-    return "fp32", "auto: CPU has no bf16 hardware"
+    if not flags and bf16_gemm_speedup is not None:
+        # No flags to read (Windows and macOS have no /proc/cpuinfo): bf16 hardware, a Zen 4 laptop's
+        # say, shows in the timing, and bf16 runs (slowly, emulated) where there is none.
+        speedup = bf16_gemm_speedup()
+        if speedup >= BF16_GEMM_MIN:
+            return "bf16", f"auto: this CPU's flags are unknown here, and its bf16 GEMMs timed {speedup:.2f}x fp32"
+        return "fp32", (f"auto: this CPU's flags are unknown here, and its bf16 GEMMs timed {speedup:.2f}x fp32 "
+                        f"(bf16 needs {BF16_GEMM_MIN}x)")
+    return "fp32", "auto: CPU has no bf16 hardware" if flags else "auto: this CPU's flags are unknown here (not timed)"
 
 
 def apply(precision: str) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import logging
 import os
+import platform
 import re
 import sys
 import tempfile
@@ -364,22 +365,22 @@ def user_cache_dir() -> str:
     return os.path.join(root, "hw2")
 
 
-def cpu_line() -> str:
+def cpu_line(cpuinfo: str = "/proc/cpuinfo") -> str:
     """CPU model and the instruction-set flags that decide our speed (printed by every bench)."""
     model, flags = "unknown CPU", set()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("model name") and model == "unknown CPU":
                     model = line.split(":", 1)[1].strip()
                 elif line.startswith("flags") and not flags:
                     flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    except OSError:  # not Linux: the name the OS gives, the flags unknown
+        model = platform.processor() or platform.machine() or model
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     # oneDNN (TensorFlow's CPU matmuls and convolutions) runs no wider kernels than this cap, so a
     # capped run measures an AVX2-only laptop on an AVX-512 machine.
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     malloc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() not in ("true", "1")
-    return (f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no avx2'}"
+    return (f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or ('no avx2' if flags else 'flags unknown')}"
             f"{f'; ONEDNN_MAX_CPU_ISA={cap}' if cap else ''}{'; malloc allocator' if malloc else ''})")

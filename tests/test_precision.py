@@ -1,4 +1,7 @@
 """The precision policy (from fake CPU flags and GPU capabilities) and mixed-precision training steps."""
+import os
+import platform
+
 import keras
 import numpy as np
 import pytest
@@ -55,12 +58,17 @@ def test_avx512_bf16_without_amx_is_bf16_only_where_its_gemms_are_faster():
     chosen, reason = precision.choose("auto", ZEN4, None, bf16_gemm_speedup=lambda: 0.68)
     assert chosen == "fp32" and "0.68x" in reason
     assert precision.choose("auto", ZEN4, None)[0] == "bf16"  # untimed (--deterministic, tests): the flag
+    # No flags to read (Windows, macOS): a Zen 4 laptop's bf16 shows in the timing alone.
+    chosen, reason = precision.choose("auto", set(), None, bf16_gemm_speedup=lambda: 1.5)
+    assert chosen == "bf16" and "unknown" in reason and "1.50x" in reason
+    assert precision.choose("auto", set(), None, bf16_gemm_speedup=lambda: 0.14)[0] == "fp32"  # emulated
 
     def not_here():
         raise AssertionError("timed where the choice does not hang on it")
     for requested, flags, gpu_cc, cap in [("auto", SPR, None, None), ("auto", ZEN3, None, None),
                                           ("auto", ZEN4, (8, 0), None), ("auto", ZEN4, None, "AVX2"),
-                                          ("fp32", ZEN4, None, None), ("bf16", ZEN4, None, None)]:
+                                          ("fp32", ZEN4, None, None), ("bf16", ZEN4, None, None),
+                                          ("auto", set(), None, "AVX2"), ("auto", set(), (8, 0), None)]:
         precision.choose(requested, flags, gpu_cc, cap, not_here)
 
 
@@ -97,6 +105,10 @@ def test_cpu_flags_reads_the_first_flags_line(tmp_path):
                     "processor\t: 1\nflags\t\t: fpu\n")
     assert precision.cpu_flags(str(info)) == {"fpu", "avx2", "amx_bf16"}
     assert precision.cpu_flags(str(tmp_path / "missing")) == set()
+    assert utils.cpu_line(str(info)).startswith(f"X ({os.cpu_count()} cores; avx2 amx_bf16")
+    # Not Linux: the name the OS gives, and the flags said to be unknown (not "no avx2").
+    line = utils.cpu_line(str(tmp_path / "missing"))
+    assert "flags unknown" in line and "no avx2" not in line and line.startswith(platform.machine())
 
 
 def test_config_default_is_auto_and_choices_are_checked():
