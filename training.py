@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -477,10 +478,12 @@ class Interrupts:
               "to quit at once)", file=sys.stderr, flush=True)
 
 
-def resume_command() -> str:
-    """The command this process was started with, without --fresh: what resumes the run."""
-    argv = [a for a in sys.argv if a != "--fresh"]
-    return shlex.join(["python", *argv] if argv and argv[0].endswith(".py") else argv)
+def resume_command(argv: Sequence[str] | None = None, windows: bool = os.name == "nt") -> str:
+    """The command this process was started with, without --fresh: what resumes the run, quoted for
+    the shell it will be pasted into (cmd and PowerShell take double quotes, not POSIX single ones)."""
+    argv = [a for a in (sys.argv if argv is None else argv) if a != "--fresh"]
+    argv = ["python", *argv] if argv and argv[0].endswith(".py") else argv
+    return subprocess.list2cmdline(argv) if windows else shlex.join(argv)
 
 
 def may_time(cfg: Mapping, strategy) -> bool:

@@ -111,6 +111,14 @@ def test_a_second_interrupt_quits_at_once(monkeypatch):
     assert signal.getsignal(signal.SIGINT) is before  # handlers put back
 
 
+def test_the_resume_command_is_quoted_for_the_shell_it_is_pasted_into():
+    import training
+    argv = ["hw2_train.py", "--data_dir", "/home/jo/my photos", "--fresh", "--time_budget", "10"]
+    assert training.resume_command(argv, windows=False) == "python hw2_train.py --data_dir '/home/jo/my photos' --time_budget 10"
+    argv = ["hw2_train.py", "--data_dir", r"C:\Users\Jo Doe\photos", "--fresh"]
+    assert training.resume_command(argv, windows=True) == r'python hw2_train.py --data_dir "C:\Users\Jo Doe\photos"'
+
+
 def test_a_run_of_hw2_0_1_0_evaluates_and_resumes(tiny_run, tmp_path, capsys):
     """hw2 0.1.0 saved a policy vector and no averaged batch-norm statistics: its runs still
     evaluate, and resume with their policy counters and plateau-lowered LR."""
