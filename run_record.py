@@ -5,6 +5,7 @@ TensorFlow is imported only inside the functions that need it; matplotlib always
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import hashlib
@@ -79,6 +80,7 @@ class RunRecord:
     def __init__(self, train_dir: str, plot_every_seconds: float = 60.0):
         self.train_dir = train_dir
         self.plot_every_seconds, self.plotted = plot_every_seconds, -math.inf
+        self.unwritten: list[dict] = []  # summary rows that could not be written yet
         self.summary_path = os.path.join(train_dir, run_dir.SUMMARY)
         self.curves_path = os.path.join(train_dir, run_dir.CURVES)
 
@@ -116,26 +118,45 @@ class RunRecord:
         self._trim_summary(info["start_step"])
 
     def on_validation(self, row: Mapping) -> None:
-        new = not os.path.isfile(self.summary_path)
-        values = {
+        self.unwritten.append({
             "step": row["step"], "epoch": f"{row['epoch']:.3f}", "lr": f"{row['lr']:.6g}",
             "train_loss": f"{row['train_loss']:.6f}", "train_top1": f"{row['train_top1']:.6f}",
             "val_loss_ema": f"{row['val_loss']:.6f}", "val_top1_ema": f"{row['val_top1']:.6f}",
             "val_topk_ema": f"{row['val_topk']:.6f}", "top_k": row["top_k"],
             "is_best": int(bool(row["is_best"])), "seconds": f"{row['seconds']:.1f}",
             "time": datetime.datetime.now().isoformat(timespec="seconds"),
-        }
-        with open(self.summary_path, "a", newline="") as f:
-            w = csv.DictWriter(f, SUMMARY_COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow(values)
+        })
+        self._write_rows()
         if time.monotonic() - self.plotted >= self.plot_every_seconds:
             self._plot()
 
     def on_end(self, best: Mapping) -> None:
+        self._write_rows()
         if math.isfinite(self.plot_every_seconds):  # inf: the caller draws (hw2_experiment's curves.png)
             self._plot()
+
+    def _write_rows(self) -> None:
+        """Append the unwritten rows to summary.csv. Where it cannot be written (on Windows, open in
+        Excel, which locks it; a full disk) the training goes on and they wait for the next try."""
+        if not self.unwritten:
+            return
+        size = os.path.getsize(self.summary_path) if os.path.isfile(self.summary_path) else None
+        try:
+            with open(self.summary_path, "a", newline="") as f:
+                w = csv.DictWriter(f, SUMMARY_COLUMNS)
+                if size is None:
+                    w.writeheader()
+                w.writerows(self.unwritten)
+            self.unwritten = []
+        except OSError as e:
+            with contextlib.suppress(OSError):  # no half row (or header) for the next try to follow
+                if size is None:
+                    os.remove(self.summary_path)
+                else:
+                    os.truncate(self.summary_path, size)
+            logging.warning("could not write %s (%s): is it open in another program? Training goes on; "
+                            "%d row(s) wait for the next validation", self.summary_path,
+                            e.strerror or e, len(self.unwritten))
 
     def _plot(self) -> None:
         self.plotted = time.monotonic()

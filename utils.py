@@ -251,7 +251,8 @@ def quiet_tensorflow_import() -> None:
 
 
 def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None, tensorflow: bool = True) -> int:
-    """Run a script's main: a UserError becomes one `error:` line and exit 2 (traceback with --debug)."""
+    """Run a script's main: a UserError becomes one `error:` line and exit 2, an OSError (a file the
+    OS refused) one line and exit 1 (tracebacks with --debug)."""
     argv = underscored(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
@@ -268,6 +269,13 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None, ten
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file the OS refused: a full disk, a read-only folder, on Windows a CSV open in Excel
+        if debug:
+            raise
+        path = e.filename2 or e.filename  # a rename's target is the file the user knows
+        where = f"{path}: " if path else ""
+        print(f"error: {where}{e.strerror or e} (--debug shows where)", file=sys.stderr)
+        return 1
 
 
 def exit_now(code: int) -> None:

@@ -125,10 +125,34 @@ def test_resume_drops_summary_rows_after_the_checkpoint(tmp_path):
     assert os.path.isfile(tmp_path / "curves.png")
 
 
+def test_a_summary_that_cannot_be_written_costs_no_training_and_no_rows(tmp_path, caplog):
+    """On Windows a summary.csv open in Excel cannot be written: training goes on, and the rows it
+    could not write follow at the next validation that can."""
+    hook = run_record.RunRecord(str(tmp_path))
+    row = {"epoch": 1.0, "lr": 1e-3, "train_loss": .3, "train_top1": .9, "val_loss": .2, "val_top1": 1.0,
+           "val_topk": 1.0, "top_k": 2, "is_best": False, "seconds": 1.0}
+    hook.on_validation({**row, "step": 2})
+    locked = tmp_path / "summary.csv.away"
+    os.rename(tmp_path / "summary.csv", locked)
+    os.mkdir(tmp_path / "summary.csv")  # what open() cannot append to, as Excel's lock
+    for step in (4, 6):
+        hook.on_validation({**row, "step": step})
+    assert "could not write" in caplog.text and "2 row(s) wait" in caplog.text
+    os.rmdir(tmp_path / "summary.csv")
+    os.rename(locked, tmp_path / "summary.csv")
+    hook.on_end({})
+    assert [int(r["step"]) for r in read_csv(str(tmp_path / "summary.csv"))] == [2, 4, 6]
+
+
 # ------------------------------------------------------------------ hw2_eval.py
 
 def test_eval_writes_the_per_class_report(tiny_run, tmp_path, capsys):
     run_dir = tiny_run.run
+    (tmp_path / "per_class.csv").mkdir()  # a file the OS refuses to replace (on Windows: open in Excel)
+    assert hw2_eval.main(["--checkpoint_dir", run_dir, "--eval_dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"error: {tmp_path / 'per_class.csv'}: ") and "Traceback" not in err
+    (tmp_path / "per_class.csv").rmdir()
     assert hw2_eval.main(["--checkpoint_dir", run_dir, "--eval_dir", str(tmp_path)]) == 0
     assert "per-class report (EMA weights, step 4)" in capsys.readouterr().out
     per_class = read_csv(tmp_path / "per_class.csv")
