@@ -288,7 +288,10 @@ def _link_checkpoint(source: str, directory: str, name: str) -> None:
     for f in os.listdir(directory):
         path = os.path.join(directory, f)
         if os.path.isfile(path) and f != "checkpoint" and not f.startswith(name + "."):
-            os.remove(path)
+            try:
+                os.remove(path)
+            except OSError as e:  # on Windows: open in another process (hw2_eval reading it); next time
+                logging.warning("could not remove the old %s (%s)", path, e.strerror or e)
 
 
 def is_chief(strategy) -> bool:
