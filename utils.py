@@ -254,6 +254,11 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None, ten
     """Run a script's main: a UserError becomes one `error:` line and exit 2, an OSError (a file the
     OS refused) one line and exit 1 (tracebacks with --debug)."""
     argv = underscored(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):
+        # Class and file names in any script, printed where the encoding cannot show them (on
+        # Windows, output redirected to a file is cp1252): escaped, where they raised and ended the run.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")

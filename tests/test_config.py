@@ -178,6 +178,17 @@ def test_run_cli_turns_user_errors_into_one_line(capsys):
         utils.run_cli(bad, ["--debug"])
 
 
+def test_names_the_console_cannot_encode_are_escaped_not_fatal(monkeypatch):
+    """On Windows, output redirected to a file is cp1252: a Chinese class name printed there raised
+    UnicodeEncodeError and ended the run."""
+    import io
+    out = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert utils.run_cli(lambda argv: print("class 猫: 12 images") or 0, [], tensorflow=False) == 0
+    out.flush()
+    assert out.buffer.getvalue() == b"class \\u732b: 12 images" + os.linesep.encode()
+
+
 def test_save_json_replaces_atomically(tmp_path):
     import run_dir
     path = str(tmp_path / "x.json")
