@@ -384,7 +384,7 @@ def cached_entry(key: str, measure) -> dict:
 
 def _load_cache() -> dict:
     try:
-        with open(cache_path()) as f:
+        with open(cache_path(), encoding="utf-8") as f:
             return json.load(f).get(machine_key(), {})
     except (OSError, ValueError, AttributeError):
         return {}  # no cache yet, or unreadable: time again
@@ -396,7 +396,7 @@ def _save_cache(entries: dict) -> str:
     path = cache_path()
     try:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 everything = json.load(f)
         except (OSError, ValueError):
             everything = {}
@@ -405,7 +405,7 @@ def _save_cache(entries: dict) -> str:
         everything[machine_key()] = entries
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".conv_forms.")
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(everything, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
         return path

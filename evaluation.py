@@ -114,7 +114,7 @@ def record(result: Evaluation, top_k: int, path: str, eval_dir: str, weights: st
     os.makedirs(eval_dir, exist_ok=True)
     csv_path = os.path.join(eval_dir, "results.csv")
     new = not os.path.isfile(csv_path)
-    with open(csv_path, "a", newline="") as f:  # one appended line: a kill loses at most this row
+    with open(csv_path, "a", newline="", encoding="utf-8") as f:  # one appended line: a kill loses at most this row
         w = csv.writer(f)
         if new:
             w.writerow(["time", "step", "checkpoint", "weights", "data", "n", "loss", "top1", f"top{top_k}"])

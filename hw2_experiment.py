@@ -192,7 +192,7 @@ def collect(runs: list[Run]) -> list[dict]:
             if os.path.isfile(path):
                 results.append(run_dir.load_json(path, "run result"))
             elif os.path.isfile(os.path.join(run.train_dir, ERROR)):
-                with open(os.path.join(run.train_dir, ERROR)) as f:
+                with open(os.path.join(run.train_dir, ERROR), encoding="utf-8") as f:
                     errors.append((f.read().strip().splitlines() or ["failed"])[0])
         row = {"variant": variant, "values": group[0].values, "runs": len(results), "failed": len(errors),
                "results": results}
@@ -218,7 +218,7 @@ def _or(x: float, default: float) -> float:
 
 def write_csv(path: str, table: list[dict], grid_keys: list[str]) -> None:
     header = COLUMNS[:1] + grid_keys + COLUMNS[1:]
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
         for row in table:
@@ -290,7 +290,7 @@ def write_reports(out: str, runs: list[Run], grid_keys: list[str], folds: int, t
     write_csv(os.path.join(out, "results.csv"), table, grid_keys)
     top_k = next((res["top_k"] for r in table for res in r["results"]), 5)
     text = markdown(table, folds, top_k)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(f"# {title}\n\n{text}")
     try:
         plot(table, os.path.join(out, "curves.png"), title)
@@ -437,7 +437,7 @@ def _run_parallel(pending: list[Run], argv: list[str], workers: int) -> None:
 
 def _write_error(r: Run, message: str) -> None:
     os.makedirs(r.train_dir, exist_ok=True)
-    with open(os.path.join(r.train_dir, ERROR), "w") as f:
+    with open(os.path.join(r.train_dir, ERROR), "w", encoding="utf-8") as f:
         f.write(message + "\n")
     logging.error("run %s failed: %s", r.train_dir, message)
 

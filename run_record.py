@@ -142,7 +142,7 @@ class RunRecord:
             return
         size = os.path.getsize(self.summary_path) if os.path.isfile(self.summary_path) else None
         try:
-            with open(self.summary_path, "a", newline="") as f:
+            with open(self.summary_path, "a", newline="", encoding="utf-8") as f:
                 w = csv.DictWriter(f, SUMMARY_COLUMNS)
                 if size is None:
                     w.writeheader()
@@ -180,7 +180,7 @@ class RunRecord:
 def read_summary(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
