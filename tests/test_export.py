@@ -372,6 +372,22 @@ def test_pyproject_installs_every_module_and_command():
         assert (f"def {func}(" in source or f"{func} = utils.console(main)" in source) and "def main(" in source, target
 
 
+def test_requirements_install_one_tensorflow_where_it_has_a_build():
+    """tensorflow-cpu 2.21 has wheels for Linux and Windows on x86-64 only (`pip install --dry-run
+    --platform P --only-binary=:all:`): pinned everywhere, `pip install -r requirements.txt` failed
+    on every Apple Silicon Mac, where `tensorflow` is the CPU build."""
+    from packaging.requirements import Requirement
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "requirements.txt"), encoding="utf-8") as f:
+        lines = [line.split("#")[0].strip() for line in f]
+    wanted = [r for r in map(Requirement, filter(None, lines)) if r.name.startswith("tensorflow")]
+    for (system, machine), build in {("linux", "x86_64"): "tensorflow-cpu", ("win32", "AMD64"): "tensorflow-cpu",
+                                     ("darwin", "arm64"): "tensorflow", ("linux", "aarch64"): "tensorflow"}.items():
+        env = {"sys_platform": system, "platform_machine": machine}
+        chosen = [r.name for r in wanted if r.marker is None or r.marker.evaluate(env)]
+        assert chosen == [build], (system, machine, chosen)
+
+
 def test_non_editable_install_finds_its_config(tmp_path):
     """`pip install .` copies the modules away from config.cfg; the installed utils must still find
     it (PREFIX/share/hw2) and load every section's defaults, run from another folder."""
