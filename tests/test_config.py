@@ -178,6 +178,20 @@ def test_run_cli_turns_user_errors_into_one_line(capsys):
         utils.run_cli(bad, ["--debug"])
 
 
+def test_run_cli_turns_a_file_the_os_refuses_into_one_line(tmp_path, capsys):
+    """A results file that cannot be replaced (on Windows: open in Excel; here a folder in its place)
+    ends the script with one line naming it, not a traceback."""
+    (tmp_path / "per_class.csv").mkdir()
+
+    def write(argv):
+        (tmp_path / "new").write_text("x")
+        os.replace(tmp_path / "new", tmp_path / "per_class.csv")
+    assert utils.run_cli(write, [], tensorflow=False) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'per_class.csv'}: ")
+    with pytest.raises(OSError):
+        utils.run_cli(write, ["--debug"], tensorflow=False)
+
+
 def test_names_the_console_cannot_encode_are_escaped_not_fatal(monkeypatch):
     """On Windows, output redirected to a file is cp1252: a Chinese class name printed there raised
     UnicodeEncodeError and ended the run."""
