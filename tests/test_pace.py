@@ -256,6 +256,11 @@ def test_a_commands_budget_counts_from_the_process_start(tmp_path, monkeypatch):
     code = "import time; time.sleep(0.5); import utils; print(utils.process_age())"
     age = subprocess.run([sys.executable, "-c", code], cwd=utils.HERE, capture_output=True, text=True, check=True)
     assert 0.5 <= float(age.stdout) < 60, age.stdout  # a few ms more than the sleep; 0.0 = unreadable
+    # Without /proc (macOS): `ps`, to its whole seconds.
+    code = "import time; time.sleep(1.1); import utils; print(utils.process_age(proc='/nowhere'))"
+    age = subprocess.run([sys.executable, "-c", code], cwd=utils.HERE, capture_output=True, text=True, check=True)
+    assert 1.0 <= float(age.stdout) < 60, age.stdout
+    assert [utils.etime_seconds(t) for t in ("05:06", " 12:00:01\n", "1-02:03:04")] == [306, 43201, 93784]
     seen = []
     monkeypatch.setattr(training, "train", lambda *args, started=None, **kwargs: seen.append(started) or {})
     data = make_image_folder(tmp_path / "data", per_class=2)
