@@ -131,11 +131,11 @@ class RunRecord:
             self._plot()
 
     def on_end(self, best: Mapping) -> None:
-        self._write_rows()
+        self._write_rows(last=True)
         if math.isfinite(self.plot_every_seconds):  # inf: the caller draws (hw2_experiment's curves.png)
             self._plot()
 
-    def _write_rows(self) -> None:
+    def _write_rows(self, last: bool = False) -> None:
         """Append the unwritten rows to summary.csv. Where it cannot be written (on Windows, open in
         Excel, which locks it; a full disk) the training goes on and they wait for the next try."""
         if not self.unwritten:
@@ -154,9 +154,9 @@ class RunRecord:
                     os.remove(self.summary_path)
                 else:
                     os.truncate(self.summary_path, size)
-            logging.warning("could not write %s (%s): is it open in another program? Training goes on; "
-                            "%d row(s) wait for the next validation", self.summary_path,
-                            e.strerror or e, len(self.unwritten))
+            logging.warning("could not write %s (%s): is it open in another program? %s", self.summary_path,
+                            e.strerror or e, f"{len(self.unwritten)} row(s) not written (the run's end)" if last else
+                            f"Training goes on; {len(self.unwritten)} row(s) wait for the next validation")
 
     def _plot(self) -> None:
         self.plotted = time.monotonic()
