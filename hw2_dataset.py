@@ -106,8 +106,8 @@ def scan_dataset(data_dir: str, check_images: bool = True, min_size: int = 8, wo
     for name in scan.empty_classes():
         skipped = sum(1 for rel, _ in scan.bad if rel.startswith(name + "/"))
         if skipped:
-            raise UserError(f"class '{name}' has no usable images ({skipped} skipped: see "
-                            f"python hw2_dataset.py --data_dir {scan.data_dir} --check)")
+            check = utils.shell_join(["python", "hw2_dataset.py", "--data_dir", scan.data_dir, "--check"])
+            raise UserError(f"class '{name}' has no usable images ({skipped} skipped: see {check})")
         raise UserError(f"class '{name}' has no images: {os.path.join(scan.data_dir, name)} is empty "
                         "(add images to it or move it out of the data folder)")
     return scan

@@ -12,10 +12,8 @@ import atexit
 import logging
 import math
 import os
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -482,11 +480,9 @@ class Interrupts:
 
 
 def resume_command(argv: Sequence[str] | None = None, windows: bool = os.name == "nt") -> str:
-    """The command this process was started with, without --fresh: what resumes the run, quoted for
-    the shell it will be pasted into (cmd and PowerShell take double quotes, not POSIX single ones)."""
+    """The command this process was started with, without --fresh: what resumes the run."""
     argv = [a for a in (sys.argv if argv is None else argv) if a != "--fresh"]
-    argv = ["python", *argv] if argv and argv[0].endswith(".py") else argv
-    return subprocess.list2cmdline(argv) if windows else shlex.join(argv)
+    return utils.shell_join(["python", *argv] if argv and argv[0].endswith(".py") else argv, windows)
 
 
 def may_time(cfg: Mapping, strategy) -> bool:

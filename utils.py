@@ -250,6 +250,14 @@ def quiet_tensorflow_import() -> None:
                     print(line, file=sys.stderr)
 
 
+def shell_join(argv: Sequence[str], windows: bool = os.name == "nt") -> str:
+    """A command line to paste, quoted for the shell it will be pasted into: cmd and PowerShell take
+    double quotes, not POSIX single ones."""
+    import shlex
+    import subprocess
+    return subprocess.list2cmdline(argv) if windows else shlex.join(argv)
+
+
 def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None, tensorflow: bool = True) -> int:
     """Run a script's main: a UserError becomes one `error:` line and exit 2, an OSError (a file the
     OS refused) one line and exit 1 (tracebacks with --debug)."""

@@ -180,11 +180,13 @@ def test_scan_of_a_folder_without_class_folders_is_a_user_error(tmp_path: Path):
 
 
 def test_scan_names_a_class_with_only_bad_images(tmp_path: Path):
-    save(tmp_path / "good" / "a.png")
-    (tmp_path / "broken" / "b.jpg").parent.mkdir()
-    (tmp_path / "broken" / "b.jpg").write_bytes(b"")
-    with pytest.raises(UserError, match=r"class 'broken' has no usable images \(1 skipped"):
-        ds.scan_dataset(str(tmp_path))
+    data = tmp_path / "my photos"
+    save(data / "good" / "a.png")
+    (data / "broken" / "b.jpg").parent.mkdir()
+    (data / "broken" / "b.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"class 'broken' has no usable images \(1 skipped") as e:
+        ds.scan_dataset(str(data))
+    assert f"python hw2_dataset.py --data_dir '{data}' --check" in str(e.value)  # quoted: pasted, it runs
 
 
 def test_scan_names_an_empty_class_folder_and_what_to_do(tmp_path: Path):
