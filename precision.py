@@ -23,6 +23,7 @@ import logging
 import os
 from typing import Callable, Iterable, Iterator
 
+import utils
 from utils import UserError
 
 # precision name -> Keras mixed-precision policy
@@ -32,14 +33,7 @@ PRECISIONS = ("auto",) + tuple(POLICIES)
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
     """The instruction-set flags of the first CPU listed (empty if unknown, e.g. not Linux)."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return utils.cpu_info(path)[1]
 
 
 def gpu_compute_capability() -> tuple[int, int] | None:
@@ -94,22 +88,16 @@ def choose(requested: str, flags: Iterable[str], gpu_cc: tuple[int, int] | None,
         return "fp32", f"auto: GPU compute capability {gpu_cc[0]}.{gpu_cc[1]} has no bf16 tensor cores"
     if "amx_bf16" in flags:
         return "bf16", "auto: CPU has AMX (amx_bf16)"
-    if "avx512_bf16" in flags:
-        if bf16_gemm_speedup is None:
-            return "bf16", "auto: CPU has avx512_bf16 (no AMX; not timed here; 1.65x fp32 on a Zen 4)"
+    if "avx512_bf16" in flags and bf16_gemm_speedup is None:
+        return "bf16", "auto: CPU has avx512_bf16 (no AMX; not timed here; 1.65x fp32 on a Zen 4)"
+    # No flags to read (Windows and macOS have no /proc/cpuinfo): bf16 hardware, a Zen 4 laptop's
+    # say, shows in the same timing, and bf16 runs (slowly, emulated) where there is none.
+    if ("avx512_bf16" in flags or not flags) and bf16_gemm_speedup is not None:
+        cpu = "CPU has avx512_bf16 but no AMX" if flags else "this CPU's flags are unknown here"
         speedup = bf16_gemm_speedup()
         if speedup >= BF16_GEMM_MIN:
-            return "bf16", f"auto: CPU has avx512_bf16 (no AMX), its bf16 GEMMs timed {speedup:.2f}x fp32"
-        return "fp32", (f"auto: CPU has avx512_bf16 but no AMX, and its bf16 GEMMs timed only {speedup:.2f}x "
-                        f"fp32 (bf16 needs {BF16_GEMM_MIN}x)")
-    if not flags and bf16_gemm_speedup is not None:
-        # No flags to read (Windows and macOS have no /proc/cpuinfo): bf16 hardware, a Zen 4 laptop's
-        # say, shows in the timing, and bf16 runs (slowly, emulated) where there is none.
-        speedup = bf16_gemm_speedup()
-        if speedup >= BF16_GEMM_MIN:
-            return "bf16", f"auto: this CPU's flags are unknown here, and its bf16 GEMMs timed {speedup:.2f}x fp32"
-        return "fp32", (f"auto: this CPU's flags are unknown here, and its bf16 GEMMs timed {speedup:.2f}x fp32 "
-                        f"(bf16 needs {BF16_GEMM_MIN}x)")
+            return "bf16", f"auto: {cpu}, and its bf16 GEMMs timed {speedup:.2f}x fp32"
+        return "fp32", f"auto: {cpu}, and its bf16 GEMMs timed only {speedup:.2f}x fp32 (bf16 needs {BF16_GEMM_MIN}x)"
     return "fp32", "auto: CPU has no bf16 hardware" if flags else "auto: this CPU's flags are unknown here (not timed)"
 
 

@@ -423,8 +423,9 @@ def user_cache_dir() -> str:
     return os.path.join(root, "hw2")
 
 
-def cpu_line(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """CPU model and the instruction-set flags that decide our speed (printed by every bench)."""
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """(model name, instruction-set flags) of the first CPU listed; off Linux, the name the OS gives
+    and no flags (unknown)."""
     model, flags = "unknown CPU", set()
     try:
         with open(cpuinfo) as f:
@@ -433,8 +434,14 @@ def cpu_line(cpuinfo: str = "/proc/cpuinfo") -> str:
                     model = line.split(":", 1)[1].strip()
                 elif line.startswith("flags") and not flags:
                     flags = set(line.split(":", 1)[1].split())
-    except OSError:  # not Linux: the name the OS gives, the flags unknown
+    except OSError:
         model = platform.processor() or platform.machine() or model
+    return model, flags
+
+
+def cpu_line(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """CPU model and the instruction-set flags that decide our speed (printed by every bench)."""
+    model, flags = cpu_info(cpuinfo)
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     # oneDNN (TensorFlow's CPU matmuls and convolutions) runs no wider kernels than this cap, so a
     # capped run measures an AVX2-only laptop on an AVX-512 machine.
