@@ -82,26 +82,24 @@ class WindowsLocks:
 
     def locking(self, fd: int, mode: int, nbytes: int) -> None:
         assert mode == self.LK_NBLCK and nbytes == 1
-        st = os.fstat(fd)
-        key = st.st_dev, st.st_ino, os.lseek(fd, 0, os.SEEK_CUR)
+        key = *_file_of(fd), os.lseek(fd, 0, os.SEEK_CUR)
         holder = self.held.get(key)
-        if holder not in (None, fd):
-            try:
-                still_open = os.fstat(holder).st_ino == st.st_ino
-            except OSError:
-                still_open = False
-            if still_open:
-                raise PermissionError(13, "Permission denied")
+        if holder not in (None, fd) and _file_of(holder) == key[:2]:  # still open on this file
+            raise PermissionError(13, "Permission denied")
         self.held[key] = fd
 
     def unlink(self, path: str, real=os.unlink) -> None:
         """os.unlink as Windows has it, for the files locked here: no file that a handle has open."""
         st = os.stat(path)
-        for (device, inode, _), fd in self.held.items():
-            try:
-                if (device, inode) == (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
-                    raise PermissionError(13, "The process cannot access the file", path)
-            except OSError as e:
-                if isinstance(e, PermissionError):
-                    raise
+        if any((device, inode) == (st.st_dev, st.st_ino) == _file_of(fd) for (device, inode, _), fd in self.held.items()):
+            raise PermissionError(13, "The process cannot access the file", path)
         real(path)
+
+
+def _file_of(fd: int) -> tuple[int, int] | None:
+    """(device, inode) of an open fd, None once it is closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
