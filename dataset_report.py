@@ -18,7 +18,7 @@ from PIL import Image
 
 import run_dir
 from hw2_dataset import (ImageInfo, Scan, _map, class_counts, find_duplicates, imbalance_note, imbalance_ratio,
-                         read_image)
+                         lookalike_note, read_image)
 
 SAMPLES_PER_CLASS = 8
 _ROWS_PER_SHEET = 100  # classes per contact sheet: keeps samples.png a size an image viewer opens
@@ -70,8 +70,9 @@ def _report_summary(scan: Scan, groups: list[list[str]], seconds: float | None) 
              f"{len(scan.items)} usable images in {len(scan.class_names)} classes, {len(scan.bad)} unusable "
              f"files, {len(groups)} groups of identical files; scanned{took}. The label of an image is its "
              f"top-level folder; images at any depth below it belong to it."]
-    note = imbalance_note(class_counts(scan.items, len(scan.class_names)), scan.class_names)
-    return lines + ([f"\n**{note}**"] if note else [])
+    notes = [imbalance_note(class_counts(scan.items, len(scan.class_names)), scan.class_names),
+             lookalike_note(scan.class_names)]
+    return lines + [f"\n**{note}**" for note in notes if note]
 
 
 def _report_classes(scan: Scan, groups: list[list[str]]) -> list[str]:

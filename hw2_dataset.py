@@ -58,6 +58,8 @@ IMAGE_EXTENSIONS = _readable_extensions()
 # Photo formats this installation cannot read: the skip says what to do.
 CONVERT_FIRST = {ext: name for ext, name in {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF"}.items()
                  if ext not in IMAGE_EXTENSIONS}
+# A download not yet extracted: its images are not read, and the skip says so.
+ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
 # Written by Windows Explorer into image folders, and by macOS into the zips it makes.
 JUNK_FILES = ("thumbs.db", "desktop.ini", "__macosx")
 # PIL refuses images over 179 megapixels as decompression bombs, but a 200-megapixel phone photo
@@ -67,6 +69,9 @@ PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 JPEG_PIXEL_LIMIT = 2**30
 Image.MAX_IMAGE_PIXELS = JPEG_PIXEL_LIMIT // 2  # PIL errors at twice this, warns above it
 SPLIT_VERSION = 1
+# Names that downloaded datasets (and --import) give their own parts: DATA/train/<class>,
+# DATA/val/<class>. Taken as class folders they would make a train-vs-val classifier.
+PART_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing", "dev", "eval", "holdout")
 _REQUIRED_SPLIT_KEYS = ("data_dir", "class_names", "train", "val")
 
 Item = tuple[str, int]
@@ -121,19 +126,31 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
     if not os.path.isdir(data_dir):
         raise UserError(f"data_dir {data_dir} is not a folder")
 
-    class_names, stray, skipped = [], [], []
+    class_names, stray, archives, skipped = [], [], [], []
     for entry in _list_dir(data_dir, skipped):
         if _is(entry.is_dir):
             class_names.append(entry.name)
         elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
             stray.append(entry.name)
+        elif entry.name.lower().endswith(ARCHIVE_EXTENSIONS):
+            archives.append(entry.name)
     class_names.sort()
     if not class_names:
-        found = f" (found {len(stray)} images directly inside it)" if stray else ""
+        found = [f"{len(stray)} image{'s' if len(stray) > 1 else ''} directly inside it"] if stray else []
+        if archives:
+            found.append(f"{len(archives)} archive{'s' if len(archives) > 1 else ''}, e.g. {min(archives)}: extract "
+                         f"{'them' if len(archives) > 1 else 'it'} first")
+        found = f" (found {'; '.join(found)})" if found else ""
         raise UserError(f"data_dir {data_dir} has no class folders{found}: expected DATA_DIR/<class>/<image>")
+
+    parts = _dataset_parts(data_dir, class_names)
+    if parts:
+        raise UserError(parts)
 
     # Images beside the class folders have no label; other loose files (README, LICENSE) are fine.
     bad = [(name, "not inside a class folder") for name in stray]
+    bad += [(name, "an archive beside the class folders: extract it into DATA_DIR/<class>/ to use its images")
+            for name in archives]
     candidates: list[Item] = []
     for label, name in enumerate(class_names):
         for rel, is_file in _walk(data_dir, name, skipped):
@@ -152,6 +169,41 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
         items = [item for item, i in zip(candidates, infos) if i.problem is None]
         bad += [(rel, i.problem) for (rel, _), i in zip(candidates, infos) if i.problem is not None]
     return Scan(data_dir, class_names, sorted(items), sorted(bad), sorted(skipped), info)
+
+
+def _dataset_parts(data_dir: str, class_names: Sequence[str]) -> str | None:
+    """What to do, where the "classes" are a dataset's own parts: two or more folders named like
+    parts (train, val, test, ...), one of them holding class folders (Kaggle's flat, unlabelled
+    test/ beside train/<class> included); None otherwise. Both must hold, so that classes that
+    share sub-folders such as 2024/, or one real class named "train", are never taken for parts."""
+    parts = [name for name in class_names if name.lower() in PART_NAMES]
+    if len(parts) < 2:
+        return None
+    inside = {name: sorted(e.name for e in _list_dir(os.path.join(data_dir, name)) if _is(e.is_dir)) for name in parts}
+    rank = {name: i for i, name in enumerate(PART_NAMES)}
+    labelled = sorted((name for name in parts if len(inside[name]) >= 2), key=lambda name: rank[name.lower()])
+    if not labelled:
+        return None
+    parts.sort(key=lambda name: rank[name.lower()])
+    train = labelled[0]
+    evaluate = (f", then hw2_eval.py --test_data_path {utils.shell_join([os.path.join(data_dir, labelled[1])])}"
+                if len(labelled) > 1 else "")
+    return (f"data_dir {data_dir} holds a dataset's own parts ({', '.join(parts)}), not class folders ({train} "
+            f"holds the class folders {_some(inside[train])}): --data_dir "
+            f"{utils.shell_join([os.path.join(data_dir, train)])}{evaluate}")
+
+
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def subfolders_hint(folder: str) -> str:
+    """For a data_dir with one class folder: the command to use if the folders inside it are the
+    classes (DATA/train/<class> given as DATA), else ''."""
+    inside = sorted(e.name for e in _list_dir(folder) if _is(e.is_dir))
+    if len(inside) < 2:
+        return ""
+    return f" (if the folders inside it, {_some(inside)}, are the classes: --data_dir {utils.shell_join([folder])})"
 
 
 def _check_all(data_dir: str, rels: list[str], min_size: int, workers: int) -> list[ImageInfo]:
@@ -176,6 +228,8 @@ def _check_all(data_dir: str, rels: list[str], min_size: int, workers: int) -> l
 
 def unsupported(ext: str) -> str:
     """Why a file with this extension is skipped."""
+    if ext.lower() in ARCHIVE_EXTENSIONS:
+        return f"an archive ({ext}): extract it to use its images"
     if ext.lower() in CONVERT_FIRST:
         return f"unsupported format ({ext}): convert {CONVERT_FIRST[ext.lower()]} to JPEG first"
     return f"unsupported format ({ext or 'no extension'})"
@@ -345,6 +399,25 @@ def imbalance_note(counts: Sequence[int], class_names: Sequence[str]) -> str | N
     return (f"class imbalance: the largest class '{class_names[big]}' ({counts[big]} images) is "
             f"{times} the smallest '{class_names[small]}' ({counts[small]}): "
             f"consider --class_balance weights or sampler")
+
+
+def class_key(name: str) -> str:
+    """A class name as people mean it: case, spacing, '_' and '-' aside."""
+    return " ".join(name.casefold().replace("_", " ").replace("-", " ").split())
+
+
+def lookalike_note(class_names: Sequence[str]) -> str | None:
+    """One line naming class folders whose names differ only in case, spaces, '_' or '-' (Cat, cat,
+    "sea_lion", "Sea Lion": folders merged from two sources), which train as different classes;
+    None where there are none."""
+    groups = defaultdict(list)
+    for name in class_names:
+        groups[class_key(name)].append(name)
+    alike = [" and ".join(f"'{n}'" for n in names) for names in groups.values() if len(names) > 1]
+    if not alike:
+        return None
+    return (f"class folders {'; '.join(alike)} differ only in case, spaces, '_' or '-': each is a class of its own "
+            f"(merge them into one folder if they hold the same thing)")
 
 
 # ---------------------------------------------------------------------------------------- split

@@ -259,8 +259,12 @@ def prepare_split(train_dir: str, cfg, data_dir: str | None = None, split_file: 
             raise UserError("--data_dir is required for a new run")
         scan = scan or hw2_dataset.scan_dataset(data_dir)
         if len(scan.class_names) < 2:  # before split.json is written, so adding a class fixes it
-            raise UserError(f"{scan.data_dir} has one class folder ({scan.class_names[0]}): a classifier "
-                            "needs at least 2, one per class")
+            only = scan.class_names[0]
+            raise UserError(f"{scan.data_dir} has one class folder ({only}): a classifier needs at least 2, one "
+                            f"per class{hw2_dataset.subfolders_hint(os.path.join(scan.data_dir, only))}")
+        lookalike = hw2_dataset.lookalike_note(scan.class_names)
+        if lookalike:
+            logging.warning(lookalike)
         train, val = hw2_dataset.make_split(scan.items, cfg.val_fraction, cfg.seed, folds, fold)
         report_bad_images(scan, train, val, train_dir, cfg.on_bad_image)
         hw2_dataset.write_split(run_split, scan, train, val, cfg.seed, cfg.val_fraction, folds, fold)

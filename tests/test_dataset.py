@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hw2_dataset as ds  # noqa: E402
+import utils  # noqa: E402
 from utils import UserError  # noqa: E402
 
 
@@ -233,6 +234,59 @@ def test_files_at_any_depth_belong_to_the_top_level_class_and_hidden_ones_are_sk
                             ("cats/2023/.c.png", "hidden")]
 
 
+def test_a_dataset_split_into_train_and_val_folders_is_named_with_the_commands_to_use(tmp_path: Path):
+    """DATA/train/<class>, DATA/val/<class>, as downloads (and --import) lay them out: taken as class
+    folders, "train" and "val" would be the two classes."""
+    data = tmp_path / "hymenoptera data"
+    for part in ("val", "train", "Test"):
+        for label in ("ants", "bees", "cicadas", "wasps"):
+            save(data / part / label / "a.png")
+    save(data / "README" / "a.png")  # a folder beside the parts
+    with pytest.raises(UserError) as e:
+        ds.scan_dataset(str(data))
+    assert str(e.value) == (f"data_dir {data} holds a dataset's own parts (train, val, Test), not class folders "
+                            f"(train holds the class folders ants, bees, cicadas, ...): --data_dir '{data}/train', "
+                            f"then hw2_eval.py --test_data_path '{data}/val'")
+    # Kaggle's layout: train/<class>, and a test/ of unlabelled images.
+    save(tmp_path / "kaggle" / "train" / "cats" / "a.png")
+    save(tmp_path / "kaggle" / "train" / "dogs" / "a.png")
+    save(tmp_path / "kaggle" / "test" / "1.png")
+    with pytest.raises(UserError, match=r"parts \(train, test\), not class folders \(train holds the class folders "
+                                        r"cats, dogs\): --data_dir \S+/kaggle/train$"):
+        ds.scan_dataset(str(tmp_path / "kaggle"))
+
+
+def test_archives_not_yet_extracted_are_named_as_what_to_extract(tmp_path: Path):
+    """cats/ and birds/ extracted, dogs.zip not: the run must not quietly train without dogs."""
+    import zipfile
+    for name in ("cats", "birds"):
+        save(tmp_path / "data" / name / "a.png", color=(0, 0, len(name)))
+    with zipfile.ZipFile(tmp_path / "data" / "dogs.zip", "w") as z:
+        z.writestr("dogs/a.png", b"")
+    (tmp_path / "data" / "cats" / "more cats.tar.gz").write_bytes(b"\x1f\x8b")
+    scan = ds.scan_dataset(str(tmp_path / "data"))
+    assert scan.class_names == ["birds", "cats"]
+    assert scan.bad == [("cats/more cats.tar.gz", "an archive (.gz): extract it to use its images"),
+                        ("dogs.zip", "an archive beside the class folders: extract it into DATA_DIR/<class>/ to use "
+                                     "its images")]
+    (tmp_path / "zips").mkdir()
+    os.rename(tmp_path / "data" / "dogs.zip", tmp_path / "zips" / "dogs.zip")
+    with pytest.raises(UserError, match=r"has no class folders \(found 1 archive, e\.g\. dogs\.zip: extract it "
+                                        r"first\): expected DATA_DIR/<class>/<image>"):
+        ds.scan_dataset(str(tmp_path / "zips"))
+
+
+def test_classes_named_like_parts_or_sharing_sub_folders_are_classes(tmp_path: Path):
+    save(tmp_path / "a" / "train" / "2024" / "a.png")  # a class "train" (locomotives) beside "bus"
+    save(tmp_path / "a" / "bus" / "2024" / "a.png")
+    save(tmp_path / "b" / "test" / "a.png")  # classes "test" and "train", images directly inside
+    save(tmp_path / "b" / "train" / "a.png")
+    save(tmp_path / "c" / "train" / "2024" / "a.png")  # two classes named like parts, one sub-folder each
+    save(tmp_path / "c" / "val" / "2024" / "a.png")
+    for data, classes in (("a", ["bus", "train"]), ("b", ["test", "train"]), ("c", ["train", "val"])):
+        assert ds.scan_dataset(str(tmp_path / data)).class_names == classes
+
+
 @pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32", reason="needs POSIX symlinks")
 def test_symlinked_files_and_folders_are_followed_but_loops_are_not(tmp_path: Path):
     data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
@@ -258,6 +312,22 @@ def test_symlinked_files_and_folders_are_followed_but_loops_are_not(tmp_path: Pa
 
 
 # -------------------------------------------------------------------------------- class balance
+
+def test_class_folders_whose_names_differ_only_in_case_or_spacing_are_named(tmp_path: Path, caplog):
+    """Two sources merged into one folder: Cat beside cat trains as two classes. The split says so."""
+    import run_dir
+    assert ds.lookalike_note(["Cat", "cat", "dog", "sea_lion", "Sea Lion", "sea-lion ", "seal"]) == (
+        "class folders 'Cat' and 'cat'; 'sea_lion' and 'Sea Lion' and 'sea-lion ' differ only in case, spaces, '_' "
+        "or '-': each is a class of its own (merge them into one folder if they hold the same thing)")
+    assert ds.lookalike_note(["cat", "cats", "dog"]) is None
+    for i, name in enumerate(("Cat", "cat", "dog")):
+        for j in range(2):
+            save(tmp_path / "data" / name / f"{j}.png", color=(40 * i, 100 * j, 0))
+    with caplog.at_level("WARNING"):
+        split = run_dir.prepare_split(str(tmp_path), utils.load_config("tiny"), str(tmp_path / "data"))
+    assert split["class_names"] == ["Cat", "cat", "dog"]
+    assert "class folders 'Cat' and 'cat' differ only in case" in caplog.text
+
 
 def test_class_weights_are_inverse_frequency_with_mean_1():
     items = synthetic_items((50, 10, 5))

@@ -98,13 +98,16 @@ def test_eval_on_a_test_folder_and_the_best_checkpoint(tiny_run, tmp_path, capsy
 
 @pytest.mark.parametrize("argv, message", [
     (["--top_k", "3"], "--top_k 3 must be between 1 and the number of classes (2)"),
-    (["--test_data_path", "{other}"], "test classes not seen in training: bird"),
+    (["--test_data_path", "{other}"], "test classes not seen in training: bird (training classes: dark, light)"),
+    (["--test_data_path", "{alike}"], "test classes not seen in training: Light (training classes: dark, light; "
+                                      "rename Light to light)"),
     (["--checkpoint", "{run}/ckpt-999"], "checkpoint not found"),
 ])
 def test_eval_user_errors(tiny_run, tmp_path, capsys, argv, message):
     run_dir = tiny_run.run
     other = make_image_folder(tmp_path / "other", per_class=2, classes=("bird", "dark"))
-    argv = [a.format(other=other, run=run_dir) for a in argv]
+    alike = make_image_folder(tmp_path / "alike", per_class=2, classes=("Light", "dark"))
+    argv = [a.format(other=other, alike=alike, run=run_dir) for a in argv]
     assert hw2_eval.main(["--checkpoint_dir", run_dir] + argv) == 2
     assert message in capsys.readouterr().err
 

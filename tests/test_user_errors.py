@@ -30,7 +30,7 @@ def test_data_dir_without_class_folders(tmp_path, capsys):
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (20, 20)).save(tmp_path / "flat" / "a.png")
     rc, out = train(capsys, "--data_dir", str(tmp_path / "flat"), "--train_dir", str(tmp_path / "r"))
-    assert rc == 2 and "no class folders" in out.err
+    assert rc == 2 and "no class folders (found 1 image directly inside it)" in out.err
 
 
 def test_empty_data_dir(tmp_path, capsys):
@@ -43,7 +43,13 @@ def test_one_class_is_not_a_classifier_and_adding_one_fixes_it(tmp_path, capsys)
     data = make_image_folder(tmp_path / "data", per_class=3, classes=("ants",))
     run = str(tmp_path / "r")
     rc, out = train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "1")
-    assert rc == 2 and "one class folder (ants)" in out.err
+    assert rc == 2 and "one class folder (ants)" in out.err and "if the folders inside" not in out.err
+    # DATA/train/<class> given as DATA: the folders inside are named, with the --data_dir to use.
+    make_image_folder(tmp_path / "parts" / "train", per_class=1)
+    rc, out = train(capsys, "--data_dir", str(tmp_path / "parts"), "--train_dir", str(tmp_path / "r2"), *SMALL)
+    assert rc == 2 and out.err.strip().endswith(
+        f"one class folder (train): a classifier needs at least 2, one per class (if the folders inside it, dark, "
+        f"light, are the classes: --data_dir {tmp_path / 'parts' / 'train'})")
     make_image_folder(tmp_path / "data", per_class=3, classes=("bees",))
     rc, out = train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "1")
     assert rc == 0 and "top-2" in out.out  # two classes: top-2 is reported
