@@ -42,7 +42,8 @@ def _readable_extensions() -> tuple[str, ...]:
     plugin (a requirement, but a missing one only costs HEIC); AVIF, what Pillow 11.3 and later
     read themselves. (TensorFlow's own decoders, which an exported model uses, read neither TIFF,
     HEIC nor AVIF: hw2_predict hands the model their pixels, read by PIL, as PNG.)"""
-    extensions = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
+    # .jfif and .jpe: JPEGs as Windows browsers save them from the web.
+    extensions = [".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
     try:
         import pillow_heif
         pillow_heif.register_heif_opener()  # turns the photo upright by its own transforms, EXIF says 1
@@ -58,6 +59,8 @@ IMAGE_EXTENSIONS = _readable_extensions()
 # Photo formats this installation cannot read: the skip says what to do.
 CONVERT_FIRST = {ext: name for ext, name in {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF"}.items()
                  if ext not in IMAGE_EXTENSIONS}
+# Cameras' RAW files (Adobe, Canon, Nikon, Sony, Fujifilm, Olympus, Panasonic), which PIL does not read.
+CONVERT_FIRST.update(dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"), "camera RAW"))
 # A download not yet extracted: its images are not read, and the skip says so.
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
 # Written by Windows Explorer into image folders, and by macOS into the zips it makes.

@@ -92,6 +92,17 @@ def test_scan_finds_usable_images_and_explains_bad_ones(messy: Path):
         assert image.shape == shape and np.abs(image.astype(int) - [200, 30, 30]).max() <= 3, rel
 
 
+def test_jpegs_saved_by_a_windows_browser_are_read_and_camera_raw_files_say_what_to_do(tmp_path: Path):
+    save(tmp_path / "cats" / "from the web.jfif", format="JPEG")
+    save(tmp_path / "cats" / "old.JPE", color=(0, 90, 0), format="JPEG")
+    save(tmp_path / "dogs" / "a.png")
+    (tmp_path / "dogs" / "IMG_0001.CR2").write_bytes(b"II*\0\x10\0\0\0CR")
+    scan = ds.scan_dataset(str(tmp_path))
+    assert scan.items == [("cats/from the web.jfif", 0), ("cats/old.JPE", 0), ("dogs/a.png", 1)]
+    assert scan.bad == [("dogs/IMG_0001.CR2", "unsupported format (.CR2): convert camera RAW to JPEG first")]
+    assert np.abs(ds.read_image(str(tmp_path / "cats" / "from the web.jfif")).astype(int) - [200, 30, 30]).max() <= 3
+
+
 def test_a_second_scan_checks_only_the_files_that_changed(messy: Path, monkeypatch):
     """check_cache: verdicts kept per file stamp, good and bad alike, except 'unreadable' (it can
     change while the file does not); a changed file is checked again."""
