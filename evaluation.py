@@ -242,8 +242,9 @@ def eval_items(run: str, class_names: Sequence[str], test_data_path: str | None 
         unknown = [c for c in scan.class_names if c not in class_names]
         if unknown:
             more = ", ..." if len(class_names) > 10 else ""
-            trained = {hw2_dataset.class_key(c): c for c in class_names}
-            alike = [f"{c} to {trained[hw2_dataset.class_key(c)]}" for c in unknown if hw2_dataset.class_key(c) in trained]
+            key = hw2_dataset.class_key
+            trained = {key(c): c for c in class_names}
+            alike = [f"{c} to {trained[key(c)]}" for c in unknown if key(c) in trained]
             rename = f"; rename {', '.join(alike[:3])}" if alike else ""
             raise UserError(f"test classes not seen in training: {', '.join(unknown[:5])} "
                             f"(training classes: {', '.join(class_names[:10])}{more}{rename})")
