@@ -182,7 +182,7 @@ def _dataset_parts(data_dir: str, class_names: Sequence[str]) -> str | None:
     parts = [name for name in class_names if name.lower() in PART_NAMES]
     if len(parts) < 2:
         return None
-    inside = {name: sorted(e.name for e in _list_dir(os.path.join(data_dir, name)) if _is(e.is_dir)) for name in parts}
+    inside = {name: _subfolders(os.path.join(data_dir, name)) for name in parts}
     rank = {name: i for i, name in enumerate(PART_NAMES)}
     labelled = sorted((name for name in parts if len(inside[name]) >= 2), key=lambda name: rank[name.lower()])
     if not labelled:
@@ -196,6 +196,10 @@ def _dataset_parts(data_dir: str, class_names: Sequence[str]) -> str | None:
             f"{utils.shell_join([os.path.join(data_dir, train)])}{evaluate}")
 
 
+def _subfolders(folder: str) -> list[str]:
+    return sorted(e.name for e in _list_dir(folder) if _is(e.is_dir))
+
+
 def _some(names: Sequence[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
@@ -203,7 +207,7 @@ def _some(names: Sequence[str], shown: int = 3) -> str:
 def subfolders_hint(folder: str) -> str:
     """For a data_dir with one class folder: the command to use if the folders inside it are the
     classes (DATA/train/<class> given as DATA), else ''."""
-    inside = sorted(e.name for e in _list_dir(folder) if _is(e.is_dir))
+    inside = _subfolders(folder)
     if len(inside) < 2:
         return ""
     return f" (if the folders inside it, {_some(inside)}, are the classes: --data_dir {utils.shell_join([folder])})"
