@@ -288,8 +288,9 @@ def test_archives_not_yet_extracted_are_named_as_what_to_extract(tmp_path: Path)
 
 
 def test_classes_named_like_parts_or_sharing_sub_folders_are_classes(tmp_path: Path):
-    save(tmp_path / "a" / "train" / "2024" / "a.png")  # a class "train" (locomotives) beside "bus"
-    save(tmp_path / "a" / "bus" / "2024" / "a.png")
+    for year in ("2023", "2024"):  # a class "train" (locomotives) beside "bus", both by year
+        save(tmp_path / "a" / "train" / year / "a.png")
+        save(tmp_path / "a" / "bus" / year / "a.png")
     save(tmp_path / "b" / "test" / "a.png")  # classes "test" and "train", images directly inside
     save(tmp_path / "b" / "train" / "a.png")
     save(tmp_path / "c" / "train" / "2024" / "a.png")  # two classes named like parts, one sub-folder each
