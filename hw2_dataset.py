@@ -146,7 +146,7 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
         found = f" (found {'; '.join(found)})" if found else ""
         raise UserError(f"data_dir {data_dir} has no class folders{found}: expected DATA_DIR/<class>/<image>")
 
-    parts = _dataset_parts(data_dir, class_names)
+    parts = _dataset_parts(data_dir, class_names) or _set_inside(data_dir, class_names)
     if parts:
         raise UserError(parts)
 
@@ -194,6 +194,21 @@ def _dataset_parts(data_dir: str, class_names: Sequence[str]) -> str | None:
     return (f"data_dir {data_dir} holds a dataset's own parts ({', '.join(parts)}), not class folders ({train} "
             f"holds the class folders {_some(inside[train])}): --data_dir "
             f"{utils.shell_join([os.path.join(data_dir, train)])}{evaluate}")
+
+
+def _set_inside(data_dir: str, class_names: Sequence[str]) -> str | None:
+    """What to do, where a "class" holds folders named like two or more of the other classes
+    (DATA/test/{cats,dogs} beside DATA/cats and DATA/dogs: a held-out set kept inside the data
+    folder, which would train as a class of its own); None otherwise."""
+    names = set(class_names)
+    for name in class_names:
+        inner = [n for n in _subfolders(os.path.join(data_dir, name)) if n in names and n != name]
+        if len(inner) >= 2:
+            return (f"class folder {name} holds folders named like the classes ({_some(inner)}): a held-out set inside "
+                    f"the data folder would train as a class of its own; move "
+                    f"{utils.shell_join([os.path.join(data_dir, name)])} out of it (and evaluate on it with "
+                    f"hw2_eval.py --test_data_path)")
+    return None
 
 
 def _subfolders(folder: str) -> list[str]:

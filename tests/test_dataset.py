@@ -258,6 +258,13 @@ def test_a_dataset_split_into_train_and_val_folders_is_named_with_the_commands_t
     assert str(e.value) == (f"data_dir {data} holds a dataset's own parts (train, val, Test), not class folders "
                             f"(train holds the class folders ants, bees, cicadas, ...): --data_dir '{data}/train', "
                             f"then hw2_eval.py --test_data_path '{data}/val'")
+    # A held-out set kept inside the data folder, one name not like a part's.
+    for label in ("ants", "bees", "wasps"):
+        save(tmp_path / "inside" / label / "a.png")
+        save(tmp_path / "inside" / "held out" / label / "a.png")
+    with pytest.raises(UserError, match=r"^class folder held out holds folders named like the classes \(ants, bees, "
+                                        r"wasps\): .*; move '\S+/inside/held out' out of it"):
+        ds.scan_dataset(str(tmp_path / "inside"))
     # Kaggle's layout: train/<class>, and a test/ of unlabelled images.
     save(tmp_path / "kaggle" / "train" / "cats" / "a.png")
     save(tmp_path / "kaggle" / "train" / "dogs" / "a.png")
@@ -295,7 +302,11 @@ def test_classes_named_like_parts_or_sharing_sub_folders_are_classes(tmp_path: P
     save(tmp_path / "b" / "train" / "a.png")
     save(tmp_path / "c" / "train" / "2024" / "a.png")  # two classes named like parts, one sub-folder each
     save(tmp_path / "c" / "val" / "2024" / "a.png")
-    for data, classes in (("a", ["bus", "train"]), ("b", ["test", "train"]), ("c", ["train", "val"])):
+    save(tmp_path / "d" / "cats" / "a.png")  # one folder named like another class: a misfiled folder, not a set
+    save(tmp_path / "d" / "dogs" / "a.png")
+    save(tmp_path / "d" / "pets" / "cats" / "a.png")
+    for data, classes in (("a", ["bus", "train"]), ("b", ["test", "train"]), ("c", ["train", "val"]),
+                          ("d", ["cats", "dogs", "pets"])):
         assert ds.scan_dataset(str(tmp_path / data)).class_names == classes
 
 
