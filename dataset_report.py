@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 import run_dir
-from hw2_dataset import (ImageInfo, Scan, _map, class_counts, find_duplicates, imbalance_note, imbalance_ratio,
-                         lookalike_note, read_image)
+from hw2_dataset import (ImageInfo, Scan, _map, class_counts, count, find_duplicates, imbalance_note,
+                         imbalance_ratio, lookalike_note, read_image)
 
 SAMPLES_PER_CLASS = 8
 _ROWS_PER_SHEET = 100  # classes per contact sheet: keeps samples.png a size an image viewer opens
@@ -54,10 +54,6 @@ def _md(text: str) -> str:
 
 def _class_of(rel: str) -> str:
     return rel.split("/", 1)[0]
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"
 
 
 def _more(total: int, shown: int, where: str = "") -> list[str]:
@@ -187,15 +183,15 @@ def _report_nesting(scan: Scan) -> list[str]:
     lines = ["## Sub-folders", ""]
     if folders:
         n_classes = len({_class_of(f) for f in folders})
-        lines += [f"{_count(sum(folders.values()), 'image')} sit in {_count(len(folders), 'sub-folder')} of "
-                  f"{_count(n_classes, 'class')}; each counts for its top-level class:", "", "| sub-folder | images |", "|---|---:|"]
+        lines += [f"{count(sum(folders.values()), 'image')} sit in {count(len(folders), 'sub-folder')} of "
+                  f"{count(n_classes, 'class')}; each counts for its top-level class:", "", "| sub-folder | images |", "|---|---:|"]
         lines += [f"| {_md(f)} | {n} |" for f, n in sorted(folders.items())[:_LISTED]]
         lines += _more(len(folders), _LISTED)
     else:
         lines.append("None: every image sits directly in its class folder.")
     stray = [rel for rel, reason in scan.bad if reason == "not inside a class folder"]
     if stray:
-        lines.append(f"\n{_count(len(stray), 'image')} {'lies' if len(stray) == 1 else 'lie'} beside the class "
+        lines.append(f"\n{count(len(stray), 'image')} {'lies' if len(stray) == 1 else 'lie'} beside the class "
                      "folders, without a label: "
                      + ", ".join(map(_md, stray[:5])) + (" ..." if len(stray) > 5 else ""))
     if scan.skipped:

@@ -139,9 +139,9 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
             archives.append(entry.name)
     class_names.sort()
     if not class_names:
-        found = [f"{len(stray)} image{'s' if len(stray) > 1 else ''} directly inside it"] if stray else []
+        found = [f"{count(len(stray), 'image')} directly inside it"] if stray else []
         if archives:
-            found.append(f"{len(archives)} archive{'s' if len(archives) > 1 else ''}, e.g. {min(archives)}: extract "
+            found.append(f"{count(len(archives), 'archive')}, e.g. {min(archives)}: extract "
                          f"{'them' if len(archives) > 1 else 'it'} first")
         found = f" (found {'; '.join(found)})" if found else ""
         raise UserError(f"data_dir {data_dir} has no class folders{found}: expected DATA_DIR/<class>/<image>")
@@ -209,6 +209,11 @@ def _set_inside(data_dir: str, class_names: Sequence[str]) -> str | None:
                     f"{utils.shell_join([os.path.join(data_dir, name)])} out of it (and evaluate on it with "
                     f"hw2_eval.py --test_data_path)")
     return None
+
+
+def count(n: int, noun: str) -> str:
+    """n and the noun, plural unless n is 1: 1 image, 2 images, 3 classes."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"
 
 
 def _subfolders(folder: str) -> list[str]:
