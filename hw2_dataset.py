@@ -146,7 +146,8 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
         found = f" (found {'; '.join(found)})" if found else ""
         raise UserError(f"data_dir {data_dir} has no class folders{found}: expected DATA_DIR/<class>/<image>")
 
-    parts = _dataset_parts(data_dir, class_names) or _set_inside(data_dir, class_names)
+    inside = {name: _subfolders(os.path.join(data_dir, name)) for name in class_names}
+    parts = _dataset_parts(data_dir, inside) or _set_inside(data_dir, inside)
     if parts:
         raise UserError(parts)
 
@@ -174,15 +175,15 @@ def _scan(data_dir: str, check_images: bool, min_size: int, workers: int) -> Sca
     return Scan(data_dir, class_names, sorted(items), sorted(bad), sorted(skipped), info)
 
 
-def _dataset_parts(data_dir: str, class_names: Sequence[str]) -> str | None:
+def _dataset_parts(data_dir: str, inside: dict[str, list[str]]) -> str | None:
     """What to do, where the "classes" are a dataset's own parts: two or more folders named like
     parts (train, val, test, ...), one of them holding class folders (Kaggle's flat, unlabelled
     test/ beside train/<class> included); None otherwise. Both must hold, so that classes that
-    share sub-folders such as 2024/, or one real class named "train", are never taken for parts."""
-    parts = [name for name in class_names if name.lower() in PART_NAMES]
+    share sub-folders such as 2024/, or one real class named "train", are never taken for parts.
+    `inside`: each class folder's sub-folders."""
+    parts = [name for name in inside if name.lower() in PART_NAMES]
     if len(parts) < 2:
         return None
-    inside = {name: _subfolders(os.path.join(data_dir, name)) for name in parts}
     rank = {name: i for i, name in enumerate(PART_NAMES)}
     labelled = sorted((name for name in parts if len(inside[name]) >= 2), key=lambda name: rank[name.lower()])
     if not labelled:
@@ -196,13 +197,12 @@ def _dataset_parts(data_dir: str, class_names: Sequence[str]) -> str | None:
             f"{utils.shell_join([os.path.join(data_dir, train)])}{evaluate}")
 
 
-def _set_inside(data_dir: str, class_names: Sequence[str]) -> str | None:
+def _set_inside(data_dir: str, inside: dict[str, list[str]]) -> str | None:
     """What to do, where a "class" holds folders named like two or more of the other classes
     (DATA/test/{cats,dogs} beside DATA/cats and DATA/dogs: a held-out set kept inside the data
     folder, which would train as a class of its own); None otherwise."""
-    names = set(class_names)
-    for name in class_names:
-        inner = [n for n in _subfolders(os.path.join(data_dir, name)) if n in names and n != name]
+    for name, folders in inside.items():
+        inner = [n for n in folders if n in inside and n != name]
         if len(inner) >= 2:
             return (f"class folder {name} holds folders named like the classes ({_some(inner)}): a held-out set inside "
                     f"the data folder would train as a class of its own; move "
