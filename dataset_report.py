@@ -63,9 +63,10 @@ def _more(total: int, shown: int, where: str = "") -> list[str]:
 def _report_summary(scan: Scan, groups: list[list[str]], seconds: float | None) -> list[str]:
     took = f" in {seconds:.1f} s" if seconds is not None else ""
     lines = [f"# Dataset report: {scan.data_dir}", "",
-             f"{len(scan.items)} usable images in {len(scan.class_names)} classes, {len(scan.bad)} unusable "
-             f"files, {len(groups)} groups of identical files; scanned{took}. The label of an image is its "
-             f"top-level folder; images at any depth below it belong to it."]
+             f"{count(len(scan.items), 'usable image')} in {count(len(scan.class_names), 'class')}, "
+             f"{count(len(scan.bad), 'unusable file')}, {count(len(groups), 'group')} of identical files; "
+             f"scanned{took}. The label of an image is its top-level folder; images at any depth below it "
+             f"belong to it."]
     notes = [imbalance_note(class_counts(scan.items, len(scan.class_names)), scan.class_names),
              lookalike_note(scan.class_names)]
     return lines + [f"\n**{note}**" for note in notes if note]

@@ -766,8 +766,9 @@ def _check_command(args: argparse.Namespace) -> int:
         for group in groups:
             mixed = len({labels[rel] for rel in group}) > 1
             print(f"duplicate: {' = '.join(group)}" + ("  (in different classes!)" if mixed else ""))
-    print(f"checked {scan.data_dir}: {len(scan.items)} usable images in {len(scan.class_names)} classes, "
-          f"{len(scan.bad)} bad files, {n_dup} groups of duplicates")
+    print(f"checked {scan.data_dir}: {count(len(scan.items), 'usable image')} in "
+          f"{count(len(scan.class_names), 'class')}, {count(len(scan.bad), 'bad file')}, "
+          f"{count(n_dup, 'group')} of duplicates")
     if args.out is not None and not empty:
         _split_command(args, scan)
     return 1 if scan.bad or empty else 0
@@ -779,8 +780,8 @@ def _report_command(args: argparse.Namespace) -> int:
     scan = _scan(args.data_dir, True, args.min_size, args.workers)
     import dataset_report
     paths = dataset_report.write_report(scan, args.report, args.workers, args.seed, time.perf_counter() - start)
-    print(f"{len(scan.items)} usable images in {len(scan.class_names)} classes, {len(scan.bad)} unusable files; "
-          f"wrote {', '.join(paths)} in {time.perf_counter() - start:.1f}s")
+    print(f"{count(len(scan.items), 'usable image')} in {count(len(scan.class_names), 'class')}, "
+          f"{count(len(scan.bad), 'unusable file')}; wrote {', '.join(paths)} in {time.perf_counter() - start:.1f}s")
     return 0
 
 

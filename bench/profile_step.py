@@ -66,9 +66,12 @@ def category(path: str, op_type: str) -> str:
         return "optimizer + EMA"
     if op_type == "AddN":
         return "gradient sums (AddN)"
-    # XLA's executables show as CpuExecutable::ExecuteAsyncOnStream, with no scope; the only code
-    # XLA compiles in hw2's step is the max pools' taps gradient (pool_forms.py).
-    if "MaxPool" in op_type or "ExecuteAsyncOnStream" in op_type:
+    # XLA's executables show as CpuExecutable::ExecuteAsyncOnStream, with no scope: in hw2's step
+    # that is the strided layers' col2im overlap-add (conv_forms.py, in their input gradient) and
+    # the max pools' taps gradient (pool_forms.py), which the trace does not tell apart.
+    if "ExecuteAsyncOnStream" in op_type:
+        return "XLA (col2im add, pool taps)"
+    if "MaxPool" in op_type:
         return "max-pool (fwd+bwd)"
     if op_type in ("Relu", "ReluGrad"):
         return "relu (fwd+bwd)"

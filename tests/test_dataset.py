@@ -593,6 +593,7 @@ def test_cli_check_lists_bad_files_and_duplicates(messy: Path, capsys):
     out = capsys.readouterr().out
     assert "cats/truncated.jpg: corrupt" in out and "dogs/readme.txt" in out
     assert "duplicate: cats/a.JPG = dogs/copy.JPG  (in different classes!)" in out
+    assert out.rstrip().endswith(" bad files, 1 group of duplicates")
 
 
 def test_duplicates_are_identical_bytes_not_equal_sizes(tmp_path: Path):
@@ -604,10 +605,11 @@ def test_duplicates_are_identical_bytes_not_equal_sizes(tmp_path: Path):
     assert ds.find_duplicates(ds.scan_dataset(str(tmp_path)), workers=2) == [["a/red.bmp", "b/red_again.bmp"]]
 
 
-def test_cli_check_of_a_clean_folder_exits_0(tmp_path: Path):
+def test_cli_check_of_a_clean_folder_exits_0(tmp_path: Path, capsys):
     save(tmp_path / "a" / "1.png")
     save(tmp_path / "b" / "1.png", color=(1, 1, 1))
     assert ds.main(["--data_dir", str(tmp_path), "--check"]) == 0
+    assert capsys.readouterr().out.endswith(": 2 usable images in 2 classes, 0 bad files, 0 groups of duplicates\n")
 
 
 def test_cli_writes_a_split(messy: Path, tmp_path: Path, capsys):
