@@ -91,19 +91,15 @@ def choose_conv_forms(model: keras.layers.Layer, input_shape, dtype, training: b
         pool.form = pick(key, "native")
     bn_counts, pool_counts = Counter(c.bn_form for c, _ in bn_chosen), Counter(p.form for p, _ in pool_chosen)
     others = "".join(f"; {what} {_tally(n)}" for what, n in (("batch norm", bn_counts), ("max pool", pool_counts)) if n)
-    if entries:
-        cache.update(entries)
-        where = _save_cache(cache)
-    else:
-        where = cache_path()
+    saved = _save_cache({**cache, **entries}) if entries else ""
     counts = ", ".join(filter(None, [_tally(forms), f"{native} native" if native else ""]))
     pass_name = "training" if training else "inference"
     if not autotune:
         how = "fixed defaults"
     elif timed:
-        how = f"autotuned {timed} layer shapes in {time.perf_counter() - start:.1f} s, cached in {where}"
+        how = f"autotuned {timed} layer shapes in {time.perf_counter() - start:.1f} s, {saved}"
     elif tuned:
-        how = f"autotuned, from the cache {where}"
+        how = f"autotuned, from the cache {cache_path()}"
     else:
         how = "autotune: one candidate form per layer, nothing to time"
     return f"conv forms ({pass_name}, {dtype}, batch {batch}): {counts or 'no convolutions'}{others} ({how})"
@@ -391,8 +387,8 @@ def _load_cache() -> dict:
 
 
 def _save_cache(entries: dict) -> str:
-    """Merge this machine's entries into the cache file (temp file + rename); returns its path,
-    or a note that it could not be written (the choice still holds for this run)."""
+    """Merge this machine's entries into the cache file (temp file + rename); returns "cached in
+    PATH", or "not cached (PATH: why)" (the choice still holds for this run)."""
     path = cache_path()
     try:
         try:
@@ -408,10 +404,10 @@ def _save_cache(entries: dict) -> str:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(everything, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
-        return path
+        return f"cached in {path}"
     except OSError as e:
         log.warning("conv forms: cannot write the cache %s (%s); the next run times again", path, e)
-        return f"nowhere ({path}: {e.strerror})"
+        return f"not cached ({path}: {e.strerror})"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--time_jobs"]:
