@@ -89,10 +89,16 @@ class PlateauPolicy:
         self.best, self.best_step, self.ref = -math.inf, -1, -math.inf
         self.stale, self.since_drop, self.lowered = 0, 0, 0
 
+    @property
+    def top(self) -> float:
+        """The highest val top-1 seen (within min_delta), which a later best must stay near: best
+        itself may have moved on to a lower figure within the noise."""
+        return max(self.best, self.ref)
+
     def update(self, metric: float, step: int, n: int = 0) -> tuple[bool, str]:
         """Returns (is_new_best, action) with action in 'gain' | 'wait' | 'lower_lr' | 'stop'.
         n: how many val examples `metric` counts (0: unknown, no noise allowance)."""
-        top = max(self.best, self.ref)  # the highest top-1 seen, within min_delta
+        top = self.top
         # p by Laplace's rule, (hits + 1) / (n + 2): a perfect score on a few val images is as
         # noisy as any other (p = 1 would allow none and keep the run's first perfect model).
         p = (top * n + 1) / (n + 2) if n and 0 <= top <= 1 else 0.0

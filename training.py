@@ -692,7 +692,7 @@ def _recover_from_nan(state: TrainState, ckpts: Checkpoints, cfg: Mapping, total
 def _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, since_val, hooks, log) -> str:
     """Validate the averaged weights, apply the plateau policy, save best/ (first) and the checkpoint."""
     val = validate(step)
-    previous_best = policy.best
+    previous_top = policy.top
     is_best, action = policy.update(val["top1"], step, val["n"])
     plateau = cfg["lr_schedule"] == "plateau"
     if not plateau and action in ("lower_lr", "stop"):
@@ -713,7 +713,7 @@ def _validate_and_save(state, ckpts, policy, validate, cfg, plan, step, lr, sinc
             "stop": f" (no gain for {policy.stale}: stopping)"}[action]
     best = ""
     if is_best:
-        best = " best" if val["top1"] > previous_best else f" best (within the noise of {previous_best:.4f})"
+        best = " best" if val["top1"] > previous_top else f" best (within the noise of {previous_top:.4f})"
     log(f"step {step}: val loss {val['loss']:.4f} top-1 {val['top1']:.4f} top-{plan.top_k} "
         f"{val['topk']:.4f} n={val['n']} (EMA){best}{note}")
     train_loss, _, train_top1 = since_val.means()
