@@ -380,9 +380,20 @@ def resolve_auto(cfg, split: dict, train_dir: str | None = None):
     return out
 
 
+def auto_batch_size(n_train: int) -> int:
+    """batch_size 0's choice for n_train training images: about 16 steps per epoch, in bounds."""
+    lo, hi = AUTO_BATCH_SIZE
+    return max(lo, min(hi, 2 ** max(0, math.floor(math.log2(max(1, n_train // 16))))))
+
+
 def _resolve_sizes(cfg, split: dict, train_dir: str | None):
     """image_size 0 and batch_size 0 resolved from the data, or from config.json on a resume."""
     auto = [k for k in ("image_size", "batch_size") if cfg[k] == 0]
+    n_train = len(split["train"])
+    if cfg.batch_size > n_train:  # a batch from another dataset's config, or a typo: one step an epoch
+        logging.warning("batch_size %d is more than the %d training images: every step repeats images, an "
+                        "epoch is one step (--batch_size 0 picks %d for this folder)", cfg.batch_size, n_train,
+                        auto_batch_size(n_train))
     if not auto:
         return utils.Config(cfg)
     if train_dir and os.path.isfile(os.path.join(train_dir, CONFIG)):
@@ -396,10 +407,8 @@ def _resolve_sizes(cfg, split: dict, train_dir: str | None):
         out["image_size"] = max(lo, min(hi, side // 8 * 8))
         logging.info("image_size auto: %d (the images' median short side is %d px)", out.image_size, side)
     if cfg.batch_size == 0:
-        lo, hi = AUTO_BATCH_SIZE
-        fit = 2 ** max(0, math.floor(math.log2(max(1, len(split["train"]) // 16))))
-        out["batch_size"] = max(lo, min(hi, fit))
-        logging.info("batch_size auto: %d (%d training images)", out.batch_size, len(split["train"]))
+        out["batch_size"] = auto_batch_size(n_train)
+        logging.info("batch_size auto: %d (%d training images)", out.batch_size, n_train)
     return out
 
 

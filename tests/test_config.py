@@ -137,6 +137,17 @@ def test_augment_auto_is_strong_below_the_threshold_only():
     assert _resolved(10, {"augment": "base"}) == ("base", 1.25, 0.0)
 
 
+def test_a_batch_bigger_than_the_training_set_is_named_with_what_auto_would_pick(caplog):
+    import run_dir
+    with caplog.at_level("WARNING"):
+        assert _resolved(200, {"batch_size": "512"})[0] == "strong"
+        assert _resolved(512, {"batch_size": "512"})[0] == "strong"  # exactly one batch: no warning
+    assert [r.getMessage() for r in caplog.records] == [
+        "batch_size 512 is more than the 200 training images: every step repeats images, an epoch is one step "
+        "(--batch_size 0 picks 16 for this folder)"]
+    assert [run_dir.auto_batch_size(n) for n in (0, 200, 1000, 6400, 10**6)] == [16, 16, 32, 128, 128]
+
+
 def test_unknown_section_lists_the_known_ones():
     with pytest.raises(UserError) as e:
         load_config("nope")
