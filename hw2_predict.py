@@ -23,7 +23,7 @@ import run_dir
 import utils
 from utils import UserError
 
-from hw2_dataset import CONVERT_FIRST, IMAGE_EXTENSIONS, unsupported
+from hw2_dataset import CONVERT_FIRST, IMAGE_EXTENSIONS, count, unsupported
 
 # TIFF's magic numbers (little- and big-endian), and the ISO box HEIC and AVIF files open with
 # (at byte 4): the training formats TensorFlow cannot decode.
@@ -86,6 +86,10 @@ def load_model(args):
         return tflite.predict_files, tflite.class_names, tflite.top_k
     if args.model:
         if not os.path.isfile(os.path.join(args.model, "saved_model.pb")):
+            if os.path.isfile(os.path.join(args.model, run_dir.CONFIG)) or \
+                    os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(args.model)), run_dir.CONFIG)):
+                raise UserError(f"{args.model} is a training run, not a SavedModel: predict from it with "
+                                f"{utils.shell_join(['--checkpoint_dir', args.model])}")
             raise UserError(f"{args.model} is not a SavedModel (no saved_model.pb): export one with hw2_export.py")
         module = tf.saved_model.load(args.model)
         names = [n.decode() for n in module.class_names.numpy()]
@@ -215,7 +219,7 @@ def run(argv: list[str]) -> int:
     for p, e in bad:
         print(f"warning: {run_dir.valid_utf8(p)}: {e}", file=sys.stderr)
     write_predictions(args.out, paths, results, class_names, k)
-    print(f"predicted {len(paths) - len(bad)} images{f', {len(bad)} unreadable' if bad else ''} -> {args.out}",
+    print(f"predicted {count(len(paths) - len(bad), 'image')}{f', {len(bad)} unreadable' if bad else ''} -> {args.out}",
           flush=True)
     return 0
 

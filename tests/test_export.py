@@ -342,6 +342,8 @@ def test_predict_a_folder_with_an_unreadable_file(exported, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "{model}", "--images", "{tmp}/missing.png"], "not found"),
     (["--model", "{tmp}", "--images", "{tmp}"], "is not a SavedModel"),
+    (["--model", "{run}", "--images", "{png}"], "{run} is a training run, not a SavedModel: predict from it with "
+                                                 "--checkpoint_dir {run}\n"),
     (["--model", "{model}", "--images", "{model}/variables"], "no image files"),
     (["--model", "{model}", "--images", "{png}", "--top_k", "3"], "--top_k 3 must be between 1"),
     (["--model", "{model}", "--images", "{png}", "--tta", "none"], "--tta applies to --checkpoint_dir"),
@@ -350,9 +352,9 @@ def test_predict_user_errors(exported, tmp_path, capsys, argv, message):
     tmp, run_dir, model_dir = exported
     png = tmp_path / "a.png"
     Image.new("RGB", (20, 20)).save(png)
-    argv = [a.format(model=model_dir, tmp=tmp_path, png=png) for a in argv]
+    argv = [a.format(model=model_dir, tmp=tmp_path, png=png, run=run_dir) for a in argv]
     assert hw2_predict.main(argv + ["--out", str(tmp_path / "p.csv")]) == 2
-    assert message in capsys.readouterr().err
+    assert message.format(run=run_dir) in capsys.readouterr().err
 
 
 def test_pyproject_installs_every_module_and_command():
