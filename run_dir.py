@@ -101,6 +101,10 @@ def find(checkpoint_dir: str) -> str:
     for d in (checkpoint_dir, os.path.dirname(os.path.abspath(checkpoint_dir))):
         if os.path.isfile(os.path.join(d, CONFIG)):
             return d
+    if os.path.isfile(os.path.join(checkpoint_dir, "saved_model.pb")):
+        raise UserError(f"{checkpoint_dir} is an exported SavedModel, not a hw2 run directory: point "
+                        "--checkpoint_dir at the hw2_train.py --train_dir it came from (hw2_predict.py --model "
+                        "takes the export)")
     raise UserError(f"{checkpoint_dir} is not a hw2 run directory (no {CONFIG}): "
                     "point --checkpoint_dir at a hw2_train.py --train_dir")
 

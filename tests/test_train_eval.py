@@ -134,9 +134,15 @@ def test_cli_mistakes_are_one_line_without_traceback(tmp_path, capsys):
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0], p.stderr
     # ... and the same wrapper around the other scripts, in this process.
+    export = tmp_path / "model"
+    export.mkdir()
+    (export / "saved_model.pb").write_bytes(b"")
     for main, argv, needle in [
         (hw2_train.main, ["--train_dir", str(tmp_path / "r2"), "--section", "nope"], "unknown section 'nope'"),
         (hw2_eval.main, ["--checkpoint_dir", str(tmp_path)], "not a hw2 run directory"),
+        (hw2_eval.main, ["--checkpoint_dir", str(export)], f"{export} is an exported SavedModel, not a hw2 run "
+         "directory: point --checkpoint_dir at the hw2_train.py --train_dir it came from (hw2_predict.py --model "
+         "takes the export)"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
