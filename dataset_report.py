@@ -138,7 +138,9 @@ def _report_formats(scan: Scan) -> list[str]:
     mismatched = [(rel, i.format) for rel, i in infos
                   if i.format in _FORMAT_EXTENSIONS and not rel.lower().endswith(_FORMAT_EXTENSIONS[i.format])]
     if mismatched:  # harmless to hw2 (it reads the content), but other tools go by the extension
-        lines.append(f"\n{len(mismatched)} files have an extension that does not match their content, e.g. "
+        what = "has an extension that does not match its" if len(mismatched) == 1 else \
+            "have extensions that do not match their"
+        lines.append(f"\n{count(len(mismatched), 'file')} {what} content, e.g. "
                      + ", ".join(f"{_md(rel)} is {fmt}" for rel, fmt in mismatched[:3]))
     return lines
 

@@ -121,3 +121,18 @@ def test_report_of_many_classes_splits_the_contact_sheet(tmp_path: Path):
     paths = dataset_report.write_report(ds._scan(str(tmp_path / "data"), True, 8, 2), str(tmp_path / "out"), workers=2)
     assert [os.path.basename(p) for p in paths] == ["report.md", "samples.png", "samples-2.png"]
     assert Image.open(paths[2]).height == 1 * (64 + 4) + 4  # the 101st class, at 64 px
+
+
+def test_report_names_files_whose_extension_is_not_their_format(tmp_path: Path):
+    """hw2 reads them by content; the report says so for the other tools, which go by the name."""
+    root = tmp_path / "data"
+    make_image_folder(root, ("a", "b"), per_class=2, seed=0)
+    Image.new("RGB", (24, 24)).save(root / "a" / "x.jpg", format="PNG")
+    out = tmp_path / "report"
+    assert ds.main(["--data_dir", str(root), "--report", str(out)]) == 0
+    assert "\n1 file has an extension that does not match its content, e.g. `a/x.jpg` is PNG\n" in \
+        (out / "report.md").read_text(encoding="utf-8")
+    Image.new("RGB", (24, 24)).save(root / "b" / "y.jpeg", format="GIF")
+    assert ds.main(["--data_dir", str(root), "--report", str(out)]) == 0
+    assert "\n2 files have extensions that do not match their content, e.g. `a/x.jpg` is PNG, `b/y.jpeg` is GIF\n" in \
+        (out / "report.md").read_text(encoding="utf-8")
