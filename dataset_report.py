@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image
 
 import run_dir
-from hw2_dataset import (ImageInfo, Scan, _map, class_counts, count, find_duplicates, imbalance_note,
+from hw2_dataset import (ImageInfo, Scan, _map, class_counts, find_duplicates, imbalance_note,
                          imbalance_ratio, lookalike_note, read_image)
+from utils import count
 
 SAMPLES_PER_CLASS = 8
 _ROWS_PER_SHEET = 100  # classes per contact sheet: keeps samples.png a size an image viewer opens
@@ -167,7 +168,7 @@ def _report_duplicates(scan: Scan, groups: list[list[str]]) -> list[str]:
     within = [g for g in groups if len({labels[rel] for rel in g}) == 1]
     if not groups:
         return ["## Identical files", "", "None: no two usable images have the same bytes."]
-    lines = ["## Identical files", "", f"{len(groups)} groups of byte-identical images: {len(across)} across "
+    lines = ["## Identical files", "", f"{count(len(groups), 'group')} of byte-identical images: {len(across)} across "
              f"classes, {len(within)} within one class. Training uses every copy; a group that the split puts "
              f"on both sides inflates the val scores and is listed in RUN/bad_images.txt."]
     for title, chosen in (("Across classes (one image, several labels: fix these first)", across),
@@ -238,11 +239,11 @@ def _contact_sheet(data_dir: str, rows: list[tuple[str, int, list[str]]], per_cl
         x, y = label_width + pad + c * (thumb + pad), pad + r * (thumb + pad)
         draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=(232, 232, 232))  # white images show
         sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
-    for r, (name, count, _) in enumerate(rows):
+    for r, (name, n, _) in enumerate(rows):
         y = pad + r * (thumb + pad) + thumb // 3
         label = _fit(draw, run_dir.valid_utf8(name), font, label_width - 2 * pad)
         draw.text((pad, y), label, fill=(0, 0, 0), font=font)
-        draw.text((pad, y + thumb // 4), f"{count} images", fill=(110, 110, 110), font=small)
+        draw.text((pad, y + thumb // 4), count(n, "image"), fill=(110, 110, 110), font=small)
     return sheet
 
 

@@ -33,7 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 import check_cache
 import decode_cache
 import utils
-from utils import UserError
+from utils import UserError, count
 
 
 def _readable_extensions() -> tuple[str, ...]:
@@ -209,11 +209,6 @@ def _set_inside(data_dir: str, inside: dict[str, list[str]]) -> str | None:
                     f"{utils.shell_join([os.path.join(data_dir, name)])} out of it (and evaluate on it with "
                     f"hw2_eval.py --test_data_path)")
     return None
-
-
-def count(n: int, noun: str) -> str:
-    """n and the noun, plural unless n is 1: 1 image, 2 images, 3 classes."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"
 
 
 def _subfolders(folder: str) -> list[str]:
@@ -543,7 +538,8 @@ def load_split(path: str, check_files: bool = True) -> dict:
 
     both = set(doc["train"]) & set(doc["val"])
     if both:  # evaluating on training images would silently inflate every val metric
-        raise UserError(f"split file {path} lists {len(both)} files in both train and val, e.g. {min(both)[0]}")
+        raise UserError(f"split file {path} lists {count(len(both), 'file')} in both train and val, "
+                        f"e.g. {min(both)[0]}")
 
     # The file stores an absolute data_dir, but a hand-written one may be relative to the file.
     data_dir = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(str(doc["data_dir"])))

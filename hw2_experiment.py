@@ -339,7 +339,7 @@ def run(argv: list[str]) -> int:
         utils.load_config(args.section, {**overrides, **values}, args.config)
 
     if args.plan:
-        print(f"{len(runs)} runs in {args.out} ({len(variant_values(grid))} variants"
+        print(f"{utils.count(len(runs), 'run')} in {args.out} ({utils.count(len(variant_values(grid)), 'variant')}"
               f"{f' x {args.folds} folds' if args.folds else ''}):")
         for r in runs:
             print(f"  {run_status(r):>10}  {r.train_dir}  {r.variant}{'' if r.fold is None else f' fold {r.fold}'}")

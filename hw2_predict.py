@@ -21,9 +21,9 @@ import numpy as np
 
 import run_dir
 import utils
-from utils import UserError
+from utils import UserError, count
 
-from hw2_dataset import CONVERT_FIRST, IMAGE_EXTENSIONS, count, unsupported
+from hw2_dataset import CONVERT_FIRST, IMAGE_EXTENSIONS, unsupported
 
 # TIFF's magic numbers (little- and big-endian), and the ISO box HEIC and AVIF files open with
 # (at byte 4): the training formats TensorFlow cannot decode.

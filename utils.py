@@ -250,6 +250,11 @@ def quiet_tensorflow_import() -> None:
                     print(line, file=sys.stderr)
 
 
+def count(n: int, noun: str) -> str:
+    """n and the noun, plural unless n is 1: 1 image, 2 images, 3 classes."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"
+
+
 def shell_join(argv: Sequence[str], windows: bool = os.name == "nt") -> str:
     """A command line to paste, quoted for the shell it will be pasted into: cmd and PowerShell take
     double quotes, not POSIX single ones."""

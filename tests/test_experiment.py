@@ -66,7 +66,9 @@ def test_several_grids_make_every_combination(tmp_path, capsys):
     args = ["--out", str(tmp_path), "--section", "tiny", "--grid", "norm=batch,none", "--grid", "dropout=0.0,0.25",
             "--folds", "3", "--plan"]
     assert hw2_experiment.main(args) == 0
-    lines = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"12 runs in {tmp_path} (4 variants x 3 folds):"
+    lines = [line.split() for line in out[1:]]
     assert len(lines) == 12 and all(line[0] == "new" for line in lines)
     variants = {line[2] for line in lines}
     assert variants == {f"norm={n},dropout={d}" for n in ("batch", "none") for d in ("0.0", "0.25")}
@@ -75,7 +77,9 @@ def test_several_grids_make_every_combination(tmp_path, capsys):
 def test_list_valued_keys_take_their_values_separated_by_bars(tmp_path, capsys):
     args = ["--out", str(tmp_path), "--section", "tiny", "--grid", "conv_stack=8,16|16", "--plan"]
     assert hw2_experiment.main(args) == 0
-    lines = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"2 runs in {tmp_path} (2 variants):"
+    lines = [line.split() for line in out[1:]]
     assert [(line[1], line[2]) for line in lines] == [(str(tmp_path / "conv_stack-8-16"), "conv_stack=8,16"),
                                                     (str(tmp_path / "conv_stack-16"), "conv_stack=16")]
     with pytest.raises(UserError, match="conv_stack=8 16 and conv_stack=8-16 would share the folder"):
