@@ -87,7 +87,7 @@ KEYS: dict[str, Key] = {
               "(paste a box of the partner); the target mixes the labels alike", "mixing.MODES"),
     "mix_alpha": _k(float, 1.0, "mix: the mixed share is Beta(mix_alpha, mix_alpha), folded to <= 0.5",
                     check=">0"),
-    "augment": _k(str, "auto", "auto: strong below run_dir.AUTO_STRONG_BELOW training images, else base; "
+    "augment": _k(str, "auto", "auto: strong below 1,000 training images (run_dir.AUTO_STRONG_BELOW), else base; "
                   "base: the values as set; strong: scale_max >= 1.5, rotate_deg >= 20", ("auto", "base", "strong")),
     # ---- input
     "val_fraction": _k(float, 0.2, "share of each class held out for validation", check="(0,1)"),
@@ -143,6 +143,37 @@ KEYS: dict[str, Key] = {
 }
 
 MODEL_KEYS = tuple(name for name, key in KEYS.items() if key.model)
+
+# The first key of each group of KEYS (the "# ----" comments above), for help_text.
+_GROUP_STARTS = {"model": "model", "scale_min": "augmentation", "val_fraction": "input", "batch_size": "training"}
+
+
+def default_text(key: Key) -> str:
+    """A key's default as a command-line value: true/false, 64,96 for a list."""
+    if key.type is bool:
+        return str(key.default).lower()
+    return ",".join(map(str, key.default)) if key.type is IntList else str(key.default)
+
+
+def help_text(width: int = 100) -> str:
+    """Every key as `--key DEFAULT  what it does`, by group: the --help epilog of the scripts
+    that take config keys, so that --help shows what the command line can set."""
+    import textwrap
+    indent = 34
+    lines = ["config keys, each settable as --key value (default: config.cfg's [default]; a --section",
+             "replaces some; a run resumed keeps what it trained with):"]
+    for name, key in KEYS.items():
+        if name in _GROUP_STARTS:
+            lines.append(f"\n{_GROUP_STARTS[name]}:")
+        flag = f"  --{name} {default_text(key)}"
+        text = textwrap.wrap(key.help, width - indent) or [""]
+        if len(flag) < indent:
+            lines.append(flag.ljust(indent) + text[0])
+            text = text[1:]
+        else:
+            lines.append(flag)
+        lines += [" " * indent + t for t in text]
+    return "\n".join(lines)
 
 
 def choices_of(key: Key) -> tuple | None:

@@ -303,7 +303,8 @@ def write_reports(out: str, runs: list[Run], grid_keys: list[str], folds: int, t
 # ------------------------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hw2_experiment.py", description=__doc__,
+    import config_keys
+    p = argparse.ArgumentParser(prog="hw2_experiment.py", description=__doc__, epilog=config_keys.help_text(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", help="class-folder dataset (not needed to re-run finished or split runs)")
     p.add_argument("--out", required=True, help="experiment folder: one run folder per variant (x fold)")

@@ -16,8 +16,10 @@ import utils
 
 
 def build_parser(prog: str = "hw2_train.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train hw2 on DATA_DIR/<class>/<image>. "
-                                "Any config key can be given as --key value (see config.cfg).")
+    import config_keys
+    p = argparse.ArgumentParser(prog=prog, description="Train hw2 on DATA_DIR/<class>/<image>. Any config key "
+                                "can be given as --key value\n(listed below; config.cfg says more).",
+                                epilog=config_keys.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", help="class-folder dataset (not needed to resume an existing RUN)")
     p.add_argument("--train_dir", required=True, help="run directory: checkpoints, logs, config")
     p.add_argument("--section", default="default", help="config.cfg section (default: default)")

@@ -74,6 +74,22 @@ def test_config_cfg_default_section_agrees_with_the_declarations():
         assert key.help, name
 
 
+def test_help_lists_every_key_with_a_default_the_command_line_reads_back():
+    """--help of the scripts that take config keys lists each as `--key DEFAULT`, and that value
+    given on the command line is the default again."""
+    import config_keys
+    import hw2_experiment
+    import hw2_train
+    for text in (hw2_train.build_parser().format_help(), hw2_experiment.build_parser().format_help()):
+        listed = {line.split()[0][2:]: line.split()[1] for line in text.splitlines()
+                  if line.startswith("  --") and line.split()[0][2:] in config_keys.KEYS}
+        assert sorted(listed) == sorted(config_keys.KEYS)
+        cfg = load_config("default", listed)
+        # augment auto turns base where the user set scale_max or rotate_deg, as all of them are here.
+        assert [name for name, key in config_keys.KEYS.items() if cfg[name] != key.default] == ["augment"]
+        assert "\ntraining:\n  --batch_size 0 " in text and "--time_budget 0.0 " in text
+
+
 def test_choices_come_from_the_modules_that_own_them():
     import hw2
     import layers
@@ -129,7 +145,9 @@ def _resolved(n_train, overrides):
 
 
 def test_augment_auto_is_strong_below_the_threshold_only():
+    import config_keys
     from run_dir import AUTO_STRONG_BELOW
+    assert f"strong below {AUTO_STRONG_BELOW:,} training images" in config_keys.KEYS["augment"].help  # --help
     assert _resolved(AUTO_STRONG_BELOW - 1, {}) == ("strong", 1.5, 20.0)
     assert _resolved(AUTO_STRONG_BELOW, {}) == ("base", 1.25, 0.0)
     assert _resolved(10, {"rotate_deg": "5"}) == ("base", 1.25, 5.0)  # the user's rotation stands
