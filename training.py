@@ -430,6 +430,9 @@ def train(cfg: Mapping, split: Mapping, train_dir: str, strategy=None, hooks: Se
                     raise utils.UserError(f"{stop_reason} before the first step: starting took "
                                           f"{run.pace.spent():.0f} s (imports, image checks, decoding, and on a "
                                           f"first run the autotune); give --time_budget more minutes")
+                if step == run.start:  # a finished budgeted run started again with the same budget
+                    stop_reason += (f" ({run.pace.spent_before / 60:.1f} min by this run's earlier starts): "
+                                    f"a larger --time_budget trains on")
                 break
             lr = run.set_learning_rate(step, horizon)
             total, ce, correct = (float(t) for t in run.train_step(run.iterator))

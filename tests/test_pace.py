@@ -193,7 +193,7 @@ def test_eta_to_the_next_validation_and_the_end():
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
-def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, monkeypatch, schedule):
+def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, monkeypatch, caplog, schedule):
     """The real loop against a clock where every training step takes 1 s: a 0.5 min budget, the
     schedule laid over the steps that fit, and the LR near 0 at the end; onecycle's rise spans
     ~30% of those steps, not warmup_epochs."""
@@ -241,6 +241,11 @@ def test_a_budgeted_run_ends_in_its_budget_with_a_final_validation(tmp_path, mon
         assert lrs[0] < lrs[1] and lrs[1:] == sorted(lrs[1:], reverse=True)
         assert lrs[1] > 0.7 * config.learning_rate
     assert os.path.isfile(os.path.join(run, f"ckpt-{steps[-1]}.index"))
+    if schedule == "cosine":  # the same command again: nothing left to train, and it says what would
+        with contextlib.redirect_stdout(io.StringIO()), caplog.at_level("INFO"):
+            assert training.train(config, split, run, clock=clock, started=clock.t - 5)["step"] == steps[-1]
+        assert "stopped: the time budget of 0.5 min is spent (0.5 min by this run's earlier starts): a larger " \
+               "--time_budget trains on" in caplog.text
 
 
 def test_a_commands_budget_counts_from_the_process_start(tmp_path, monkeypatch):
