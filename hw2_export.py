@@ -1,7 +1,7 @@
 """Export a trained hw2 run as a TensorFlow SavedModel that takes encoded images.
 
     python hw2_export.py --checkpoint_dir RUN --export_dir saved_model/NAME [--checkpoint P] [--raw] [--top_k K]
-                         [--tta auto|none|flip] [--tflite]
+                         [--tta auto|none|flip] [--tflite [none|dynamic|float16]]
 
 The SavedModel's `serving_default` signature takes a batch of encoded image files (tf.string:
 JPEG, PNG, BMP or GIF bytes) and returns `probabilities` [N, classes], `top_k_indices`,
@@ -21,6 +21,8 @@ auto`, as hw2_eval.py's default); `--tta none` halves its work.
 0-255, already resized and center-cropped as hw2's eval does; per-image standardization inside;
 probabilities out; builtin TFLite ops only. export_dir/model.tflite.json holds the class names
 and the preprocessing to apply; `hw2_predict.py --model export_dir/model.tflite` runs it.
+`--tflite dynamic` stores its weights in 8 bits (a quarter of the size, about twice as fast on a
+CPU, probabilities within ~0.01 of the float model's), `--tflite float16` in 16.
 """
 from __future__ import annotations
 
@@ -43,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, help="how many classes to return (default: the run's top_k)")
     p.add_argument("--tta", default="auto", help="test-time augmentation: flip (mean of image and mirror), none "
                                                  "(half the work), or auto (flip if the run trained with flip_lr)")
-    p.add_argument("--tflite", action="store_true",
-                   help="also write export_dir/model.tflite (+ model.tflite.json) for mobile runtimes")
+    p.add_argument("--tflite", nargs="?", const="none", metavar="QUANTIZE",
+                   help="also write export_dir/model.tflite (+ model.tflite.json) for mobile runtimes; QUANTIZE: "
+                        "none (float32 weights, the default), dynamic (8-bit weights: a quarter of the size, "
+                        "~2x faster on a CPU) or float16")
     p.add_argument("--force", action="store_true", help="replace an existing export_dir")
     return p
 
@@ -59,20 +63,23 @@ def run(argv: list[str]) -> int:
     run = run_dir.find(args.checkpoint_dir)
     import evaluation
     evaluation.check_tta(args.tta)
+    import serving
+    if args.tflite is not None and args.tflite not in serving.TFLITE_QUANTIZE:
+        raise UserError(f"--tflite {args.tflite}: the weights can be {', '.join(serving.TFLITE_QUANTIZE)}")
     if os.path.exists(args.export_dir) and not args.force:
         raise UserError(f"{args.export_dir} exists: pass --force to replace it, or pick another --export_dir")
     parent = os.path.dirname(os.path.abspath(args.export_dir))
     os.makedirs(parent, exist_ok=True)
     checkpoint = run_dir.pick_checkpoint(args.checkpoint_dir, args.checkpoint, prefer_best=True)
     logging.info("exporting %s (%s weights)", checkpoint, "raw" if args.raw else "EMA")
-    import serving
     info = serving.export(run, checkpoint, args.export_dir, args.raw, args.top_k, args.tta, args.tflite)
     tta = f", tta {info['tta']}" if info["tta"] != "none" else ""
     print(f"wrote {args.export_dir} ({dir_size(args.export_dir) / 2**20:.1f} MiB): {len(info['class_names'])} "
           f"classes, top-{info['top_k']}, {info['weights']} weights of {checkpoint}{tta}", flush=True)
     if args.tflite:
         tflite = os.path.join(args.export_dir, serving.TFLITE)
-        print(f"wrote {tflite} ({os.path.getsize(tflite) / 2**20:.1f} MiB) and {tflite}.json", flush=True)
+        weights = "" if args.tflite == "none" else f", {args.tflite} weights"
+        print(f"wrote {tflite} ({os.path.getsize(tflite) / 2**20:.1f} MiB{weights}) and {tflite}.json", flush=True)
     return 0
 
 

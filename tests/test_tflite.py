@@ -57,6 +57,7 @@ def test_tflite_agrees_with_the_savedmodel_and_hw2_eval_and_predicts_the_same(tm
     assert info["class_names"] == ["0", "1", "2"] and info["image_size"] == 16 and info["channels"] == 3
     assert info["preprocessing"]["resize_short_side_to"] == 18 and info["preprocessing"]["center_crop"] == [16, 16]
     assert json.load(open(os.path.join(model, "hw2_export.json")))["tflite"] == "model.tflite"
+    assert info["quantize"] == "none"
     cfg, names = run_dirs.read_config(run)
     items = [(path, label) for path, label in run_dirs.load_json(os.path.join(run, "split.json"), "split")["train"]]
     files = [str(tmp_path / "digits" / path) for path, _ in items]
@@ -89,6 +90,7 @@ def test_tflite_agrees_with_the_savedmodel_and_hw2_eval_and_predicts_the_same(tm
     np.testing.assert_allclose(tflite.probabilities(images[:3]), together[:3], atol=1e-6)
     np.testing.assert_allclose(together, got[:5], atol=1e-6)
 
+
     # hw2_predict with model.tflite and with the SavedModel: the same classes, the same bad file.
     write_digits(tmp_path / "images", 20, 1000, 60)  # short side 20 = [tiny]'s base size: the same pixels
     (tmp_path / "images" / "0" / "broken.png").write_bytes(b"not a png")
@@ -111,6 +113,47 @@ def a_tflite_model() -> bytes:
     """A valid .tflite flatbuffer (not hw2's): x -> x + 1."""
     fn = tf.function(lambda x: x + 1.0, input_signature=[tf.TensorSpec([1, 2], tf.float32)])
     return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()]).convert()
+
+
+def test_tflite_weights_in_8_and_16_bits_give_the_float_models_answers(tmp_path):
+    """--tflite dynamic / float16 on hw2's own network (weights as initialized: the conversion is
+    what is tested): int8 / float16 weight tensors, a smaller file, nearly the same probabilities.
+    (The [tiny] run of the test above has no weight of the 1,024 values TFLite quantizes from.)"""
+    import types
+
+    import hw2
+    import layers
+    import utils
+    cfg = utils.load_config("tiny", {"conv2": "32", "dense_units": "256"})
+    model = hw2.create_model(cfg, 3)
+    model(tf.zeros([1, 16, 16, 3]))
+    layers.set_conv_impl(model, "native")  # as serving.serving_model exports it
+    module = types.SimpleNamespace(model=model)
+    info = {"config": cfg, "tta": "none", "class_names": ["a", "b", "c"], "top_k": 1, "weights": "ema",
+            "checkpoint": "ckpt-0", "hw2_version": "test", "tensorflow": tf.__version__}
+    images = np.random.default_rng(0).uniform(0, 255, [8, 16, 16, 3]).astype(np.float32)
+    probabilities, sizes = {}, {}
+    for quantize in serving.TFLITE_QUANTIZE:
+        path = str(tmp_path / f"{quantize}.tflite")
+        serving.write_tflite(module, path, info, quantize)
+        lite = serving.TFLiteModel(path)
+        probabilities[quantize], sizes[quantize] = lite.probabilities(images), os.path.getsize(path)
+        dtypes = {d["dtype"] for d in lite.interpreter.get_tensor_details()}
+        assert (np.int8 in dtypes, np.float16 in dtypes) == (quantize == "dynamic", quantize == "float16"), dtypes
+        assert json.load(open(path + ".json"))["quantize"] == quantize
+    # Most of these weights are the dense kernel's 16 x 256 floats (16 KB): 4 KB in int8, 8 in float16.
+    assert max(sizes["dynamic"], sizes["float16"]) + 8_000 < sizes["none"], sizes
+    np.testing.assert_allclose(probabilities["dynamic"], probabilities["none"], atol=0.05)
+    np.testing.assert_allclose(probabilities["float16"], probabilities["none"], atol=0.01)
+
+
+def test_an_unknown_tflite_quantization_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert hw2_export.main(["--checkpoint_dir", str(run), "--export_dir", str(tmp_path / "m"), "--tflite", "int8"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --tflite int8: the weights can be none, dynamic, float16"
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("make, message", [
