@@ -21,8 +21,8 @@ auto`, as hw2_eval.py's default); `--tta none` halves its work.
 0-255, already resized and center-cropped as hw2's eval does; per-image standardization inside;
 probabilities out; builtin TFLite ops only. export_dir/model.tflite.json holds the class names
 and the preprocessing to apply; `hw2_predict.py --model export_dir/model.tflite` runs it.
-`--tflite dynamic` stores its weights in 8 bits (a quarter of the size, about twice as fast on a
-CPU, probabilities within ~0.01 of the float model's), `--tflite float16` in 16.
+`--tflite dynamic` stores its weights in 8 bits (a quarter of the size, 2-3x as fast on a CPU,
+probabilities within ~0.01 of the float model's), `--tflite float16` in 16.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tflite", nargs="?", const="none", metavar="QUANTIZE",
                    help="also write export_dir/model.tflite (+ model.tflite.json) for mobile runtimes; QUANTIZE: "
                         "none (float32 weights, the default), dynamic (8-bit weights: a quarter of the size, "
-                        "~2x faster on a CPU) or float16")
+                        "2-3x faster on a CPU) or float16")
     p.add_argument("--force", action="store_true", help="replace an existing export_dir")
     return p
 

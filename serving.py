@@ -237,9 +237,10 @@ TFLITE = "model.tflite"
 TFLITE_CONFIG_KEYS = ("image_size", "channels", "eval_scale", "scale_max", "crop_mode")  # what eval preprocessing reads
 # How model.tflite stores its weights. dynamic: 8-bit weights, dequantized or used by the
 # interpreter's hybrid kernels, float activations; float16: half-size weights, computed in float32
-# on a CPU. A hymenoptera run (64 px, 2 classes, tta none, AMD EPYC Zen 4, TensorFlow 2.21): none
-# 5.05 MiB, 329 img/s; dynamic 1.30 MiB, 658 img/s; float16 2.54 MiB, 352 img/s; the same top-1
-# on its 153 test images, every argmax the same, probabilities within 0.012 (dynamic) and 0.0007.
+# on a CPU. A hymenoptera run (64 px, 2 classes, tta none, AMD EPYC Zen 4, TensorFlow 2.21,
+# bench/tflite_weights.py): none 5.05 MiB, 530 img/s; dynamic 1.30 MiB, 1,438 img/s; float16
+# 2.54 MiB, 534 img/s; the same top-1 on its 153 test images, every argmax the same,
+# probabilities within 0.012 (dynamic) and 0.0007 (float16).
 # Full int8 is not offered: the per-image standardization's division failed in the interpreter.
 TFLITE_QUANTIZE = ("none", "dynamic", "float16")
 
