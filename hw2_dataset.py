@@ -483,9 +483,13 @@ def make_split(items: Iterable[Item], val_fraction: float = 0.2, seed: int = 0, 
 def write_split(path: str, scan: Scan, train: Sequence[Item], val: Sequence[Item], seed: int,
                 val_fraction: float, folds: int = 0, fold: int = 0) -> None:
     """Write the split as JSON, atomically, so a crash never leaves a half-written split behind."""
-    doc = {"version": SPLIT_VERSION, "data_dir": os.path.abspath(scan.data_dir),
-           "class_names": list(scan.class_names), "seed": seed, "val_fraction": val_fraction,
-           "folds": folds, "fold": fold, "train": train, "val": val, "bad": scan.bad}
+    save_split(path, {"version": SPLIT_VERSION, "data_dir": os.path.abspath(scan.data_dir),
+                      "class_names": list(scan.class_names), "seed": seed, "val_fraction": val_fraction,
+                      "folds": folds, "fold": fold, "train": train, "val": val, "bad": scan.bad})
+
+
+def save_split(path: str, doc: dict) -> None:
+    """A split document (write_split's, or load_split's changed) to path, atomically."""
     lines = []
     for key, value in doc.items():
         if key in ("train", "val", "bad"):
@@ -553,9 +557,16 @@ def check_split_files(split: dict, path: str) -> None:
     """UserError unless every train/val file of the split (read from `path`) is in its data_dir."""
     if not os.path.isdir(split["data_dir"]):
         raise UserError(f"split file {path} points at data_dir {split['data_dir']}, which is not a folder")
-    gone = [rel for rel, _ in split["train"] + split["val"] if not os.path.isfile(os.path.join(split["data_dir"], rel))]
+    gone = missing_files(split)
     if gone:
-        raise UserError(f"split file {path} names {len(gone)} missing files, e.g. {sorted(gone)[0]}")
+        raise UserError(f"split file {path} names {count(len(gone), 'missing file')}, e.g. {gone[0]} (deleted or "
+                        "moved since the split was made?)")
+
+
+def missing_files(split: dict) -> list[str]:
+    """The split's train/val files that are not in its data_dir, sorted."""
+    return sorted(rel for rel, _ in split["train"] + split["val"]
+                  if not os.path.isfile(os.path.join(split["data_dir"], rel)))
 
 
 def _parse_items(path: str, key: str, entries, n_classes: int) -> list[Item]:

@@ -252,7 +252,9 @@ def prepare_split(train_dir: str, cfg, data_dir: str | None = None, split_file: 
                 raise UserError(f"{train_dir} was trained on {split['data_dir']}, not {data_dir}: "
                                 "use --fresh or a new --train_dir")
             split = _moved(split, data_dir, run_split)
-        hw2_dataset.check_split_files(split, run_split)
+        if not os.path.isdir(split["data_dir"]):
+            hw2_dataset.check_split_files(split, run_split)  # says the folder is gone
+        split = _without_gone_files(split, run_split, train_dir)
         if data_dir:
             _note_new_files(split, data_dir)
     elif split_file:
@@ -299,6 +301,42 @@ def _moved(split: dict, data_dir: str, run_split: str) -> dict:
     logging.info("data moved: %s -> %s (all %d train/val files are there); split.json now says so",
                  split["data_dir"], moved["data_dir"], len(split["train"]) + len(split["val"]))
     return moved
+
+
+# A resumed run goes on without images deleted from its folder since it began (junk found in the
+# error gallery, say) up to this share of its split; more is more likely the wrong folder or a
+# half-copied one, and stops.
+GONE_SHARE = 0.05
+
+
+def _without_gone_files(split: dict, run_split: str, train_dir: str) -> dict:
+    """The split less the train/val files gone from its folder since the run began, written back
+    to split.json (and listed in bad_images.txt) so that evaluation finds the same set; a
+    UserError where too many are gone or a class would lose all its train or val images."""
+    import hw2_dataset
+    gone = hw2_dataset.missing_files(split)
+    if not gone:
+        return split
+    lost = set(gone)
+    train = [item for item in split["train"] if item[0] not in lost]
+    val = [item for item in split["val"] if item[0] not in lost]
+    emptied = [name for i, name in enumerate(split["class_names"])
+               if not any(label == i for _, label in train) or not any(label == i for _, label in val)]
+    total = len(split["train"]) + len(split["val"])
+    example = f"{utils.count(len(gone), 'image')} of this run's {total} train/val images " \
+              f"{'is' if len(gone) == 1 else 'are'} gone from {split['data_dir']} (e.g. {gone[0]})"
+    if len(gone) > max(1, GONE_SHARE * total) or emptied:
+        why = f"class(es) {', '.join(emptied)} would have no train or val image left" if emptied else \
+            f"more than {GONE_SHARE:.0%} (the wrong folder?)"
+        raise UserError(f"{example}; {why}: --fresh starts a new run on the folder as it is now")
+    split = {**split, "train": train, "val": val, "bad": [*split["bad"], *((rel, "gone since the run began")
+                                                                          for rel in gone)]}
+    hw2_dataset.save_split(run_split, split)
+    bad_path = os.path.join(train_dir, BAD_IMAGES)
+    with open(bad_path, "a", encoding="utf-8") as f:
+        f.writelines(f"{rel}\tgone since the run began\n" for rel in gone)
+    logging.warning("%s since it began: it goes on without them (split.json and %s updated)", example, bad_path)
+    return split
 
 
 def _note_new_files(split: dict, data_dir: str) -> None:

@@ -323,3 +323,45 @@ def test_nan_under_a_cosine_schedule_retries_at_a_lower_lr_from_the_restored_ste
     reader = tf.train.load_checkpoint(os.path.join(run, "ckpt-6"))
     assert reader.get_tensor("state/lr_multiplier/.ATTRIBUTES/VARIABLE_VALUE") == 0.5
     assert reader.get_tensor("state/nan_retries/.ATTRIBUTES/VARIABLE_VALUE") == 1
+
+
+def test_a_resumed_run_goes_on_without_a_few_images_deleted_since_it_began(tmp_path, caplog):
+    """Junk found in the error gallery and deleted: the run's split drops it (split.json, so that
+    evaluation finds the same set, and bad_images.txt say so). Many gone, or a class left without
+    train or val images, is more likely the wrong folder: one line, and --fresh."""
+    import run_dir as run_dirs
+    import utils
+    data = make_image_folder(tmp_path / "data", per_class=24)  # 2 classes x 24: 48 train/val images
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    cfg = utils.load_config("tiny")
+    split = run_dirs.prepare_split(run, cfg, data)
+    first, second = split["train"][0][0], split["val"][-1][0]
+    for rel in (first, second):
+        os.remove(os.path.join(data, rel))
+    with caplog.at_level("WARNING"):
+        resumed = run_dirs.prepare_split(run, cfg, data)
+    assert f"2 images of this run's 48 train/val images are gone from {data} (e.g. {min(first, second)}) since " \
+           "it began: it goes on without them" in caplog.text
+    assert resumed["train"] == split["train"][1:] and resumed["val"] == split["val"][:-1]
+    saved = json.load(open(os.path.join(run, "split.json")))
+    assert [tuple(e) for e in saved["train"]] == resumed["train"] and len(saved["val"]) == len(split["val"]) - 1
+    assert sorted(open(os.path.join(run, "bad_images.txt")).read().splitlines()) == sorted(
+        f"{rel}\tgone since the run began" for rel in (first, second))
+    assert run_dirs.prepare_split(run, cfg, data)["train"] == resumed["train"]  # and stays so, quietly
+    # 2 of 48 is within 5% (2.4); 4 more of the 46 left is not.
+    for rel, _ in resumed["train"][:4]:
+        os.remove(os.path.join(data, rel))
+    with pytest.raises(utils.UserError, match=r"^4 images of this run's 46 train/val images are gone from .*; more "
+                                              r"than 5% \(the wrong folder\?\): --fresh starts a new run on the folder as it is now$"):
+        run_dirs.prepare_split(run, cfg, data)
+    # One image, but a class's only val image: that class could no longer be validated.
+    small = make_image_folder(tmp_path / "small", per_class=3)
+    os.makedirs(tmp_path / "run2")
+    split = run_dirs.prepare_split(str(tmp_path / "run2"), cfg, small)
+    rel, label = split["val"][0]
+    assert sum(1 for _, lab in split["val"] if lab == label) == 1
+    os.remove(os.path.join(small, rel))
+    with pytest.raises(utils.UserError, match=rf"^1 image of this run's 6 train/val images is gone .*; class\(es\) "
+                                              rf"{split['class_names'][label]} would have no train or val image left"):
+        run_dirs.prepare_split(str(tmp_path / "run2"), cfg, small)
