@@ -335,7 +335,8 @@ def _without_gone_files(split: dict, run_split: str, train_dir: str) -> dict:
     bad_path = os.path.join(train_dir, BAD_IMAGES)
     with open(bad_path, "a", encoding="utf-8") as f:
         f.writelines(f"{rel}\tgone since the run began\n" for rel in gone)
-    logging.warning("%s since it began: it goes on without them (split.json and %s updated)", example, bad_path)
+    logging.warning("%s since it began: it goes on without %s (split.json and %s updated)", example,
+                    "it" if len(gone) == 1 else "them", bad_path)
     return split
 
 
@@ -351,7 +352,7 @@ def _note_new_files(split: dict, data_dir: str) -> None:
     new = sorted(p for p, _ in scan.items if p not in known)
     classes = sorted(set(scan.class_names) - set(split["class_names"]))
     if new:
-        added = f"{len(new)} image(s)" + (f" and class(es) {', '.join(classes)}" if classes else "")
+        added = utils.count(len(new), "image") + (f" and class(es) {', '.join(classes)}" if classes else "")
         logging.warning("%s has %s not in this run's split (e.g. %s), added since the run began: it goes on "
                         "with its split; --fresh starts a new run with them", data_dir, added, new[0])
 

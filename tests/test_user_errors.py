@@ -62,7 +62,7 @@ def test_images_added_since_the_run_began_are_named_on_resume(tmp_path, capsys):
     assert train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "1")[0] == 0
     make_image_folder(tmp_path / "data", per_class=2, classes=("zebra",))
     rc, out = train(capsys, "--data_dir", data, "--train_dir", run, *SMALL, "--max_steps", "2")
-    assert rc == 0 and "2 image(s) and class(es) zebra not in this run's split (e.g. zebra/0.png)" in out.err
+    assert rc == 0 and "2 images and class(es) zebra not in this run's split (e.g. zebra/0.png)" in out.err
 
 
 @pytest.mark.parametrize("run, data", [("data", "data"), ("data/dark", "data"), ("r", "r/data")])
