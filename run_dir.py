@@ -320,8 +320,8 @@ def _without_gone_files(split: dict, run_split: str, train_dir: str) -> dict:
     lost = set(gone)
     train = [item for item in split["train"] if item[0] not in lost]
     val = [item for item in split["val"] if item[0] not in lost]
-    emptied = [name for i, name in enumerate(split["class_names"])
-               if not any(label == i for _, label in train) or not any(label == i for _, label in val)]
+    in_train, in_val = {label for _, label in train}, {label for _, label in val}
+    emptied = [name for i, name in enumerate(split["class_names"]) if i not in in_train or i not in in_val]
     total = len(split["train"]) + len(split["val"])
     example = f"{utils.count(len(gone), 'image')} of this run's {total} train/val images " \
               f"{'is' if len(gone) == 1 else 'are'} gone from {split['data_dir']} (e.g. {gone[0]})"
