@@ -353,7 +353,8 @@ def test_a_resumed_run_goes_on_without_a_few_images_deleted_since_it_began(tmp_p
     for rel, _ in resumed["train"][:4]:
         os.remove(os.path.join(data, rel))
     with pytest.raises(utils.UserError, match=r"^4 images of this run's 46 train/val images are gone from .*; more "
-                                              r"than 5% \(the wrong folder\?\): --fresh starts a new run on the folder as it is now$"):
+                                              r"than 5% \(the wrong folder\?\): --fresh starts a new run on the "
+                                              r"folder as it is now$"):
         run_dirs.prepare_split(run, cfg, data)
     # One image, but a class's only val image: that class could no longer be validated.
     small = make_image_folder(tmp_path / "small", per_class=3)
