@@ -17,6 +17,7 @@ import numpy as np
 
 import class_report
 import run_dir
+import utils
 from utils import UserError
 
 TTA = ("auto", "none", "flip")
@@ -258,5 +259,14 @@ def eval_items(run: str, class_names: Sequence[str], test_data_path: str | None 
         raise UserError(f"{run}'s data folder {split['data_dir']} is gone: evaluate another folder with "
                         "--test_data_path, or, if it moved, record where once with hw2_train.py --data_dir NEW "
                         f"--train_dir {run}")
-    hw2_dataset.check_split_files(split, os.path.join(run, run_dir.SPLIT))
-    return split["data_dir"], split["val"], "validation split"
+    # Images deleted since the run last started (its next start drops them from split.json): a few
+    # are left out with a warning, as training's resume does; more stop, naming them.
+    gone = set(hw2_dataset.missing_files({**split, "train": []}))
+    val = [item for item in split["val"] if item[0] not in gone]
+    if gone and (len(gone) > max(1, run_dir.GONE_SHARE * len(split["val"])) or not val):
+        hw2_dataset.check_split_files({**split, "train": []}, os.path.join(run, run_dir.SPLIT))
+    if gone:
+        logging.warning("%s of this run's validation split %s gone from %s since it was made (e.g. %s): "
+                        "evaluating the other %d", utils.count(len(gone), "image"),
+                        "is" if len(gone) == 1 else "are", split["data_dir"], min(gone), len(val))
+    return split["data_dir"], val, "validation split"

@@ -339,6 +339,12 @@ def test_a_resumed_run_goes_on_without_a_few_images_deleted_since_it_began(tmp_p
     first, second = split["train"][0][0], split["val"][-1][0]
     for rel in (first, second):
         os.remove(os.path.join(data, rel))
+    import evaluation  # hw2_eval before the next start: the val image gone is left out too
+    with caplog.at_level("WARNING"):
+        assert evaluation.eval_items(run, split["class_names"])[1] == split["val"][:-1]
+    assert f"1 image of this run's validation split is gone from {data} since it was made (e.g. {second}): " \
+           f"evaluating the other {len(split['val']) - 1}" in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING"):
         resumed = run_dirs.prepare_split(run, cfg, data)
     assert f"2 images of this run's 48 train/val images are gone from {data} (e.g. {min(first, second)}) since " \
@@ -366,3 +372,8 @@ def test_a_resumed_run_goes_on_without_a_few_images_deleted_since_it_began(tmp_p
     with pytest.raises(utils.UserError, match=rf"^1 image of this run's 6 train/val images is gone .*; class\(es\) "
                                               rf"{split['class_names'][label]} would have no train or val image left"):
         run_dirs.prepare_split(str(tmp_path / "run2"), cfg, small)
+    # Every val image gone: evaluation has nothing left to score and names them.
+    for other, _ in split["val"][1:]:
+        os.remove(os.path.join(small, other))
+    with pytest.raises(utils.UserError, match=rf"names {len(split['val'])} missing files, e.g. .* \(deleted or moved"):
+        evaluation.eval_items(str(tmp_path / "run2"), split["class_names"])
