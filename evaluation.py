@@ -261,10 +261,11 @@ def eval_items(run: str, class_names: Sequence[str], test_data_path: str | None 
                         f"--train_dir {run}")
     # Images deleted since the run last started (its next start drops them from split.json): a few
     # are left out with a warning, as training's resume does; more stop, naming them.
-    gone = set(hw2_dataset.missing_files({**split, "train": []}))
+    val_split = {**split, "train": []}
+    gone = set(hw2_dataset.missing_files(val_split))
     val = [item for item in split["val"] if item[0] not in gone]
-    if gone and (len(gone) > max(1, run_dir.GONE_SHARE * len(split["val"])) or not val):
-        hw2_dataset.check_split_files({**split, "train": []}, os.path.join(run, run_dir.SPLIT))
+    if gone and (run_dir.too_many_gone(len(gone), len(split["val"])) or not val):
+        hw2_dataset.check_split_files(val_split, os.path.join(run, run_dir.SPLIT))  # names them
     if gone:
         logging.warning("%s of this run's validation split %s gone from %s since it was made (e.g. %s): "
                         "evaluating the other %d", utils.count(len(gone), "image"),

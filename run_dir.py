@@ -309,6 +309,11 @@ def _moved(split: dict, data_dir: str, run_split: str) -> dict:
 GONE_SHARE = 0.05
 
 
+def too_many_gone(gone: int, total: int) -> bool:
+    """Whether `gone` of `total` split images missing is past what a run or its evaluation goes on without."""
+    return gone > max(1, GONE_SHARE * total)
+
+
 def _without_gone_files(split: dict, run_split: str, train_dir: str) -> dict:
     """The split less the train/val files gone from its folder since the run began, written back
     to split.json (and listed in bad_images.txt) so that evaluation finds the same set; a
@@ -325,7 +330,7 @@ def _without_gone_files(split: dict, run_split: str, train_dir: str) -> dict:
     total = len(split["train"]) + len(split["val"])
     example = f"{utils.count(len(gone), 'image')} of this run's {total} train/val images " \
               f"{'is' if len(gone) == 1 else 'are'} gone from {split['data_dir']} (e.g. {gone[0]})"
-    if len(gone) > max(1, GONE_SHARE * total) or emptied:
+    if too_many_gone(len(gone), total) or emptied:
         why = f"class(es) {', '.join(emptied)} would have no train or val image left" if emptied else \
             f"more than {GONE_SHARE:.0%} (the wrong folder?)"
         raise UserError(f"{example}; {why}: --fresh starts a new run on the folder as it is now")
